@@ -1,0 +1,129 @@
+"""Pack laid-out documents into fixed-length rows, and rows into the batch the model consumes.
+
+Rules: documents are placed in arrival order; text may be cut anywhere to fill a row (the cut piece keeps its
+positions, so RoPE distances inside it are unchanged); a cut never falls inside an image (<img> ... </img>); a
+document with images that fits in one row is moved whole to a fresh row rather than cut; an image longer than a
+row is an error the pipeline counts as a skip. Each row pads its tail with a padding "document" of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from data.layout import IGNORE, LaidOut
+
+
+class ImageTooLong(ValueError):
+    """An image (with its framing tokens) does not fit in one row."""
+
+
+def _image_spans(doc: LaidOut) -> list[tuple[int, int]]:
+    """[start, end) of each image including its <img> and </img> tokens."""
+    spans = []
+    for i in range(doc.n_images):
+        where = np.flatnonzero(doc.image_index == i)
+        spans.append((int(where[0]) - 1, int(where[-1]) + 2))
+    return spans
+
+
+def _safe_cut(spans, start: int, limit: int) -> int:
+    """Largest cut <= start + limit that does not fall strictly inside an image span."""
+    cut = start + limit
+    for a, b in spans:
+        if a < cut < b:
+            cut = a
+    return cut
+
+
+@dataclass
+class Row:
+    length: int
+    pieces: list[tuple[LaidOut, int, int]] = field(default_factory=list)  # (doc, start, end)
+    used: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.length - self.used
+
+    def add(self, doc: LaidOut, start: int, end: int):
+        self.pieces.append((doc, start, end))
+        self.used += end - start
+
+    def arrays(self, pad_id: int, patch_dim: int) -> dict:
+        T = self.length
+        out = {
+            "tokens": np.full(T, pad_id, dtype=np.int64),
+            "patch_mask": np.zeros(T, dtype=bool),
+            "positions": np.zeros((T, 3), dtype=np.int64),
+            "doc_ids": np.full(T, len(self.pieces), dtype=np.int64),  # the padding tail is its own document
+            "image_ids": np.full(T, -1, dtype=np.int64),
+            "targets": np.full(T, IGNORE, dtype=np.int64),
+        }
+        patches, at, images = [], 0, 0
+        for d, (doc, s, e) in enumerate(self.pieces):
+            n = e - s
+            sl = slice(at, at + n)
+            out["tokens"][sl] = doc.tokens[s:e]
+            out["patch_mask"][sl] = doc.is_patch[s:e]
+            out["positions"][sl] = doc.positions[s:e]
+            out["doc_ids"][sl] = d
+            out["targets"][sl] = doc.targets[s:e]
+            local = doc.image_index[s:e]
+            out["image_ids"][sl] = np.where(local >= 0, local + images, -1)
+            if (local >= 0).any():
+                images += int(local.max()) + 1  # image ids stay unique within the row
+                prior = int(doc.is_patch[:s].sum())  # patches before this piece, in sequence order
+                patches.append(doc.patches[prior : prior + int(doc.is_patch[s:e].sum())])
+            at += n
+        out["patches"] = np.concatenate(patches) if patches else np.zeros((0, patch_dim), dtype=np.float32)
+        return out
+
+
+class Packer:
+    """Streaming packer: feed documents, take completed rows. Holds at most one open row."""
+
+    def __init__(self, seq_len: int, pad_id: int, patch_dim: int):
+        self.seq_len, self.pad_id, self.patch_dim = seq_len, pad_id, patch_dim
+        self.row = Row(seq_len)
+
+    def add(self, doc: LaidOut) -> list[dict]:
+        done = []
+        spans = _image_spans(doc)
+        longest = max((b - a for a, b in spans), default=0)
+        if longest > self.seq_len:
+            raise ImageTooLong(f"an image takes {longest} positions; rows hold {self.seq_len}")
+        start = 0
+        while start < len(doc):
+            rest = len(doc) - start
+            if rest <= self.row.free:
+                self.row.add(doc, start, len(doc))
+                break
+            if spans and rest <= self.seq_len and self.row.used:
+                done.append(self._close())  # keep a multimodal document whole when it fits a fresh row
+                continue
+            cut = _safe_cut([(a, b) for a, b in spans if b > start], start, self.row.free)
+            if cut > start:
+                self.row.add(doc, start, cut)
+                start = cut
+            done.append(self._close())
+        if self.row.free == 0:
+            done.append(self._close())
+        return done
+
+    def flush(self) -> list[dict]:
+        return [self._close()] if self.row.used else []
+
+    def _close(self) -> dict:
+        arrays = self.row.arrays(self.pad_id, self.patch_dim)
+        self.row = Row(self.seq_len)
+        return arrays
+
+
+def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack packed rows into the model's batch: per-row image ids stay unique within their row."""
+    batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0] if k != "patches"}
+    batch["patches"] = torch.from_numpy(np.concatenate([r["patches"] for r in rows]))
+    return batch

@@ -1,0 +1,166 @@
+"""Grouped-query self-attention over packed multimodal rows, with interchangeable kernels.
+
+One rule, three kernels. Query i may attend key j when both lie in the same document and either j <= i (causal)
+or, with the bidirectional image mask, both are patches of the same image. Kernels:
+  - flex:  `flex_attention` with a block mask built once per batch (sparse: skips cross-document blocks);
+  - sdpa:  `scaled_dot_product_attention` with an explicit (B, 1, T, T) boolean mask, the portable fallback;
+  - flash: flash-attn's varlen kernel over document segments (causal only: it cannot express image blocks).
+Tests check that all kernels compute the same function.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from model.config import ConfigError, ModelConfig
+from model.rope import apply_rotary
+
+HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_backend(cfg: ModelConfig, device: torch.device) -> str:
+    """The kernel `auto` means on this device, and a clear error for a kernel that cannot run the config."""
+    backend = cfg.attention_backend
+    if backend == "flash":
+        if not HAS_FLASH_ATTN:
+            raise ConfigError("attention_backend='flash' but flash_attn is not importable (pip install '.[flash]')")
+        if cfg.image_mask != "causal":
+            raise ConfigError("attention_backend='flash' supports image_mask='causal' only (no image blocks in varlen)")
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "sdpa"  # flex runs eagerly (slowly) off-GPU; the dense mask is cheap at CPU sizes
+    if HAS_FLASH_ATTN and cfg.image_mask == "causal":
+        return "flash"
+    return "flex"
+
+
+@dataclass
+class AttentionMask:
+    """Everything a kernel needs to apply the mask rule to one batch; built once, shared by all layers."""
+
+    backend: str
+    doc_ids: torch.Tensor  # (B, T)
+    image_ids: torch.Tensor  # (B, T), -1 outside images
+    bidirectional_images: bool
+    dense: torch.Tensor | None = None  # sdpa: (B, 1, T, T) bool
+    block: object | None = None  # flex: BlockMask
+    cu_seqlens: torch.Tensor | None = None  # flash: document boundaries over the flattened batch
+    max_seqlen: int = 0
+
+    @classmethod
+    def build(cls, backend: str, doc_ids, image_ids, bidirectional_images: bool) -> AttentionMask:
+        mask = cls(backend, doc_ids, image_ids, bidirectional_images)
+        if backend == "sdpa":
+            mask.dense = mask.dense_mask()
+        elif backend == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            B, T = doc_ids.shape
+            mask.block = create_block_mask(mask.rule(), B, None, T, T, device=doc_ids.device)
+        elif backend == "flash":
+            flat = doc_ids.reshape(-1)
+            T = doc_ids.shape[1]
+            starts = torch.ones_like(flat, dtype=torch.bool)
+            starts[1:] = flat[1:] != flat[:-1]
+            starts[::T] = True  # a new row always starts a new segment
+            idx = torch.nonzero(starts).squeeze(-1)
+            cu = torch.cat([idx, idx.new_tensor([flat.numel()])]).to(torch.int32)
+            mask.cu_seqlens = cu
+            mask.max_seqlen = int((cu[1:] - cu[:-1]).max())
+        else:
+            raise ConfigError(f"unknown attention backend '{backend}'")
+        return mask
+
+    def rule(self):
+        """The mask rule, written once as a flex mask_mod; `dense_mask` evaluates it on the full grid."""
+        doc, img, bidirectional = self.doc_ids, self.image_ids, self.bidirectional_images
+
+        def allowed(b, h, q, k):
+            ok = k <= q
+            if bidirectional:
+                ok = ok | ((img[b, q] >= 0) & (img[b, q] == img[b, k]))
+            return (doc[b, q] == doc[b, k]) & ok
+
+        return allowed
+
+    def dense_mask(self) -> torch.Tensor:
+        B, T = self.doc_ids.shape
+        dev = self.doc_ids.device
+        b = torch.arange(B, device=dev)[:, None, None]
+        q = torch.arange(T, device=dev)[None, :, None]
+        k = torch.arange(T, device=dev)[None, None, :]
+        return self.rule()(b, 0, q, k).unsqueeze(1)
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block, gqa: bool):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block, enable_gqa=gqa)
+    if _compiled_flex is None:  # flex_attention is only fast when compiled
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block, enable_gqa=gqa)
+
+
+def attend(q, k, v, mask: AttentionMask | None) -> torch.Tensor:
+    """q: (B, H, Tq, D), k/v: (B, KV, Tk, D) -> (B, H, Tq, D). mask None: attend to every key (cached decode)."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if mask.backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
+    if mask.backend == "flex":
+        return _flex(q, k, v, mask.block, gqa)
+    from flash_attn import flash_attn_varlen_func
+
+    B, H, T, D = q.shape
+    half = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    qf, kf, vf = (rearrange(t, "b h t d -> (b t) h d").to(half) for t in (q, k, v))
+    out = flash_attn_varlen_func(
+        qf, kf, vf, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen, causal=True
+    )
+    return rearrange(out, "(b t) h d -> b h t d", b=B).to(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        norm = (lambda: nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)) if cfg.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
+        self.track_max_logit = False  # telemetry: set by the trainer on logging steps only (costs a T x T matmul)
+        self.max_logit: torch.Tensor | None = None
+
+    def forward(self, x, cos, sin, mask: AttentionMask | None, cache=None) -> torch.Tensor:
+        q, k, v = rearrange(self.wqkv(x), "b t (n d) -> b n t d", d=self.head_dim).split(
+            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1
+        )
+        q = apply_rotary(self.q_norm(q), cos, sin)
+        k = apply_rotary(self.k_norm(k), cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if self.track_max_logit and mask is not None:
+            self.max_logit = self._max_logit(q, k, mask)
+        out = attend(q, k, v, mask)
+        return self.wo(rearrange(out, "b h t d -> b t (h d)"))
+
+    @torch.no_grad()
+    def _max_logit(self, q, k, mask: AttentionMask) -> torch.Tensor:
+        """Largest attention logit over allowed pairs: Chameleon's early warning for divergence."""
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5
+        return scores.masked_fill(~mask.dense_mask(), float("-inf")).amax()

@@ -1,0 +1,37 @@
+"""Rotary position embeddings: 1-D RoPE and M-RoPE from one routine.
+
+M-RoPE (Qwen2-VL) drives contiguous groups of rotary frequency pairs by different position ids: the first
+`sections[0]` pairs by the temporal id, the next by the row (height) id, the last by the column (width) id.
+Text tokens carry equal (t, h, w) ids, so for them every pair sees the same position and M-RoPE is exactly
+1-D RoPE. 1-D RoPE is the split (head_dim // 2, 0, 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Rotary(torch.nn.Module):
+    def __init__(self, head_dim: int, sections: tuple[int, int, int], theta: float = 10000.0):
+        super().__init__()
+        pairs = head_dim // 2
+        inv_freq = 1.0 / (theta ** (torch.arange(pairs, dtype=torch.float64) * 2 / head_dim))
+        # Which of the three position components drives each frequency pair.
+        component = torch.repeat_interleave(torch.arange(3), torch.tensor(sections))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.register_buffer("component", component, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (B, T, 3) or (B, T) integer ids -> cos, sin of shape (B, 1, T, head_dim // 2)."""
+        if positions.dim() == 2:
+            positions = positions.unsqueeze(-1).expand(*positions.shape, 3)
+        pos = positions.index_select(-1, self.component).float()  # (B, T, pairs)
+        angles = pos * self.inv_freq
+        return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by half-split pairs (x[..., :D/2], x[..., D/2:]) in float32, return x's dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)

@@ -1,0 +1,224 @@
+"""The early-fusion decoder: text tokens and linearly embedded image patches in one residual stream.
+
+A batch is a dict of tensors laid out by the data layer (see README, "Batch format"):
+  tokens     (B, T) long   token ids; at patch positions any valid id (ignored)
+  patches    (P, C*p*p)    normalised pixel patches, in the order their positions appear in the batch
+  patch_mask (B, T) bool   True where a patch embedding replaces the token embedding
+  positions  (B, T, 3)     (t, h, w) rotary ids, restarting per document; (B, T) for 1-D RoPE
+  doc_ids    (B, T)        document of each position; attention never crosses documents
+  image_ids  (B, T)        image of each position (unique within a row), -1 outside images
+  targets    (B, T) long   next-token targets, -100 where there is none (image positions never are targets)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import Attention, AttentionMask, resolve_backend
+from model.config import ModelConfig
+from model.rope import Rotary
+
+IGNORE = -100
+
+
+class InputError(ValueError):
+    """A batch that does not fit the model's configuration; the message names the value and the limit."""
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None = None  # text + image_loss_weight * image + z
+    text_loss: torch.Tensor | None = None
+    image_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    logit_norm: torch.Tensor | None = None  # mean L2 norm of output logits (detached telemetry)
+
+
+class MLP(nn.Module):
+    """SwiGLU."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate_up = nn.Linear(cfg.d_model, 2 * cfg.ffn_hidden, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.post_norm = cfg.norm_order == "post"
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        if self.post_norm:  # Chameleon: normalise each sublayer's output before it joins the residual
+            x = x + self.drop(self.norm1(self.attn(x, cos, sin, mask, cache)))
+            return x + self.drop(self.norm2(self.mlp(x)))
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask, cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class FusionTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.patch_emb = nn.Linear(cfg.patch_dim, cfg.d_model)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_sections, cfg.rope_theta)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.patch_head = nn.Linear(cfg.d_model, cfg.patch_dim) if cfg.image_loss_weight > 0 else None
+        self.check_inputs = True  # one host sync per forward; the trainer may turn it off after the first batches
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.Linear):
+                residual_out = name.endswith(("attn.wo", "mlp.w_down"))
+                nn.init.normal_(module.weight, std=std / math.sqrt(2 * self.cfg.n_layers) if residual_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def attention_backend(self, device: torch.device) -> str:
+        return resolve_backend(self.cfg, device)
+
+    # ----------------------------------------------------------------------------------------------- inputs
+    def _check(self, tokens, patches, patch_mask, image_ids):
+        cfg = self.cfg
+        B, T = tokens.shape
+        if cfg.max_seq_len < T:
+            raise InputError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
+        if patches is not None and patches.shape[0] and patches.shape[-1] != cfg.patch_dim:
+            raise InputError(
+                f"patch tensor has {patches.shape[-1]} values per patch; the config expects "
+                f"channels * patch_size**2 = {cfg.channels} * {cfg.patch_size}**2 = {cfg.patch_dim}"
+            )
+        stats = [
+            tokens.min(),
+            tokens.max(),
+            patch_mask.sum() if patch_mask is not None else tokens.new_zeros(()),
+        ]
+        per_image = None
+        if patch_mask is not None and image_ids is not None:
+            key = (torch.arange(B, device=tokens.device)[:, None] * (T + 1) + image_ids + 1)[patch_mask]
+            per_image = torch.bincount(key) if key.numel() else key.new_zeros(1)
+            stats.append(per_image.max())
+        lo, hi, n_patch_pos, *most = torch.stack([s.long() for s in stats]).tolist()
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+        n_patches = 0 if patches is None else patches.shape[0]
+        if n_patch_pos != n_patches:
+            raise InputError(f"patch_mask marks {n_patch_pos} positions but {n_patches} patches were given")
+        if most and most[0] > cfg.max_image_patches:
+            raise InputError(f"an image has {most[0]} patches, more than max_image_patches={cfg.max_image_patches}")
+
+    def embed(self, tokens, patches=None, patch_mask=None):
+        x = self.tok_emb(tokens)
+        if patches is not None and patches.shape[0] > 0:
+            x = x.masked_scatter(patch_mask.unsqueeze(-1), self.patch_emb(patches.to(x.dtype)))
+        return x
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        patches: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        return_logits: bool = False,
+        cache=None,
+    ) -> ModelOutput:
+        B, T = tokens.shape
+        dev = tokens.device
+        if self.check_inputs:
+            self._check(tokens, patches, patch_mask, image_ids)
+        if positions is None:
+            positions = torch.arange(T, device=dev).expand(B, T)
+        if doc_ids is None:
+            doc_ids = torch.zeros(B, T, dtype=torch.long, device=dev)
+        if image_ids is None:
+            image_ids = torch.full((B, T), -1, dtype=torch.long, device=dev)
+
+        x = self.drop(self.embed(tokens, patches, patch_mask))
+        cos, sin = self.rotary(positions)
+        decoding = cache is not None and cache.length > 0  # one new token attends to the whole cache
+        mask = (
+            None
+            if decoding
+            else AttentionMask.build(
+                self.attention_backend(dev), doc_ids, image_ids, self.cfg.image_mask == "bidirectional"
+            )
+        )
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        h = self.norm_f(x)
+        logits = self.lm_head(h).float()
+        out = ModelOutput(logits=logits if return_logits or targets is None else None)
+        out.logit_norm = logits.detach().norm(dim=-1).mean()
+        if targets is None:
+            return out
+        self._losses(out, logits, targets, h, patches, patch_mask, image_ids)
+        return out
+
+    def _losses(self, out, logits, targets, h, patches, patch_mask, image_ids):
+        valid = targets != IGNORE
+        n = valid.sum().clamp(min=1)
+        lse = torch.logsumexp(logits, dim=-1)
+        target_logit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.text_loss = ((lse - target_logit) * valid).sum() / n
+        out.z_loss = self.cfg.z_loss * (lse.square() * valid).sum() / n
+        out.image_loss = torch.zeros((), device=logits.device)
+        if self.patch_head is not None and patches is not None and patches.shape[0] > 1:
+            out.image_loss = self._next_patch_loss(h, patches, patch_mask, image_ids)
+        out.loss = out.text_loss + out.z_loss + self.cfg.image_loss_weight * out.image_loss
+
+    def _next_patch_loss(self, h, patches, patch_mask, image_ids):
+        """AIMv2-style: each patch's output regresses the next patch of the same image (per-patch normalised)."""
+        T = h.shape[1]
+        rows = torch.arange(h.shape[0], device=h.device)[:, None] * (T + 1)
+        key = (rows + image_ids)[patch_mask]
+        same_image = (key[1:] == key[:-1]).float()
+        pred = self.patch_head(h[patch_mask][:-1]).float()
+        target = patches[1:].float()
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        err = (pred - target).square().mean(-1)
+        return (err * same_image).sum() / same_image.sum().clamp(min=1)
+
+    # ------------------------------------------------------------------------------------------- telemetry
+    def track_attention_logits(self, on: bool = True):
+        for block in self.blocks:
+            block.attn.track_max_logit = on
+            block.attn.max_logit = None
+
+    def max_attention_logit(self) -> torch.Tensor | None:
+        values = [b.attn.max_logit for b in self.blocks if b.attn.max_logit is not None]
+        return torch.stack(values).max() if values else None

@@ -1,0 +1,338 @@
+"""The early-fusion decoder: kernels agree, masks and positions do what they claim, counts match, decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SPECIAL, VOCAB, packed_batch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from data.layout import layout_document
+from data.packing import collate
+from model import (
+    IGNORE,
+    ConfigError,
+    InputError,
+    ModelConfig,
+    append_text,
+    build_model,
+    flops_per_token,
+    generate,
+    param_count,
+)
+
+
+def with_(cfg, **kw):
+    return dataclasses.replace(cfg, **kw)
+
+
+def single_doc_batch(segments, scheme="mrope", patch=4):
+    doc = layout_document(segments, SPECIAL, patch, scheme)
+    row = {
+        "tokens": doc.tokens,
+        "patch_mask": doc.is_patch,
+        "positions": doc.positions,
+        "doc_ids": np.zeros(len(doc), dtype=np.int64),
+        "image_ids": doc.image_index,
+        "targets": doc.targets,
+        "patches": doc.patches,
+    }
+    return collate([row])
+
+
+# ------------------------------------------------------------------------------------------ kernels and masks
+def run_backends(cfg, batch, backends, grad: bool):
+    outs = {}
+    for backend in backends:
+        torch.manual_seed(0)
+        model = build_model(with_(cfg, attention_backend=backend)).to(batch["tokens"].device)
+        with torch.set_grad_enabled(grad):
+            out = model(**batch, return_logits=True)
+        grads = None
+        if grad:
+            out.loss.backward()
+            grads = model.blocks[0].attn.wqkv.weight.grad
+        outs[backend] = (out.logits.detach(), grads)
+    return outs
+
+
+@pytest.mark.parametrize("image_mask", ["bidirectional", "causal"])
+@pytest.mark.parametrize("scheme", ["mrope", "rope1d"])
+def test_flex_and_sdpa_compute_the_same_function(tiny_cfg, image_mask, scheme):
+    """Forward on CPU (flex has no CPU backward in torch); the CUDA test below also compares gradients."""
+    cfg = with_(tiny_cfg, image_mask=image_mask, position_scheme=scheme)
+    outs = run_backends(cfg, packed_batch(seed=1, scheme=scheme), ("sdpa", "flex"), grad=False)
+    torch.testing.assert_close(outs["flex"][0], outs["sdpa"][0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs a CUDA device")
+@pytest.mark.parametrize("image_mask", ["bidirectional", "causal"])
+def test_flex_and_sdpa_gradients_agree_on_cuda(tiny_cfg, image_mask):
+    batch = {k: v.cuda() for k, v in packed_batch(seed=1).items()}
+    outs = run_backends(with_(tiny_cfg, image_mask=image_mask), batch, ("sdpa", "flex"), grad=True)
+    for i in (0, 1):
+        torch.testing.assert_close(outs["flex"][i], outs["sdpa"][i], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn's varlen kernel needs a CUDA device")
+def test_flash_varlen_matches_sdpa(tiny_cfg):
+    pytest.importorskip("flash_attn")
+    batch = {k: v.cuda() for k, v in packed_batch(seed=2).items()}
+    outs = run_backends(with_(tiny_cfg, image_mask="causal"), batch, ("sdpa", "flash"), grad=True)
+    for i in (0, 1):  # flash-attn computes in bf16
+        torch.testing.assert_close(outs["flash"][i], outs["sdpa"][i], atol=2e-2, rtol=2e-2)
+
+
+def test_flash_refuses_bidirectional_images(tiny_cfg):
+    from model.attention import resolve_backend
+
+    with pytest.raises(ConfigError, match="flash"):
+        resolve_backend(with_(tiny_cfg, attention_backend="flash"), torch.device("cpu"))
+
+
+def test_packed_documents_do_not_see_each_other(tiny_cfg):
+    """Each document's logits in a packed row equal its logits alone: no leakage, positions restart."""
+    rng = np.random.default_rng(3)
+    docs = [
+        [rng.integers(7, VOCAB, 5).tolist(), rng.standard_normal((3, 8, 4)).astype(np.float32), [9, 10]],
+        [rng.integers(7, VOCAB, 9).tolist()],
+        [rng.standard_normal((3, 4, 12)).astype(np.float32), rng.integers(7, VOCAB, 3).tolist()],
+    ]
+    model = build_model(tiny_cfg).eval()
+    from data.packing import Packer
+
+    packer = Packer(96, SPECIAL.pad, tiny_cfg.patch_dim)
+    rows = [r for d in docs for r in packer.add(layout_document(d, SPECIAL, 4))] + packer.flush()
+    assert len(rows) == 1
+    packed = model(**collate(rows), return_logits=True).logits[0]
+    at = 0
+    for d in docs:
+        alone = model(**single_doc_batch(d), return_logits=True).logits[0]
+        torch.testing.assert_close(packed[at : at + len(alone)], alone, atol=1e-5, rtol=1e-5)
+        at += len(alone)
+
+
+def test_image_mask_bidirectional_within_image_causal_elsewhere(tiny_cfg):
+    rng = np.random.default_rng(4)
+    image = rng.standard_normal((3, 8, 8)).astype(np.float32)
+    segs = [[20, 21], image, [30, 31, 32]]
+    base = single_doc_batch(segs)
+    changed = single_doc_batch([[20, 21], image.copy(), [30, 31, 32]])
+    changed["patches"][-1] += 1.0  # alter the image's last patch
+    first_patch = int(torch.nonzero(base["patch_mask"][0])[0])
+    for mask, expect_change in (("bidirectional", True), ("causal", False)):
+        model = build_model(with_(tiny_cfg, image_mask=mask)).eval()
+        a = model(**base, return_logits=True).logits[0]
+        b = model(**changed, return_logits=True).logits[0]
+        assert torch.allclose(a[:first_patch], b[:first_patch])  # text before the image never sees it
+        assert (not torch.allclose(a[first_patch], b[first_patch])) == expect_change
+        assert not torch.allclose(a[-1], b[-1])  # text after the image sees all of it
+
+
+def test_mrope_reduces_to_1d_rope_on_text(tiny_cfg):
+    batch = packed_batch(seed=5)
+    text = {k: batch[k] for k in ("tokens", "doc_ids", "targets")}
+    text["positions"] = batch["positions"][..., :1].expand_as(batch["positions"]).clone()
+    model = build_model(tiny_cfg).eval()
+    mrope = model(**text, return_logits=True).logits
+    model.cfg = with_(tiny_cfg, position_scheme="rope1d")
+    from model.rope import Rotary
+
+    model.rotary = Rotary(tiny_cfg.head_dim, model.cfg.rope_sections)
+    text_1d = dict(text, positions=text["positions"][..., 0])
+    rope1d = model(**text_1d, return_logits=True).logits
+    torch.testing.assert_close(mrope, rope1d)
+    # ...and on images the sections matter: distinct (h, w) ids change the output.
+    model2 = build_model(tiny_cfg).eval()
+    full = model2(**batch, return_logits=True).logits
+    flat = model2(
+        **dict(batch, positions=batch["positions"][..., :1].expand_as(batch["positions"])), return_logits=True
+    ).logits
+    assert not torch.allclose(full, flat)
+
+
+# ------------------------------------------------------------------------------------------------- losses
+def test_loss_is_text_cross_entropy_plus_z_loss(tiny_cfg):
+    batch = packed_batch(seed=6)
+    model = build_model(tiny_cfg)
+    out = model(**batch, return_logits=True)
+    targets = batch["targets"]
+    valid = targets != IGNORE
+    # Image positions and the positions before a patch are never targets.
+    assert not valid[batch["patch_mask"]].any()
+    assert not (targets[:, :-1][batch["patch_mask"][:, 1:]] != IGNORE).any()
+    ce = F.cross_entropy(out.logits[valid], targets[valid])
+    z = tiny_cfg.z_loss * torch.logsumexp(out.logits[valid], -1).square().mean()
+    torch.testing.assert_close(out.text_loss, ce)
+    torch.testing.assert_close(out.z_loss, z)
+    torch.testing.assert_close(out.loss, ce + z)
+    assert out.image_loss == 0
+
+
+def test_next_patch_loss_refused_with_bidirectional_mask():
+    with pytest.raises(ConfigError, match="leaks"):
+        ModelConfig(image_loss_weight=0.5)
+
+
+def test_next_patch_loss_regresses_next_patch_of_same_image(tiny_cfg):
+    cfg = with_(tiny_cfg, image_mask="causal", image_loss_weight=1.0)
+    batch = packed_batch(seed=7)
+    model = build_model(cfg)
+    out = model(**batch)
+    assert out.image_loss > 0
+    torch.testing.assert_close(out.loss, out.text_loss + out.z_loss + out.image_loss)
+    out.loss.backward()
+    assert model.patch_head.weight.grad.abs().sum() > 0
+    # A batch whose images are all one patch has no next patch to predict.
+    one = single_doc_batch([[20], np.ones((3, 4, 4), np.float32), [21], np.ones((3, 4, 4), np.float32)])
+    assert model(**one).image_loss == 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"norm_order": "post"},
+        {"dropout": 0.1},
+        {"qk_norm": False, "tie_embeddings": True},
+        {"position_scheme": "rope1d", "image_mask": "causal", "image_loss_weight": 0.5},
+    ],
+)
+def test_options_train(tiny_cfg, options):
+    """Every option set learns: 30 AdamW steps on one batch cut the loss by more than half."""
+    scheme = options.get("position_scheme", "mrope")
+    batch = packed_batch(seed=8, scheme=scheme)
+    model = build_model(with_(tiny_cfg, **options))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = model(**batch).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert model(**batch).text_loss.item() < 0.5 * first
+
+
+# --------------------------------------------------------------------------------------- sizes and counts
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"tie_embeddings": True},
+        {"n_kv_heads": 1},
+        {"qk_norm": False},
+        {"image_mask": "causal", "image_loss_weight": 1.0},
+        {"mlp_hidden": 100},
+    ],
+)
+def test_param_count_matches_the_module(tiny_cfg, options):
+    cfg = with_(tiny_cfg, **options)
+    model = build_model(cfg)
+    total = sum(p.numel() for p in model.parameters())  # tied weights are one parameter
+    assert param_count(cfg) == total
+    inputs = model.tok_emb.weight.numel() + sum(p.numel() for p in model.patch_emb.parameters())
+    assert param_count(cfg, embeddings=False) == total - inputs
+
+
+def test_flops_per_token_matches_a_measured_count():
+    """FlopCounterMode on a text forward + backward agrees with 6N + 12 L d T within 1% (norms are uncounted)."""
+    cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, attention_backend="sdpa")
+    model = build_model(cfg)
+    B, T = 2, 64
+    tokens = torch.randint(0, 512, (B, T))
+    # SDPA's math path is plain matmuls over the full T x T grid, which the counter sees.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(tokens, targets=tokens).loss.backward()
+    measured = counter.get_total_flops() / (B * T)
+    predicted = flops_per_token(cfg, seq_len=T)
+    assert abs(measured - predicted) / predicted < 0.01, (measured, predicted)
+    assert flops_per_token(cfg, attention=False) == 6 * param_count(cfg, embeddings=False)
+    tied = with_(cfg, tie_embeddings=True)
+    assert flops_per_token(tied, attention=False) == 6 * (param_count(tied, embeddings=False) + 512 * 64)
+
+
+def test_depth_dial_derives_every_size():
+    small, big = ModelConfig.from_depth(2), ModelConfig.from_depth(12)
+    assert (small.d_model, small.n_heads, small.n_layers) == (128, 2, 2)
+    assert (big.d_model, big.n_heads, big.n_layers, big.head_dim) == (768, 12, 12, 64)
+    counts = [param_count(ModelConfig.from_depth(d), embeddings=False) for d in range(1, 9)]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
+    cfg = ModelConfig.from_dict({"depth": 4, "vocab_size": 1000, "n_kv_heads": 2})
+    assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size) == (256, 4, 2, 1000)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+def test_cached_decoding_matches_recomputation(tiny_cfg):
+    rng = np.random.default_rng(9)
+    prompt = single_doc_batch([rng.standard_normal((3, 8, 12)).astype(np.float32), [11, 12, 13]])
+    prompt["tokens"] = prompt["tokens"][:, :-1]  # drop </s>: the prompt ends mid-document
+    for key in ("patch_mask", "positions", "doc_ids", "image_ids", "targets"):
+        prompt[key] = prompt[key][:, :-1]
+    model = build_model(tiny_cfg)
+    out = generate(model, prompt, max_new_tokens=8, keep_logits=True)
+    assert len(out.tokens) == 8
+    for i, step_logits in enumerate(out.logits):
+        full = model(**append_text(prompt, out.tokens[:i]), return_logits=True).logits[0, -1]
+        torch.testing.assert_close(step_logits, full, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_is_seeded_and_top_p_narrows_to_greedy(tiny_cfg):
+    model = build_model(tiny_cfg)
+    prompt = single_doc_batch([[11, 12, 13]])
+    greedy = generate(model, prompt, 6).tokens
+    runs = [
+        generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(s)).tokens
+        for s in (0, 0, 1)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2] or runs[0] != greedy
+    tiny_p = generate(model, prompt, 6, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(3))
+    assert tiny_p.tokens == greedy
+    stop = generate(model, prompt, 6, eos_id=greedy[1]).tokens
+    assert stop == greedy[:2]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_name_the_value_and_the_limit(tiny_cfg):
+    model = build_model(tiny_cfg)
+    batch = packed_batch(seed=10)
+    bad = dict(batch, tokens=batch["tokens"].clone())
+    bad["tokens"][0, 3] = VOCAB + 5
+    with pytest.raises(InputError, match=f"token id {VOCAB + 5} is outside the vocabulary \\[0, {VOCAB}\\)"):
+        model(**bad)
+    with pytest.raises(InputError, match="48"):
+        model(**dict(batch, patches=batch["patches"][:, :20]))
+    with pytest.raises(InputError, match="max_image_patches=2"):
+        build_model(with_(tiny_cfg, max_image_patches=2))(**batch)
+    with pytest.raises(InputError, match="patch_mask marks"):
+        model(**dict(batch, patches=batch["patches"][1:]))
+    with pytest.raises(InputError, match="max_seq_len=16"):
+        build_model(with_(tiny_cfg, max_seq_len=16))(**batch)
+
+
+def test_unknown_or_bad_options_are_refused():
+    with pytest.raises(ConfigError, match="did you mean 'n_layers'"):
+        ModelConfig.from_dict({"n_layer": 4})
+    with pytest.raises(ConfigError, match="image_mask='bidi'"):
+        ModelConfig(image_mask="bidi")
+    with pytest.raises(ConfigError, match="n_kv_heads=3"):
+        ModelConfig(n_heads=4, n_kv_heads=3)
+
+
+def test_telemetry_max_attention_logit(tiny_cfg):
+    model = build_model(tiny_cfg)
+    batch = packed_batch(seed=11)
+    out = model(**batch)
+    assert model.max_attention_logit() is None
+    model.track_attention_logits(True)
+    model(**batch)
+    value = model.max_attention_logit()
+    assert value is not None and torch.isfinite(value) and value > 0
+    assert out.logit_norm > 0
