@@ -10,7 +10,7 @@ Targets are the next token wherever the next position is text; nothing predicts 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,6 +38,7 @@ class LaidOut:
     image_index: np.ndarray  # (T,) int64, image number within the document or -1
     targets: np.ndarray  # (T,) int64, IGNORE where no target
     patches: np.ndarray  # (P, C * p * p) float32
+    meta: dict = field(default_factory=dict)  # provenance the pipeline attaches (sample key, stream state)
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -79,23 +79,27 @@ class Row:
                 patches.append(doc.patches[prior : prior + int(doc.is_patch[s:e].sum())])
             at += n
         out["patches"] = np.concatenate(patches) if patches else np.zeros((0, patch_dim), dtype=np.float32)
+        out["pieces"] = [(doc.meta.get("key", ""), s, e) for doc, s, e in self.pieces]
         return out
 
 
 class Packer:
-    """Streaming packer: feed documents, take completed rows. Holds at most one open row."""
+    """Streaming packer: feed documents, take completed rows. Holds at most one open row.
+
+    `add(doc, start)` begins mid-document: a resumed pipeline replays the row that was open at the checkpoint
+    from the document (and offset) its first piece came from, and the rows that follow come out identical.
+    """
 
     def __init__(self, seq_len: int, pad_id: int, patch_dim: int):
         self.seq_len, self.pad_id, self.patch_dim = seq_len, pad_id, patch_dim
         self.row = Row(seq_len)
 
-    def add(self, doc: LaidOut) -> list[dict]:
+    def add(self, doc: LaidOut, start: int = 0) -> list[dict]:
         done = []
         spans = _image_spans(doc)
         longest = max((b - a for a, b in spans), default=0)
         if longest > self.seq_len:
             raise ImageTooLong(f"an image takes {longest} positions; rows hold {self.seq_len}")
-        start = 0
         while start < len(doc):
             rest = len(doc) - start
             if rest <= self.row.free:
@@ -113,6 +117,11 @@ class Packer:
             done.append(self._close())
         return done
 
+    @property
+    def open_row_start(self) -> tuple[LaidOut, int] | None:
+        """(document, offset) of the open row's first piece: where a replay of this row begins."""
+        return self.row.pieces[0][:2] if self.row.pieces else None
+
     def flush(self) -> list[dict]:
         return [self._close()] if self.row.used else []
 
@@ -123,7 +132,7 @@ class Packer:
 
 
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack packed rows into the model's batch: per-row image ids stay unique within their row."""
-    batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0] if k != "patches"}
+    """Stack packed rows into the model's batch (tensors only: it is passed as `model(**batch)`)."""
+    batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0] if k not in ("patches", "pieces")}
     batch["patches"] = torch.from_numpy(np.concatenate([r["patches"] for r in rows]))
     return batch

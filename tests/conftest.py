@@ -54,3 +54,37 @@ def tiny_cfg():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory):
+    """A small build of the embedded dataset (real scenes, MNIST digits, Shakespeare, real tokenizer)."""
+    from data.embedded import build
+
+    out = tmp_path_factory.mktemp("embedded") / "data"
+    build(out, scale=0.1, vocab_size=1024, cache=REPO / "artifacts" / "cache")
+    return out
+
+
+def mixture(root, **overrides):
+    """The default caption / interleaved / text mixture over an embedded build."""
+    from data.pipeline import DataConfig, SourceConfig
+
+    values = dict(
+        sources=[
+            SourceConfig("caption", str(root / "scenes-caption" / "train"), 0.3),
+            SourceConfig("digits", str(root / "digits" / "train"), 0.15),
+            SourceConfig("qa", str(root / "scenes-qa" / "train"), 0.45),
+            SourceConfig("text", str(root / "text" / "train"), 0.1),
+        ],
+        tokenizer=str(root / "tokenizer.model"),
+        seq_len=128,
+        batch_size=2,
+        workers=2,
+        patch_size=8,
+    )
+    values.update(overrides)
+    return DataConfig(**values)

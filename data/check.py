@@ -1,0 +1,95 @@
+"""Stream shards once and report what a training run would see, before spending GPU hours on them.
+
+    python -m data.check SHARDS... [--tokenizer tok.model] [--patch-size 8] [--max-image-patches 256] [--limit N]
+
+SHARDS are shard files, brace patterns, globs or dataset directories. Prints samples by kind, skips by reason,
+shards that could not be read, the token and patch distributions per document, and images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+
+import numpy as np
+
+from data.images import ImageSpec
+from data.pipeline import read_shard
+from data.samples import Skip, to_segments
+from data.shards import resolve_shards
+
+
+def check(shards: list[str], tokenizer: str | None, spec: ImageSpec, limit: int | None = None) -> dict:
+    encode = len  # without a tokenizer, report characters
+    if tokenizer:
+        from data.tokenizer import Tokenizer
+
+        encode = Tokenizer(tokenizer).encode
+    counts: Counter = Counter()
+    tokens, patches = [], []
+    image_seconds, images = 0.0, 0
+    paths = resolve_shards(shards)
+    for path in paths:
+        for sample in read_shard(path, counts):
+            if limit and counts["samples"] >= limit:
+                break
+            counts["samples"] += 1
+            t0 = time.perf_counter()
+            try:
+                kind, segments = to_segments(sample, encode, spec)
+            except Skip as e:
+                counts[f"skip/{e.reason}"] += 1
+                continue
+            n_img = sum(isinstance(s, np.ndarray) for s in segments)
+            if n_img:
+                image_seconds += time.perf_counter() - t0
+                images += n_img
+            counts[f"kind/{kind}"] += 1
+            tokens.append(sum(s if isinstance(s, int) else len(s) for s in segments if not isinstance(s, np.ndarray)))
+            patches.append(
+                sum(s.shape[1] * s.shape[2] // spec.patch_size**2 for s in segments if isinstance(s, np.ndarray))
+            )
+    pct = lambda xs: {f"p{q}": float(np.percentile(xs, q)) for q in (0, 50, 90, 99, 100)} if xs else {}  # noqa: E731
+    return {
+        "shards": len(paths),
+        "counts": dict(sorted(counts.items())),
+        "skip_rate": sum(v for k, v in counts.items() if k.startswith("skip/")) / max(1, counts["samples"]),
+        ("tokens" if tokenizer else "characters") + "_per_doc": pct(tokens),
+        "patches_per_doc": pct(patches),
+        "total_tokens" if tokenizer else "total_characters": int(sum(tokens)),
+        "total_patches": int(sum(patches)),
+        "images_per_s": round(images / image_seconds, 1) if image_seconds else None,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("shards", nargs="+")
+    ap.add_argument("--tokenizer")
+    ap.add_argument("--patch-size", type=int, default=8)
+    ap.add_argument("--max-image-patches", type=int, default=256)
+    ap.add_argument("--max-image-pixels", type=int, default=64_000_000)
+    ap.add_argument("--limit", type=int, help="stop after this many samples")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = ap.parse_args(argv)
+    spec = ImageSpec(args.patch_size, args.max_image_patches, args.max_image_pixels)
+    report = check(args.shards, args.tokenizer, spec, args.limit)
+    if args.json:
+        print(json.dumps(report))
+        return report
+    print(
+        f"shards: {report['shards']}   samples: {report['counts'].get('samples', 0)}   "
+        f"skip rate: {report['skip_rate']:.2%}   images/s (decode+resize): {report['images_per_s']}"
+    )
+    for key, value in report["counts"].items():
+        if key != "samples":
+            print(f"  {key:<28} {value}")
+    for key in [k for k in report if k.endswith("_per_doc")]:
+        print(f"  {key:<28} " + "  ".join(f"{q}={v:g}" for q, v in report[key].items()))
+    return report
+
+
+if __name__ == "__main__":
+    main()

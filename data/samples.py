@@ -1,0 +1,88 @@
+"""The shard format: what a webdataset sample holds, and how it becomes a list of segments.
+
+Members of one sample share a key (webdataset groups `KEY.ext` files). Three kinds, told apart by their members:
+  text         KEY.txt                                   a text document
+  caption      KEY.jpg|png|webp|... + KEY.txt [+ KEY.json] an image and its caption: img2dataset's output as is
+                                                          (its KEY.json is metadata and is ignored)
+  interleaved  KEY.json {"segments": [{"text": "..."}, {"image": "0.jpg"}, ...]} + KEY.0.jpg, KEY.1.png, ...
+               each image segment names a member of the same sample by its extension
+A sample that cannot be used raises `Skip` with a counter name; the pipeline counts it and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+
+from data.images import ImageSkip, ImageSpec, load_image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+
+
+class Skip(ValueError):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def sample_kind(sample: dict) -> str:
+    meta = sample.get("json")
+    if meta is not None and b'"segments"' in meta:
+        return "interleaved"
+    if any(ext in sample for ext in IMAGE_EXTS):
+        return "caption"
+    if "txt" in sample:
+        return "text"
+    return "unknown"
+
+
+def _text(data: bytes | None, what: str) -> str:
+    if data is None:
+        raise Skip("incomplete_sample", f"no {what}")
+    if not data:
+        raise Skip("empty_member", f"zero-byte {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Skip("bad_utf8", f"{what}: {e}") from e
+
+
+def _image(data: bytes, spec: ImageSpec) -> np.ndarray:
+    try:
+        return load_image(data, spec)
+    except ImageSkip as e:
+        raise Skip(e.reason, str(e)) from e
+
+
+def to_segments(sample: dict, encode: Callable[[str], list[int]], spec: ImageSpec) -> tuple[str, list]:
+    """(kind, segments): segments are token-id lists and (3, H, W) image arrays, in reading order."""
+    kind = sample_kind(sample)
+    if kind == "text":
+        return kind, [encode(_text(sample["txt"], "text"))]
+    if kind == "caption":
+        ext = next(e for e in IMAGE_EXTS if e in sample)
+        image = _image(sample[ext], spec)
+        return kind, [image, encode(_text(sample.get("txt"), "caption"))]
+    if kind == "interleaved":
+        try:
+            doc = json.loads(sample["json"])
+            segments = doc["segments"]
+            if not isinstance(segments, list) or not segments:
+                raise ValueError("'segments' is not a non-empty list")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise Skip("bad_json", str(e)) from e
+        out = []
+        for seg in segments:
+            if isinstance(seg, dict) and isinstance(seg.get("text"), str):
+                out.append(encode(seg["text"]))
+            elif isinstance(seg, dict) and isinstance(seg.get("image"), str):
+                member = seg["image"].lower()
+                if member not in sample:
+                    raise Skip("missing_image", f"segment refers to '{member}', not in the sample")
+                out.append(_image(sample[member], spec))
+            else:
+                raise Skip("bad_json", f"segment {seg!r} has neither 'text' nor 'image'")
+        return kind, out
+    raise Skip("unknown_kind", f"members {sorted(k for k in sample if not k.startswith('__'))}")

@@ -1,0 +1,145 @@
+"""A sentencepiece tokenizer with the special tokens the model needs at fixed, reserved ids.
+
+Specials are sentencepiece *control* symbols: encoding text never produces them (a caption that contains the
+string "<img>" stays text), and they sit at ids 0..N right after pad/unk/bos/eos. Spare <reserved_k> slots keep
+room for later reasoning markers without retraining.
+
+    python -m data.tokenizer train --out tok.model --vocab-size 4096 [--type bpe|unigram] FILES_OR_SHARDS...
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+from data.layout import SpecialIds
+
+IMAGE_TOKENS = ["<img>", "</img>", "<row>", "<patch>"]
+REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+N_RESERVED = 8
+CONTROL_SYMBOLS = IMAGE_TOKENS + REASONING_TOKENS + [f"<reserved_{i}>" for i in range(N_RESERVED)]
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        missing = [s for s in CONTROL_SYMBOLS if self.sp.piece_to_id(s) == self.sp.unk_id()]
+        if missing:
+            raise ValueError(f"{path} lacks the reserved tokens {missing}; train it with `python -m data.tokenizer`")
+        self.special = SpecialIds(
+            pad=self.sp.pad_id(),
+            bos=self.sp.bos_id(),
+            eos=self.sp.eos_id(),
+            img_start=self.sp.piece_to_id("<img>"),
+            img_end=self.sp.piece_to_id("</img>"),
+            row_sep=self.sp.piece_to_id("<row>"),
+            patch=self.sp.piece_to_id("<patch>"),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def token_id(self, piece: str) -> int:
+        return self.sp.piece_to_id(piece)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([i for i in ids if not self.sp.is_control(i)])
+
+    def __getstate__(self):  # picklable for dataloader workers
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+
+def iter_texts(paths: list[str]) -> Iterator[str]:
+    """Text from .txt/.jsonl files and from the text members of webdataset shards (.tar)."""
+    for p in map(Path, paths):
+        if p.suffix == ".tar":
+            with tarfile.open(p) as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    data = tar.extractfile(m).read()
+                    try:
+                        if m.name.endswith(".txt"):
+                            yield data.decode("utf-8")
+                        elif m.name.endswith(".json"):
+                            doc = json.loads(data)
+                            for seg in doc.get("segments", []) if isinstance(doc, dict) else []:
+                                if isinstance(seg, dict) and isinstance(seg.get("text"), str):
+                                    yield seg["text"]
+                    except (UnicodeDecodeError, json.JSONDecodeError):
+                        continue
+        elif p.suffix == ".jsonl":
+            for line in p.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    yield json.loads(line).get("text", "")
+        else:
+            yield p.read_text(encoding="utf-8", errors="replace")
+
+
+def train_tokenizer(
+    texts: Iterator[str],
+    out: str | Path,
+    vocab_size: int = 4096,
+    model_type: str = "bpe",
+    max_sentences: int = 2_000_000,
+) -> Tokenizer:
+    """Train on an iterator of documents (split into lines), byte fallback on, specials reserved."""
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type '{model_type}' is not 'bpe' or 'unigram'")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = (line for text in texts for line in text.splitlines() if line.strip())
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines,
+        model_writer=proto,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=True,
+        character_coverage=0.9995,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        control_symbols=CONTROL_SYMBOLS,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        hard_vocab_limit=False,  # small corpora: take the vocabulary they support rather than fail
+        num_threads=2,
+        minloglevel=2,
+    )
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(proto.getvalue())
+    tmp.replace(out)
+    return Tokenizer(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a sentencepiece model on text files, JSONL or shards")
+    t.add_argument("inputs", nargs="+")
+    t.add_argument("--out", required=True)
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--type", default="bpe", choices=["bpe", "unigram"])
+    args = ap.parse_args(argv)
+    tok = train_tokenizer(iter_texts(args.inputs), args.out, args.vocab_size, args.type)
+    print(f"wrote {args.out}: {tok.vocab_size} pieces, specials {tok.special}")
+
+
+if __name__ == "__main__":
+    main()

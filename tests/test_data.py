@@ -1,0 +1,353 @@
+"""Data: tokenizer, shard format and writer, image decoding, packing, the streaming pipeline and its resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from conftest import SPECIAL, mixture
+from PIL import Image
+
+from data.check import check
+from data.images import ImageSkip, ImageSpec, load_image
+from data.layout import layout_document
+from data.packing import ImageTooLong, Packer
+from data.pipeline import DataError, SourceConfig, SourceStream, StreamingLoader, StreamWorker, eval_batches
+from data.shards import DatasetWriter, resolve_shards
+from data.tokenizer import CONTROL_SYMBOLS, Tokenizer, iter_texts
+from data.tokenizer import main as tokenizer_cli
+
+
+def image_bytes(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trips_and_reserves_specials(embedded):
+    tok = Tokenizer(embedded / "tokenizer.model")
+    for text in [
+        "a large red circle at the top left.",
+        "O Romeo, Romeo! wherefore art thou Romeo?",
+        "naïve café – Zürich, 東京, Ελληνικά, emoji 🙂",
+    ]:
+        assert tok.decode(tok.encode(text)) == text
+    sp = tok.special
+    assert (sp.pad, sp.bos, sp.eos) == (0, 2, 3)
+    assert [tok.token_id(s) for s in CONTROL_SYMBOLS] == list(range(4, 4 + len(CONTROL_SYMBOLS)))
+    assert sp.img_start not in tok.encode("<img> is only text here")  # specials are never produced by encoding
+
+
+def test_tokenizer_cli_trains_on_shards(embedded, tmp_path):
+    out = tmp_path / "tok.model"
+    shards = resolve_shards(str(embedded / "text" / "train")) + resolve_shards(str(embedded / "scenes-qa" / "train"))
+    tokenizer_cli(["train", *shards, "--out", str(out), "--vocab-size", "600", "--type", "unigram"])
+    tok = Tokenizer(out)
+    assert tok.vocab_size == 600
+    text = next(iter_texts(shards[-1:]))  # the interleaved shard's text comes from its JSON segments
+    assert text.startswith("question:") and tok.decode(tok.encode(text)) == text
+
+
+# ----------------------------------------------------------------------------------------- shards format
+def test_writer_respects_limits_and_manifest_matches(tmp_path):
+    with DatasetWriter(tmp_path / "ds", max_samples=7, max_bytes=1e9) as w:
+        for i in range(30):
+            w.write(f"{i:04d}", {"txt": f"sample {i} " * 20})
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert [s["samples"] for s in manifest["shards"]] == [7, 7, 7, 7, 2]
+    for s in manifest["shards"]:
+        with tarfile.open(tmp_path / "ds" / s["path"]) as t:
+            assert len(t.getnames()) == s["samples"]
+    with DatasetWriter(tmp_path / "big", max_samples=1000, max_bytes=20_000) as w:
+        for i in range(30):
+            w.write(f"{i:04d}", {"txt": "x" * 3000})
+    sizes = [s["bytes"] for s in json.loads((tmp_path / "big" / "manifest.json").read_text())["shards"]]
+    assert len(sizes) > 1 and max(sizes) <= 20_480  # the limit, up to tar's 10 KiB record
+
+
+def test_writer_clis_and_img2dataset_layout(tmp_path, embedded):
+    from data.shards import main as shards_cli
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, color in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (40, 24), color).save(folder / f"p{i}.jpg")
+        (folder / f"p{i}.txt").write_text(f"a {color} rectangle")
+    shards_cli(["from-folder", str(folder), str(tmp_path / "folder-ds")])
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"text": "plain text"},
+                {"image": "photos/p0.jpg", "caption": "red"},
+                {"segments": [{"text": "before"}, {"image": "photos/p1.jpg"}, {"text": "after"}]},
+            ]
+        )
+    )
+    shards_cli(["from-jsonl", str(jsonl), str(tmp_path / "jsonl-ds")])
+    # img2dataset writes KEY.jpg + KEY.txt + KEY.json (metadata): it must read as a caption sample unchanged.
+    with DatasetWriter(tmp_path / "img2dataset") as w:
+        w.write(
+            "000000000",
+            {
+                "jpg": (folder / "p0.jpg").read_bytes(),
+                "txt": "a red rectangle",
+                "json": {"url": "http://example.com/x.jpg", "caption": "a red rectangle", "status": "success"},
+            },
+        )
+    spec = ImageSpec(8, 64)
+    tok = str(embedded / "tokenizer.model")
+    assert check([str(tmp_path / "folder-ds")], tok, spec)["counts"]["kind/caption"] == 3
+    report = check([str(tmp_path / "jsonl-ds")], tok, spec)["counts"]
+    assert (report["kind/text"], report["kind/caption"], report["kind/interleaved"]) == (1, 1, 1)
+    assert check([str(tmp_path / "img2dataset")], tok, spec)["counts"] == {"kind/caption": 1, "samples": 1}
+
+
+# ------------------------------------------------------------------------------------------------- images
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "PT", "RGBA", "CMYK", "I;16", "I", "1"])
+def test_every_mode_decodes_to_rgb(mode):
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8), "RGB")
+    if mode == "PT":
+        img = base.convert("P")
+        img.info["transparency"] = 0
+    elif mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65535, (30, 50)).astype(np.uint16))
+        assert img.mode == "I;16"
+    elif mode == "I":
+        img = base.convert("L").convert("I")
+    else:
+        img = base.convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "I;16", "I") else "PNG"
+    arr = load_image(image_bytes(img, fmt), ImageSpec(patch_size=8, max_patches=64))
+    assert arr.shape[0] == 3 and arr.shape[1] % 8 == 0 and arr.shape[2] % 8 == 0
+    assert arr.dtype == np.float32 and arr.min() >= -1.0 and arr.max() <= 1.0 and arr.std() > 0.05
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (32, 16))
+    img.paste((255, 0, 0), (0, 0, 16, 16))  # left half red, right half blue
+    img.paste((0, 0, 255), (16, 0, 32, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display after turning 90 degrees clockwise
+    arr = load_image(image_bytes(img, "JPEG", exif=exif, quality=95), ImageSpec(patch_size=8, max_patches=64))
+    assert arr.shape == (3, 32, 16)  # tall now
+    top, bottom = arr[:, :16], arr[:, 16:]
+    assert top[0].mean() > top[2].mean() and bottom[2].mean() > bottom[0].mean()  # red above blue
+
+
+def test_resize_keeps_aspect_within_budget():
+    spec = ImageSpec(patch_size=8, max_patches=64)
+    for w, h in [(1000, 37), (37, 1000), (640, 480), (9, 9), (4000, 4000)]:
+        arr = load_image(image_bytes(Image.new("RGB", (w, h), "gray"), "PNG"), spec)
+        rows, cols = arr.shape[1] // 8, arr.shape[2] // 8
+        assert rows * cols <= 64 and rows >= 1 and cols >= 1
+        if min(w, h) >= 64:
+            assert abs(np.log((cols / rows) / (w / h))) < 0.45, (w, h, cols, rows)
+
+
+def test_pixel_cap_refuses_from_the_header():
+    big = image_bytes(Image.new("L", (3000, 3000)), "PNG")  # compresses to a few KB, decodes to 9 MP
+    with pytest.raises(ImageSkip) as e:
+        load_image(big, ImageSpec(max_pixels=1_000_000))
+    assert e.value.reason == "image_too_large"
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def test_packing_never_splits_an_image_and_fills_rows():
+    rng = np.random.default_rng(0)
+    packer = Packer(64, SPECIAL.pad, 48)
+    docs, rows = [], []
+    for i in range(60):
+        segs = [rng.integers(7, 60, int(rng.integers(1, 90))).tolist()]
+        for _ in range(int(rng.integers(0, 3))):
+            side = 4 * int(rng.integers(1, 4))
+            segs.insert(int(rng.integers(0, len(segs) + 1)), rng.standard_normal((3, side, 4)).astype(np.float32))
+        doc = layout_document(segs, SPECIAL, 4)
+        doc.meta["key"] = i
+        docs.append(doc)
+        rows += packer.add(doc)
+    rows += packer.flush()
+    seen = Counter()
+    for row in rows:
+        assert len(row["tokens"]) == 64
+        for img in set(row["image_ids"][row["image_ids"] >= 0].tolist()):
+            where = np.flatnonzero(row["image_ids"] == img)
+            assert row["tokens"][where[0] - 1] == SPECIAL.img_start and row["tokens"][where[-1] + 1] == SPECIAL.img_end
+            assert np.all(np.diff(where) == 1)
+        for key, s, e in row["pieces"]:
+            seen[key] += e - s
+        assert row["patches"].shape[0] == row["patch_mask"].sum()
+    assert all(seen[d.meta["key"]] == len(d) for d in docs)  # every position of every document, exactly once
+    with pytest.raises(ImageTooLong):
+        packer.add(layout_document([np.zeros((3, 40, 40), np.float32)], SPECIAL, 4))
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("many")
+    with DatasetWriter(root / "ds", max_samples=5) as w:
+        for i in range(40):
+            w.write(f"{i:04d}", {"txt": f"sample {i}"})
+    return root / "ds"
+
+
+@pytest.mark.parametrize("n_streams", [4, 16])  # 8 shards: split by shard, then by sample
+def test_streams_split_an_epoch_with_no_overlap_and_no_gap(many_shards, n_streams):
+    keys = []
+    for s in range(n_streams):
+        src = SourceStream(
+            SourceConfig("t", str(many_shards)), s, n_streams, seed=3, shuffle=True, repeat=False, counts=Counter()
+        )
+        while (sample := src.next()) is not None:
+            keys.append(sample["__key__"])
+    assert sorted(keys) == [f"{i:04d}" for i in range(40)]
+
+
+def test_mixture_follows_weights(embedded):
+    cfg = mixture(embedded)
+    worker = StreamWorker(cfg, Tokenizer(cfg.tokenizer), 0, 1, None)
+    docs = worker.documents()
+    sources = Counter(next(docs).meta["source"] for _ in range(1500))
+    for i, src in enumerate(cfg.sources):
+        assert abs(sources[i] / 1500 - src.weight) < 0.04, (src.name, sources[i])
+
+
+def run_loader(cfg, rank, world, n, state=None):
+    loader = StreamingLoader(cfg, rank, world, state)
+    out = []
+    for _ in range(n):
+        batch = next(loader)
+        out.append((loader.last_pieces, batch["tokens"].clone(), batch["patches"].clone()))
+    return out, loader.state_dict()
+
+
+def test_exact_resume_with_workers_and_two_ranks(embedded):
+    """Uninterrupted == stopped at step k and resumed: the same samples, in the same order, on every rank."""
+    cfg = mixture(embedded, workers=2, batch_size=2)
+    all_keys = []
+    for rank in (0, 1):
+        full, _ = run_loader(cfg, rank, 2, 11)
+        head, state = run_loader(cfg, rank, 2, 5)  # 5: not a multiple of the worker count
+        state = json.loads(json.dumps(state))  # the state is plain JSON-able data
+        tail, _ = run_loader(cfg, rank, 2, 6, state)
+        assert [p for p, _, _ in head + tail] == [p for p, _, _ in full]
+        for (_, t1, p1), (_, t2, p2) in zip(head + tail, full):
+            assert (t1 == t2).all() and (p1 == p2).all()
+        all_keys += [(key, s, e) for pieces, _, _ in full for row in pieces for key, s, e in row]
+    assert len(all_keys) == len(set(all_keys))  # ranks and workers never read the same piece
+
+
+def test_seed_changes_the_order(embedded):
+    a, _ = run_loader(mixture(embedded, workers=0), 0, 1, 3)
+    b, _ = run_loader(mixture(embedded, workers=0, seed=1), 0, 1, 3)
+    assert [p for p, _, _ in a] != [p for p, _, _ in b]
+
+
+def test_resume_refuses_a_different_layout(embedded):
+    _, state = run_loader(mixture(embedded, workers=0), 0, 1, 1)
+    with pytest.raises(DataError, match="world=1 x workers=1"):
+        StreamingLoader(mixture(embedded, workers=2), 0, 1, state)
+
+
+def test_eval_pass_covers_each_sample_once_across_ranks(embedded):
+    cfg = mixture(embedded)
+    source = SourceConfig("val", str(embedded / "scenes-caption" / "val"))
+    n_samples = json.loads((embedded / "scenes-caption" / "val" / "manifest.json").read_text())["samples"]
+    rows = sum(int(b["tokens"].shape[0]) for rank in (0, 1) for b in eval_batches(cfg, source, rank, 2))
+    assert rows > 0
+    docs = 0
+    for rank in (0, 1):
+        worker = StreamWorker(cfg, Tokenizer(cfg.tokenizer), rank, 2, None, sources=[source], repeat=False)
+        docs += sum(1 for _ in worker.documents())
+    assert docs == n_samples
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def bad_shards(tmp_path_factory):
+    """Shards holding each kind of bad sample once, among good ones, plus a truncated and an unreadable shard."""
+    root = tmp_path_factory.mktemp("bad")
+    good = image_bytes(Image.new("RGB", (16, 16), "red"), "JPEG")
+    with DatasetWriter(root / "mixed", max_samples=1000) as w:
+        for i in range(20):
+            w.write(f"good{i:02d}", {"jpg": good, "txt": "a red square"})
+        w.write("corrupt", {"jpg": good[:40] + b"\x00garbage" * 10, "txt": "broken jpeg"})
+        w.write("zerobyte", {"jpg": b"", "txt": "empty image"})
+        w.write("notutf8", {"jpg": good, "txt": b"caf\xe9 \xff\xfe"})
+        w.write("badjson", {"0.jpg": good, "json": b'{"segments": [{"image": "0.jpg"}, {"te'})
+        w.write("missing", {"0.jpg": good, "json": {"segments": [{"image": "1.jpg"}, {"text": "two images"}]}})
+        w.write("huge", {"png": image_bytes(Image.new("L", (300, 300)), "PNG"), "txt": "too many pixels"})
+    with DatasetWriter(root / "trunc", max_samples=5) as w:  # each sample: a 512 B header + 1024 B of text
+        for i in range(10):
+            w.write(f"t{i:02d}", {"txt": f"text sample number {i} " * 40})
+    for shard, cut in (("shard-00000.tar", 3 * 1536 + 512 + 300), ("shard-00001.tar", 2 * 1536 + 100)):
+        path = root / "trunc" / shard
+        path.write_bytes(path.read_bytes()[:cut])  # inside the 4th sample's text; inside the 3rd's header
+    (root / "garbage.tar").write_bytes(b"this is not a tar file" * 50)
+    return root
+
+
+def test_bad_samples_are_counted_by_reason(bad_shards, embedded):
+    spec = ImageSpec(8, 64, max_pixels=50_000)
+    counts = check([str(bad_shards / "mixed")], str(embedded / "tokenizer.model"), spec)["counts"]
+    assert counts == {
+        "samples": 26,
+        "kind/caption": 20,
+        "skip/bad_image": 1,
+        "skip/empty_member": 1,
+        "skip/bad_utf8": 1,
+        "skip/bad_json": 1,
+        "skip/missing_image": 1,
+        "skip/image_too_large": 1,
+    }
+
+
+def test_check_cli_reports_skips(bad_shards, embedded, capsys):
+    from data.check import main as check_cli
+
+    check_cli(
+        [str(bad_shards / "mixed"), "--tokenizer", str(embedded / "tokenizer.model"), "--max-image-pixels", "50000"]
+    )
+    out = capsys.readouterr().out
+    assert "samples: 26" in out and "skip rate: 23.08%" in out and "skip/missing_image" in out
+
+
+def test_pipeline_survives_bad_shards_and_counts_them(bad_shards, embedded):
+    sources = [
+        SourceConfig("mixed", str(bad_shards / "mixed")),
+        SourceConfig("trunc", str(bad_shards / "trunc")),
+        SourceConfig("garbage", f"{bad_shards}/{{garbage,missing}}.tar"),
+    ]  # not a tar; not there
+    cfg = mixture(embedded, sources=sources, max_image_pixels=50_000, max_skip_rate=0.5, workers=0)
+    with pytest.warns(UserWarning):
+        worker = StreamWorker(cfg, Tokenizer(cfg.tokenizer), 0, 1, None, sources=sources, repeat=False)
+        docs = list(worker.documents())
+    c = worker.counts
+    assert c["shard/truncated"] == 2 and c["shard/unreadable"] == 2
+    assert c["skip/truncated_sample"] == 1  # the sample cut mid-text is dropped, not passed on short
+    assert sum(v for k, v in c.items() if k.startswith("skip/")) == 7
+    assert c["kind/caption"] == 20 and c["kind/text"] == 3 + 2  # the intact samples before each cut
+    assert len(docs) == c["kind/caption"] + c["kind/text"]
+
+
+def test_skip_rate_over_threshold_stops_with_a_clear_error(bad_shards, embedded):
+    cfg = mixture(
+        embedded,
+        sources=[SourceConfig("mixed", str(bad_shards / "mixed"))],
+        max_image_pixels=50_000,
+        max_skip_rate=0.05,
+        skip_rate_min_samples=10,
+        workers=2,
+    )
+    loader = StreamingLoader(cfg)  # the error is raised in a dataloader worker and re-raised here
+    with pytest.raises(DataError, match="over max_skip_rate=5.0%"):
+        for _ in range(50):
+            next(loader)
