@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo clean
+DEMO_RUN ?= runs/demo
+
+.PHONY: setup data test lint demo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,6 +17,15 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+data: setup
+	test -f artifacts/data/dataset.json || $(BIN)/python -m data.embedded --out artifacts/data
+
+# Train the tiny config on CPU with two processes under ZeRO-2, evaluate, then caption and answer held-out scenes.
+demo: data
+	rm -rf $(DEMO_RUN)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc_per_node=2 train.py --config configs/tiny.yaml run_dir=$(DEMO_RUN)
+	$(BIN)/python -m train.demo $(DEMO_RUN)
 
 test: setup
 	$(BIN)/python -m ruff check .

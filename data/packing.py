@@ -136,3 +136,11 @@ def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0] if k not in ("patches", "pieces")}
     batch["patches"] = torch.from_numpy(np.concatenate([r["patches"] for r in rows]))
     return batch
+
+
+def document_batch(doc: LaidOut) -> dict[str, torch.Tensor]:
+    """One document as a one-row batch (a generation prompt, or an unpacked reference)."""
+    row = Row(len(doc))
+    row.add(doc, 0, len(doc))
+    arrays = row.arrays(pad_id=0, patch_dim=doc.patches.shape[1] if len(doc.patches) else 0)
+    return collate([arrays])

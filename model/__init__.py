@@ -3,6 +3,7 @@
 from model.config import ConfigError, ModelConfig
 from model.counting import flops_per_token, param_count
 from model.generate import Generation, KVCache, append_text, generate
+from model.pretrained import load_pretrained, save_pretrained
 from model.transformer import IGNORE, FusionTransformer, InputError, ModelOutput
 
 
@@ -24,5 +25,7 @@ __all__ = [
     "build_model",
     "flops_per_token",
     "generate",
+    "load_pretrained",
+    "save_pretrained",
     "param_count",
 ]

@@ -40,6 +40,13 @@ class ModelOutput:
     logit_norm: torch.Tensor | None = None  # mean L2 norm of output logits (detached telemetry)
 
 
+def _zero_touch(linear: nn.Linear) -> torch.Tensor:
+    """A zero that depends on every parameter of a layer the batch did not use: its gradients are zeros, not
+    None, so data-parallel ranks reduce the same gradients whether or not their batch held an image. It runs
+    the layer's forward (on one zero row) so that ZeRO-3 gathers the partitioned weights as usual."""
+    return linear(linear.weight.new_zeros(1, linear.in_features)).sum() * 0.0
+
+
 class MLP(nn.Module):
     """SwiGLU."""
 
@@ -139,8 +146,8 @@ class FusionTransformer(nn.Module):
     def embed(self, tokens, patches=None, patch_mask=None):
         x = self.tok_emb(tokens)
         if patches is not None and patches.shape[0] > 0:
-            x = x.masked_scatter(patch_mask.unsqueeze(-1), self.patch_emb(patches.to(x.dtype)))
-        return x
+            return x.masked_scatter(patch_mask.unsqueeze(-1), self.patch_emb(patches.to(x.dtype)))
+        return x + _zero_touch(self.patch_emb)
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
@@ -197,8 +204,11 @@ class FusionTransformer(nn.Module):
         out.text_loss = ((lse - target_logit) * valid).sum() / n
         out.z_loss = self.cfg.z_loss * (lse.square() * valid).sum() / n
         out.image_loss = torch.zeros((), device=logits.device)
-        if self.patch_head is not None and patches is not None and patches.shape[0] > 1:
-            out.image_loss = self._next_patch_loss(h, patches, patch_mask, image_ids)
+        if self.patch_head is not None:
+            if patches is not None and patches.shape[0] > 1:
+                out.image_loss = self._next_patch_loss(h, patches, patch_mask, image_ids)
+            else:
+                out.image_loss = out.image_loss + _zero_touch(self.patch_head)
         out.loss = out.text_loss + out.z_loss + self.cfg.image_loss_weight * out.image_loss
 
     def _next_patch_loss(self, h, patches, patch_mask, image_ids):
@@ -215,9 +225,11 @@ class FusionTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------- telemetry
     def track_attention_logits(self, on: bool = True):
+        """Record each layer's largest attention logit in the forwards that follow (reset when switched on)."""
         for block in self.blocks:
             block.attn.track_max_logit = on
-            block.attn.max_logit = None
+            if on:
+                block.attn.max_logit = None
 
     def max_attention_logit(self) -> torch.Tensor | None:
         values = [b.attn.max_logit for b in self.blocks if b.attn.max_logit is not None]

@@ -174,6 +174,15 @@ def test_loss_is_text_cross_entropy_plus_z_loss(tiny_cfg):
     assert out.image_loss == 0
 
 
+def test_every_parameter_gets_a_gradient_without_images(tiny_cfg):
+    """Data-parallel ranks must reduce the same gradients whether or not their batch holds an image."""
+    model = build_model(with_(tiny_cfg, image_mask="causal", image_loss_weight=1.0))
+    tokens = torch.randint(7, VOCAB, (2, 16))
+    model(tokens, targets=tokens).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.patch_emb.weight.grad.abs().sum() == 0 and model.patch_head.weight.grad.abs().sum() == 0
+
+
 def test_next_patch_loss_refused_with_bidirectional_mask():
     with pytest.raises(ConfigError, match="leaks"):
         ModelConfig(image_loss_weight=0.5)
@@ -333,6 +342,7 @@ def test_telemetry_max_attention_logit(tiny_cfg):
     assert model.max_attention_logit() is None
     model.track_attention_logits(True)
     model(**batch)
+    model.track_attention_logits(False)  # stop recording; the value stays readable
     value = model.max_attention_logit()
     assert value is not None and torch.isfinite(value) and value > 0
     assert out.logit_norm > 0

@@ -1,0 +1,35 @@
+"""Consolidated weights on disk: DIR/config.json (the ModelConfig) + DIR/model.safetensors. No DeepSpeed needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig
+from model.transformer import FusionTransformer
+
+
+def save_pretrained(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    return out
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> FusionTransformer:
+    path = Path(path)
+    cfg = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
+    model = FusionTransformer(cfg)
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    allowed = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    if set(missing) - allowed or unexpected:
+        raise ValueError(f"{path}: missing weights {sorted(set(missing) - allowed)}, unexpected {sorted(unexpected)}")
+    return model.to(device).eval()

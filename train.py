@@ -1,0 +1,35 @@
+"""Train an early-fusion model: `torchrun --nproc_per_node=N train.py --config configs/NAME.yaml [key=value ...]`.
+
+`--config` may be repeated: later files are merged over earlier ones (configs/deepspeed/zero3.yaml on top of a
+model config, say); dotted overrides come last.
+
+Exit status: 0 when the run finished, 75 (EXIT_REQUEUE) when a signal made it checkpoint and stop early, 2 for
+a config error (reported before any work starts), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from train.config import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, action="append", help="YAML under configs/; repeat to layer files")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from train.trainer import train  # heavy imports (DeepSpeed) only once the config is known to be good
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The run's one YAML config, mapped onto typed dataclasses, with dotted `key=value` overrides.
+
+    python train.py --config configs/tiny.yaml optim.lr=1e-3 deepspeed.zero_stage=3 model.depth=4
+
+Every key is checked before any work starts: an unknown or mistyped key fails with its dotted path and the
+closest valid key; a value of the wrong type fails with the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data.pipeline import DataConfig, SourceConfig
+from model.config import ConfigError, ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # never applied to norms, biases or embeddings
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine floor and the end of a wsd cooldown, as a fraction of lr
+    cooldown_fraction: float = 0.2  # wsd: the last fraction of steps decays
+    cooldown_shape: str = "1-sqrt"  # wsd: 1-sqrt | linear | cosine
+
+    def __post_init__(self):
+        if self.kind not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"schedule.kind='{self.kind}' is not cosine, wsd or constant")
+        if self.cooldown_shape not in ("1-sqrt", "linear", "cosine"):
+            raise ConfigError(f"schedule.cooldown_shape='{self.cooldown_shape}' is not 1-sqrt, linear or cosine")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    bf16: bool = True  # off for CPU runs
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    activation_checkpointing: bool = False
+    compile: bool = False
+    extra: dict = field(default_factory=dict)  # merged into the DeepSpeed JSON config as is
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} is not 0, 1, 2 or 3")
+        if self.grad_accum < 1:
+            raise ConfigError(f"deepspeed.grad_accum={self.grad_accum} must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps; 0 = only at the end and on signals
+    keep: int = 2  # newest complete checkpoints kept
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    tensorboard: bool = True
+    telemetry_every: int = 100  # steps that also measure the largest attention logit (costs a T x T matmul)
+    peak_tflops: float = 0.0  # 0: look the device up in the peak table (CPU has none: MFU is not reported)
+    progress: str = "auto"  # auto | bar | lines
+    sample_log: bool = False  # each rank appends the (sample key, start, end) of every row it trains on
+
+
+@dataclass
+class EvalConfig:
+    every: int = 500  # steps; 0 = only at the end
+    max_batches: int = 50  # per held-out source
+
+
+@dataclass
+class NanConfig:
+    max_consecutive: int = 5  # this many non-finite steps in a row stop the run
+    inject_steps: list[int] = field(default_factory=list)  # fault injection: these steps' losses become NaN
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    seed: int = 0
+    resume: str = "auto"  # auto: the run_dir's latest checkpoint if any | none | a checkpoint directory
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    nan: NanConfig = field(default_factory=NanConfig)
+
+    def __post_init__(self):
+        if self.data.patch_size != self.model.patch_size:
+            raise ConfigError(f"data.patch_size={self.data.patch_size} != model.patch_size={self.model.patch_size}")
+        if self.data.position_scheme != self.model.position_scheme:
+            raise ConfigError(
+                f"data.position_scheme='{self.data.position_scheme}' != model.position_scheme="
+                f"'{self.model.position_scheme}': the layout must match the rotary scheme"
+            )
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.data.max_image_patches > self.model.max_image_patches:
+            raise ConfigError(
+                f"data.max_image_patches={self.data.max_image_patches} exceeds "
+                f"model.max_image_patches={self.model.max_image_patches}"
+            )
+
+
+# --------------------------------------------------------------------------------------------- mapping
+def _hint(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(valid)})"
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, options[0], path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{path}' must be a mapping, got {value!r}")
+        return build(tp, value, path + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"'{path}' must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 3e-4 (no dot) as a string
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"'{path}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def build(cls, values: dict, prefix: str = ""):
+    """Dataclass `cls` from a nested dict, every key checked against the fields (recursively)."""
+    if cls is ModelConfig:  # the model owns its size dial (depth) and its own key checks
+        return ModelConfig.from_dict(values)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_hint(key, names)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def apply_override(tree: dict, dotted: str) -> None:
+    """`a.b.c=value` into a nested dict; the value is parsed as YAML (numbers, booleans, lists)."""
+    if "=" not in dotted:
+        raise ConfigError(f"override '{dotted}' is not key=value")
+    key, raw = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(paths: str | Path | list | None, overrides: list[str] = ()) -> TrainConfig:
+    """Later files are merged over earlier ones (e.g. a model config, then configs/deepspeed/zero3.yaml)."""
+    tree: dict = {}
+    for path in [paths] if isinstance(paths, str | Path) else paths or []:
+        layer = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{path} does not hold a mapping")
+        tree = _merge(tree, layer)
+    for o in overrides:
+        apply_override(tree, o)
+    return build(TrainConfig, tree)
+
+
+def to_dict(cfg) -> dict:
+    """The resolved config as plain YAML-able data (tuples as lists)."""
+
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, list | tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(cfg)
+
+
+__all__ = ["ConfigError", "SourceConfig", "TrainConfig", "apply_override", "build", "load_config", "to_dict"]

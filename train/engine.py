@@ -1,0 +1,76 @@
+"""Build the DeepSpeed engine: the plain model, wrapped from outside (activation checkpointing, compile), AdamW
+with decay only on matrices, and the DeepSpeed JSON config derived from the run config."""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from model import FusionTransformer, build_model
+from train.config import TrainConfig
+
+
+def apply_activation_checkpointing(model: FusionTransformer) -> None:
+    """Recompute each block in the backward pass (state-dict keys are unchanged by the wrapper)."""
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block)
+
+
+def apply_compile(model: FusionTransformer) -> None:
+    """Compile block by block (regional compilation): one graph reused by every layer, short compile times."""
+    for block in model.blocks:
+        block.compile(dynamic=False)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices of the blocks and the output head; never norms, biases or input embeddings."""
+    decay, no_decay = [], []
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        embedding = name.startswith(("tok_emb.", "patch_emb."))
+        (no_decay if p.dim() < 2 or embedding else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    ds = cfg.deepspeed
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.bf16},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed calls any client optimizer "untested"
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    for key, value in ds.extra.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def build_engine(cfg: TrainConfig, device: torch.device):
+    model = build_model(cfg.model)
+    if cfg.deepspeed.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.deepspeed.compile:
+        apply_compile(model)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        fused=device.type == "cuda",
+    )
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    return engine, optimizer, model

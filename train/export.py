@@ -1,0 +1,46 @@
+"""Consolidate a DeepSpeed checkpoint (any ZeRO stage) into safetensors + the model config, for inference
+without DeepSpeed: `python -m train.export RUN_DIR [--checkpoint DIR] [--out DIR]` (default RUN_DIR/export),
+then `model.load_pretrained(DIR)`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+
+from model import ModelConfig, save_pretrained
+from train.checkpoint import Checkpointer
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights: DeepSpeed's own ZeRO consolidation, or the module states of a stage-0 checkpoint."""
+    if any(checkpoint.glob("*optim_states.pt")) and any(checkpoint.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def export(run_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None) -> Path:
+    run = Path(run_dir)
+    checkpoint = Path(checkpoint) if checkpoint else Checkpointer(run / "checkpoints", 1, 0).latest()
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run}/checkpoints has no complete checkpoint")
+    model_cfg = ModelConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())["model"])
+    return save_pretrained(consolidated_state_dict(checkpoint), model_cfg, out or run / "export")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("run_dir")
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    print(f"exported {export(args.run_dir, args.checkpoint, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

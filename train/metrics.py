@@ -1,0 +1,95 @@
+"""Step metrics to stdout (a progress bar when interactive, plain lines otherwise), metrics.jsonl and TensorBoard;
+MFU from the model's FLOP count and a table of dense peak throughput per accelerator and dtype."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) peak TFLOP/s by device-name fragment and dtype, from the vendors' datasheets.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp32": 67.0},  # SXM; the PCIe part is lower (756)
+    "A100": {"bf16": 312.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp32": 91.6},
+    "A10G": {"bf16": 70.0, "fp32": 31.2},
+}
+
+
+def peak_flops(device: torch.device, bf16: bool, override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device, or None when unknown (CPU): MFU is then not reported rather than invented."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return (756.0 if bf16 else 51.0) * 1e12
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table["bf16" if bf16 else "fp32"] * 1e12
+    return None
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsWriter:
+    """Rank 0's sink. Every logged step is one JSON line; the same scalars go to TensorBoard."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool, progress: str):
+        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run's lifetime
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        bar = progress == "bar" or (progress == "auto" and sys.stdout.isatty())
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
+
+    def log(self, step: int, values: dict, prefix: str = "") -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+        record = {"step": step, **{prefix + k: v for k, v in clean.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, step)
+        short = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k in _SHOWN or prefix)
+        if self.bar is not None:
+            self.bar.set_postfix_str(short, refresh=False)
+        else:
+            print(short, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.file.close()
+
+
+_SHOWN = ("step", "loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped_steps")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,234 @@
+"""The training loop: one code path for GPUs (NCCL) and CPUs (gloo), launched by torchrun or srun.
+
+Per step: LR from the schedule, `grad_accum` micro-batches through the DeepSpeed engine, a NaN/Inf guard, the
+optimizer step; metrics every `logging.every` steps (the only host syncs besides the guard); validation every
+`eval.every`; checkpoints every `checkpoint.every`, at the end, and on signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import yaml
+
+from data.pipeline import StreamingLoader
+from model import flops_per_token, param_count
+from train.checkpoint import Checkpointer
+from train.config import ConfigError, TrainConfig, to_dict
+from train.engine import build_engine
+from train.evaluate import validate
+from train.metrics import MetricsWriter, memory_gb, peak_flops
+from train.schedule import lr_at
+from train.signals import EXIT_REQUEUE, SignalFlags
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive steps with a NaN or Inf loss."""
+
+
+class Preempted(SystemExit):
+    def __init__(self):
+        super().__init__(EXIT_REQUEUE)
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """RANK / WORLD_SIZE / LOCAL_RANK from torchrun, or from srun's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID."""
+    for ours, slurm in (("RANK", "SLURM_PROCID"), ("WORLD_SIZE", "SLURM_NTASKS"), ("LOCAL_RANK", "SLURM_LOCALID")):
+        if ours not in os.environ and slurm in os.environ:
+            os.environ[ours] = os.environ[slurm]
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    cuda = torch.cuda.is_available()
+    local = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:
+    run = Path(cfg.run_dir)
+    if rank == 0:
+        try:
+            (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+            probe = run / "checkpoints" / ".writable"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"run_dir {run} is not writable: {e}") from e
+        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    dist.barrier()
+    return run
+
+
+def _any(flag: bool, device) -> bool:
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train(cfg: TrainConfig) -> dict:
+    rank, world, device = setup_distributed()
+    run = prepare_run_dir(cfg, rank)
+    torch.manual_seed(cfg.seed)
+    engine, optimizer, model = build_engine(cfg, device)
+    ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint.keep, rank)
+    state = {"step": 0, "tokens": 0, "flops": 0.0, "flops_6n": 0.0, "skipped_steps": 0, "wall_s": 0.0}
+    data_state = None
+    source = {"auto": ckpt.latest(), "none": None}.get(cfg.resume, cfg.resume)
+    if source:
+        client, rank_state = ckpt.load(engine, source)
+        state.update(client["train"])
+        data_state = rank_state["data"]
+        if rank == 0:
+            print(f"resumed from {source} at step {state['step']}", flush=True)
+    loader = StreamingLoader(cfg.data, rank, world, data_state)
+    signals = SignalFlags()
+
+    mc, G, B, T = cfg.model, cfg.deepspeed.grad_accum, cfg.data.batch_size, cfg.data.seq_len
+    tokens_per_step = world * G * B * T
+    fpt, fpt_6n = flops_per_token(mc, T), flops_per_token(mc, T, attention=False)
+    peak = peak_flops(device, cfg.deepspeed.bf16, cfg.logging.peak_tflops)
+    metrics = (
+        MetricsWriter(run, cfg.steps, state["step"], cfg.logging.tensorboard, cfg.logging.progress)
+        if rank == 0
+        else None
+    )
+    inject = set(cfg.nan.inject_steps)
+    sample_log = open(run / f"samples_rank{rank}.jsonl", "a") if cfg.logging.sample_log else None  # noqa: SIM115
+    one_token = {"tokens": torch.zeros(1, 1, dtype=torch.long, device=device)}
+
+    def save():
+        client = {"train": dict(state), "config": to_dict(cfg)}
+        return ckpt.save(engine, state["step"], client, {"data": loader.state_dict()})
+
+    sums = torch.zeros(4, device=device)  # loss, text, image, z over the logging window (no per-step sync)
+    window_steps, window_skipped, window_t0, nan_streak, last_val = 0, 0, time.perf_counter(), 0, {}
+    run_t0 = time.perf_counter() - state["wall_s"]
+    if rank == 0:
+        (run / "PREEMPTED").unlink(missing_ok=True)
+    engine.train()
+    try:
+        while state["step"] < cfg.steps:
+            step = state["step"]
+            lr = lr_at(step, cfg.steps, cfg.optim.lr, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            log_now = (step + 1) % cfg.logging.every == 0 or step + 1 == cfg.steps
+            telemetry = log_now and cfg.logging.telemetry_every and (step + 1) % cfg.logging.telemetry_every == 0
+            model.track_attention_logits(bool(telemetry))
+            poisoned = False
+            for micro in range(G):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+                if sample_log:  # flushed per line: the log must survive the crash it may be needed to explain
+                    sample_log.write(json.dumps({"step": step, "micro": micro, "rows": loader.last_pieces}) + "\n")
+                    sample_log.flush()
+                out = engine(**batch)
+                loss = out.loss * float("nan") if (step in inject and micro == 0) else out.loss
+                if torch.isfinite(loss):
+                    engine.backward(loss)
+                    sums += torch.stack([loss, out.text_loss, out.image_loss, out.z_loss]).detach() / G
+                else:  # keep DeepSpeed's micro-step accounting with a zero gradient; the step moves nothing
+                    poisoned = True
+                    for group in optimizer.param_groups:
+                        group["lr"] = 0.0
+                    engine.backward(engine(**one_token).logits.sum() * 0.0)
+                engine.step()
+            model.track_attention_logits(False)
+            state["step"] += 1
+            state["tokens"] += tokens_per_step
+            state["flops"] += fpt * tokens_per_step
+            state["flops_6n"] += fpt_6n * tokens_per_step
+            window_steps += 1
+            if poisoned:
+                state["skipped_steps"] += 1
+                window_skipped += 1
+                nan_streak += 1
+                if nan_streak >= cfg.nan.max_consecutive:
+                    raise NonFiniteLoss(
+                        f"{nan_streak} consecutive steps had a NaN/Inf loss (last at step {step}); stopping. "
+                        f"Lower optim.lr, check the data with `python -m data.check`, or resume from an earlier "
+                        f"checkpoint."
+                    )
+            else:
+                nan_streak = 0
+            metrics and metrics.advance()
+
+            if log_now:
+                dist.all_reduce(sums)
+                good = max(1, window_steps - window_skipped)
+                dt = time.perf_counter() - window_t0
+                tps = window_steps * tokens_per_step / dt
+                means = (sums / (world * good)).tolist()
+                grad_norm = engine.get_global_grad_norm()
+                record = {
+                    "loss": means[0], "text_loss": means[1], "image_loss": means[2], "z_loss": means[3],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None, "lr": lr,
+                    "tokens_per_s": tps, "mfu": fpt * tps / (peak * world) if peak else None,
+                    "tokens": state["tokens"], "flops": state["flops"], "memory_gb": memory_gb(device),
+                    "skipped_steps": state["skipped_steps"],
+                    "logit_norm": float(out.logit_norm),
+                }  # fmt: skip
+                if telemetry:
+                    record["max_attn_logit"] = float(model.max_attention_logit())
+                if rank == 0:
+                    metrics.log(state["step"], record)
+                sums.zero_()
+                window_steps, window_skipped, window_t0 = 0, 0, time.perf_counter()
+
+            if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.steps:
+                last_val = validate(engine, cfg.data, cfg.eval.max_batches, device, rank, world)
+                if rank == 0 and last_val:
+                    metrics.log(state["step"], last_val, prefix="val/")
+                window_t0 = time.perf_counter()
+
+            stop = _any(signals.stop, device)
+            state["wall_s"] = time.perf_counter() - run_t0
+            periodic = cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0
+            if stop or periodic or _any(signals.save, device):
+                save()
+                signals.save = False
+            if stop:
+                if rank == 0:  # a marker for launchers that do not pass the exit status through (torchrun)
+                    (run / "PREEMPTED").write_text(f"{state['step']}\n")
+                    print(f"received {signals.received}: saved step {state['step']}, exiting {EXIT_REQUEUE}")
+                raise Preempted()
+
+        last_val = validate(engine, cfg.data, cfg.eval.max_batches, device, rank, world)
+        state["wall_s"] = time.perf_counter() - run_t0
+        if not (cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0):
+            save()
+        summary = {
+            "steps": state["step"], "tokens": state["tokens"], "flops": state["flops"], "flops_6n": state["flops_6n"],
+            "params": param_count(mc), "params_non_embedding": param_count(mc, embeddings=False),
+            "flops_per_token": fpt, "flops_per_token_6n": fpt_6n,
+            "final_train_loss": _last_logged(run, "loss") if rank == 0 else None,
+            "final_val": last_val, "val_text_loss": last_val.get("text_loss"),
+            "skipped_steps": state["skipped_steps"], "wall_s": state["wall_s"], "world_size": world,
+            "data_counts": loader.skip_counts(),
+        }  # fmt: skip
+        if rank == 0:
+            metrics.log(state["step"], last_val, prefix="val/")
+            (run / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+    finally:
+        if metrics:
+            metrics.close()
+        if sample_log:
+            sample_log.close()
+
+
+def _last_logged(run: Path, key: str):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    values = [json.loads(line)[key] for line in lines if key in json.loads(line)]
+    return values[-1] if values else None
