@@ -32,13 +32,16 @@ def resolve_backend(cfg: ModelConfig, device: torch.device) -> str:
             raise ConfigError("attention_backend='flash' but flash_attn is not importable (pip install '.[flash]')")
         if cfg.image_mask != "causal":
             raise ConfigError("attention_backend='flash' supports image_mask='causal' only (no image blocks in varlen)")
+    flex_ok = device.type != "cuda" or cfg.head_dim >= 16  # compiled flex kernels need head_dim >= 16
+    if backend == "flex" and not flex_ok:
+        raise ConfigError(f"attention_backend='flex' needs head_dim >= 16 on CUDA; head_dim={cfg.head_dim}")
     if backend != "auto":
         return backend
     if device.type != "cuda":
         return "sdpa"  # flex runs eagerly (slowly) off-GPU; the dense mask is cheap at CPU sizes
     if HAS_FLASH_ATTN and cfg.image_mask == "causal":
         return "flash"
-    return "flex"
+    return "flex" if flex_ok else "sdpa"
 
 
 @dataclass

@@ -74,7 +74,8 @@ def test_flex_and_sdpa_compute_the_same_function(tiny_cfg, image_mask, scheme):
 @pytest.mark.parametrize("image_mask", ["bidirectional", "causal"])
 def test_flex_and_sdpa_gradients_agree_on_cuda(tiny_cfg, image_mask):
     batch = {k: v.cuda() for k, v in packed_batch(seed=1).items()}
-    outs = run_backends(with_(tiny_cfg, image_mask=image_mask), batch, ("sdpa", "flex"), grad=True)
+    cfg = with_(tiny_cfg, d_model=64, image_mask=image_mask)  # compiled flex needs head_dim >= 16
+    outs = run_backends(cfg, batch, ("sdpa", "flex"), grad=True)
     for i in (0, 1):
         torch.testing.assert_close(outs["flex"][i], outs["sdpa"][i], atol=1e-4, rtol=1e-3)
 
@@ -88,11 +89,15 @@ def test_flash_varlen_matches_sdpa(tiny_cfg):
         torch.testing.assert_close(outs["flash"][i], outs["sdpa"][i], atol=2e-2, rtol=2e-2)
 
 
-def test_flash_refuses_bidirectional_images(tiny_cfg):
+def test_backend_choice_refuses_what_a_kernel_cannot_do(tiny_cfg):
     from model.attention import resolve_backend
 
     with pytest.raises(ConfigError, match="flash"):
         resolve_backend(with_(tiny_cfg, attention_backend="flash"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="head_dim >= 16 on CUDA; head_dim=8"):
+        resolve_backend(with_(tiny_cfg, attention_backend="flex"), torch.device("cuda"))
+    assert resolve_backend(with_(tiny_cfg, attention_backend="auto"), torch.device("cuda")) == "sdpa"  # head_dim 8
+    assert resolve_backend(with_(tiny_cfg, attention_backend="auto"), torch.device("cpu")) == "sdpa"
 
 
 def test_packed_documents_do_not_see_each_other(tiny_cfg):

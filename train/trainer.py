@@ -187,10 +187,11 @@ def train(cfg: TrainConfig) -> dict:
                 window_steps, window_skipped, window_t0 = 0, 0, time.perf_counter()
 
             if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.steps:
+                eval_t0 = time.perf_counter()
                 last_val = validate(engine, cfg.data, cfg.eval.max_batches, device, rank, world)
                 if rank == 0 and last_val:
                     metrics.log(state["step"], last_val, prefix="val/")
-                window_t0 = time.perf_counter()
+                window_t0 += time.perf_counter() - eval_t0  # tokens/s counts training time only
 
             stop = _any(signals.stop, device)
             state["wall_s"] = time.perf_counter() - run_t0
