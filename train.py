@@ -1,7 +1,8 @@
 """Train an early-fusion model: `torchrun --nproc_per_node=N train.py --config configs/NAME.yaml [key=value ...]`.
 
 `--config` may be repeated: later files are merged over earlier ones (configs/deepspeed/zero3.yaml on top of a
-model config, say); dotted overrides come last.
+model config, say); dotted overrides come last. `--check` validates the config and the run directory (created,
+writable), prints the run directory and exits: job scripts run it first so that a bad config fails in seconds.
 
 Exit status: 0 when the run finished, 75 (EXIT_REQUEUE) when a signal made it checkpoint and stop early, 2 for
 a config error (reported before any work starts), 1 otherwise.
@@ -13,15 +14,20 @@ import argparse
 import sys
 
 from train.config import ConfigError, load_config
+from train.rundir import ensure_run_dir
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, action="append", help="YAML under configs/; repeat to layer files")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
+    ap.add_argument("--check", action="store_true", help="validate the config and run_dir, print run_dir, exit")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.check:
+            print(ensure_run_dir(cfg.run_dir))
+            return 0
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from data.layout import SpecialIds, layout_document
 from data.packing import Packer, collate
@@ -56,7 +59,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +70,27 @@ def embedded(tmp_path_factory):
     out = tmp_path_factory.mktemp("embedded") / "data"
     build(out, scale=0.1, vocab_size=1024, cache=REPO / "artifacts" / "cache")
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_config(embedded, tmp_path_factory) -> Path:
+    """configs/tiny.yaml pointed at the test build of the embedded data, shrunk to seconds per run."""
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    root = str(embedded)
+    for section in ("sources", "eval_sources"):
+        for src in cfg["data"][section]:
+            src["shards"] = src["shards"].replace("artifacts/data", root)
+    cfg["data"]["eval_sources"] = cfg["data"]["eval_sources"][:2]
+    cfg["data"].update(tokenizer=f"{root}/tokenizer.model", seq_len=64, batch_size=2, workers=1)
+    cfg["model"].update(depth=2, vocab_size=1024, max_seq_len=64)
+    cfg.update(steps=12)
+    cfg["schedule"]["warmup_steps"] = 3
+    cfg["checkpoint"] = {"every": 4, "keep": 2}
+    cfg["logging"] = {"every": 1, "telemetry_every": 4, "tensorboard": True, "sample_log": True}
+    cfg["eval"] = {"every": 6, "max_batches": 2}
+    path = tmp_path_factory.mktemp("cfg") / "micro.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def mixture(root, **overrides):

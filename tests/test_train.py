@@ -31,27 +31,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def micro_config(embedded, tmp_path_factory) -> Path:
-    """configs/tiny.yaml pointed at the test build of the embedded data, shrunk to seconds per run."""
-    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    root = str(embedded)
-    for section in ("sources", "eval_sources"):
-        for src in cfg["data"][section]:
-            src["shards"] = src["shards"].replace("artifacts/data", root)
-    cfg["data"]["eval_sources"] = cfg["data"]["eval_sources"][:2]
-    cfg["data"].update(tokenizer=f"{root}/tokenizer.model", seq_len=64, batch_size=2, workers=1)
-    cfg["model"].update(depth=2, vocab_size=1024, max_seq_len=64)
-    cfg.update(steps=12)
-    cfg["schedule"]["warmup_steps"] = 3
-    cfg["checkpoint"] = {"every": 4, "keep": 2}
-    cfg["logging"] = {"every": 1, "telemetry_every": 4, "tensorboard": True, "sample_log": True}
-    cfg["eval"] = {"every": 6, "max_batches": 2}
-    path = tmp_path_factory.mktemp("cfg") / "micro.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def launch(config: Path, run_dir: Path, *overrides, nproc: int = 2, env: dict | None = None, wait: bool = True):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "train.py", "--config", str(config), f"run_dir={run_dir}", *overrides]  # fmt: skip

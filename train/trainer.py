@@ -20,10 +20,11 @@ import yaml
 from data.pipeline import StreamingLoader
 from model import flops_per_token, param_count
 from train.checkpoint import Checkpointer
-from train.config import ConfigError, TrainConfig, to_dict
+from train.config import TrainConfig, to_dict
 from train.engine import build_engine
 from train.evaluate import validate
 from train.metrics import MetricsWriter, memory_gb, peak_flops
+from train.rundir import ensure_run_dir
 from train.schedule import lr_at
 from train.signals import EXIT_REQUEUE, SignalFlags
 
@@ -59,13 +60,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 def prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:
     run = Path(cfg.run_dir)
     if rank == 0:
-        try:
-            (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-            probe = run / "checkpoints" / ".writable"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"run_dir {run} is not writable: {e}") from e
+        ensure_run_dir(run)
         (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     dist.barrier()
     return run
@@ -203,6 +198,7 @@ def train(cfg: TrainConfig) -> dict:
                 if rank == 0:  # a marker for launchers that do not pass the exit status through (torchrun)
                     (run / "PREEMPTED").write_text(f"{state['step']}\n")
                     print(f"received {signals.received}: saved step {state['step']}, exiting {EXIT_REQUEUE}")
+                dist.barrier()  # no rank exits (and gets the others killed by srun) before the marker exists
                 raise Preempted()
 
         last_val = validate(engine, cfg.data, cfg.eval.max_batches, device, rank, world)
