@@ -22,8 +22,9 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm")
     env = {**os.environ, "MAX_ARRAY_SIZE": "2"}  # small, so that a 3-cell sweep is submitted in two chunks
-    start = subprocess.run([str(REPO / "slurm" / "local-cluster.sh"), "start", str(state)], env=env,
-                           capture_output=True, text=True)  # fmt: skip
+    start = subprocess.run(
+        [str(REPO / "slurm" / "local-cluster.sh"), "start", str(state)], env=env, capture_output=True, text=True
+    )
     assert start.returncode == 0, start.stdout + start.stderr
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(state / "slurm.conf")
@@ -36,8 +37,13 @@ def cluster(tmp_path_factory):
 
 
 def sbatch(*args: str, env: dict | None = None) -> str:
-    out = subprocess.run(["sbatch", "--parsable", *args], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
+    out = subprocess.run(
+        ["sbatch", "--parsable", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
 
@@ -60,8 +66,15 @@ def wait(jobid: str, timeout: float = 300) -> dict:
 
 
 def train_job(config: Path, log: Path, run: Path, *overrides: str, tasks: int = 2, env=None) -> str:
-    return sbatch(f"--ntasks-per-node={tasks}", f"--output={log}", str(REPO / "slurm" / "train.sbatch"), str(config),
-                  f"run_dir={run}", *overrides, env=env)  # fmt: skip
+    return sbatch(
+        f"--ntasks-per-node={tasks}",
+        f"--output={log}",
+        str(REPO / "slurm" / "train.sbatch"),
+        str(config),
+        f"run_dir={run}",
+        *overrides,
+        env=env,
+    )
 
 
 def final_loss(run: Path) -> float:
@@ -110,8 +123,9 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(uninterrupted, m
 def test_array_runs_three_configs_in_chunks(cluster, micro_config, tmp_path):
     cells = tmp_path / "cells.txt"
     variants = ["optim.lr=1e-3", "model.n_layers=1", "schedule.kind=constant"]
-    cells.write_text("".join(f"{micro_config} run_dir={tmp_path}/cell{i} steps=4 eval.every=0 {v}\n"
-                             for i, v in enumerate(variants)))  # fmt: skip
+    cells.write_text(
+        "".join(f"{micro_config} run_dir={tmp_path}/cell{i} steps=4 eval.every=0 {v}\n" for i, v in enumerate(variants))
+    )
     ids = submit_array(cells, max_concurrent=1, sbatch_args=["--ntasks=1", f"--output={tmp_path}/%A_%a.out"])
     assert len(ids) == 2  # MaxArraySize=2: cells 0-1, then cell 2
     for jobid in ids:
@@ -126,8 +140,13 @@ def test_array_runs_three_configs_in_chunks(cluster, micro_config, tmp_path):
 def test_failed_job_never_runs_its_dependent_and_fails_fast(cluster, micro_config, tmp_path):
     t0 = time.time()
     bad = train_job(tmp_path / "missing.yaml", tmp_path / "bad.out", tmp_path / "run")
-    dependent = sbatch("--ntasks=1", f"--dependency=afterok:{bad}", f"--output={tmp_path}/dep.out",
-                       "--wrap", f"touch {tmp_path}/dependent-ran")  # fmt: skip
+    dependent = sbatch(
+        "--ntasks=1",
+        f"--dependency=afterok:{bad}",
+        f"--output={tmp_path}/dep.out",
+        "--wrap",
+        f"touch {tmp_path}/dependent-ran",
+    )
     assert wait(bad)["JobState"] == "FAILED"
     assert f"error: config {tmp_path}/missing.yaml not found" in (tmp_path / "bad.out").read_text()
     info = wait(dependent)

@@ -32,8 +32,18 @@ def free_port() -> int:
 
 
 def launch(config: Path, run_dir: Path, *overrides, nproc: int = 2, env: dict | None = None, wait: bool = True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "train.py", "--config", str(config), f"run_dir={run_dir}", *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "train.py",
+        "--config",
+        str(config),
+        f"run_dir={run_dir}",
+        *overrides,
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(
@@ -71,8 +81,19 @@ def zero2_run(micro_config, tmp_path_factory):
 def test_zero2_trains_logs_and_summarises(zero2_run):
     logged = [m for m in metrics(zero2_run) if "loss" in m]
     assert [m["step"] for m in logged] == list(range(1, 13))
-    for key in ("step", "loss", "text_loss", "image_loss", "z_loss", "lr", "tokens_per_s", "mfu", "grad_norm",
-                "memory_gb", "logit_norm"):  # fmt: skip
+    for key in (
+        "step",
+        "loss",
+        "text_loss",
+        "image_loss",
+        "z_loss",
+        "lr",
+        "tokens_per_s",
+        "mfu",
+        "grad_norm",
+        "memory_gb",
+        "logit_norm",
+    ):
         assert key in logged[0], key
     assert logged[0]["mfu"] is None  # no peak is known for a CPU: not reported rather than invented
     assert all(m["max_attn_logit"] > 0 for m in logged if m["step"] % 4 == 0)
@@ -152,8 +173,9 @@ def test_nan_guard_skips_and_then_stops(micro_config, tmp_path):
     result = launch(micro_config, run, "steps=6", "nan.inject_steps=[2]", "eval.every=0", nproc=1)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((run / "summary.json").read_text())["skipped_steps"] == 1
-    result = launch(micro_config, tmp_path / "nan2", "steps=8", "nan.inject_steps=[2,3,4]", "nan.max_consecutive=3",
-                    nproc=1)  # fmt: skip
+    result = launch(
+        micro_config, tmp_path / "nan2", "steps=8", "nan.inject_steps=[2,3,4]", "nan.max_consecutive=3", nproc=1
+    )
     assert result.returncode != 0
     assert "3 consecutive steps had a NaN/Inf loss (last at step 4)" in result.stdout + result.stderr
 
@@ -166,8 +188,12 @@ def test_config_errors_stop_before_any_work(micro_config):
         ("data.patch_size=16", "data.patch_size=16 != model.patch_size=8"),
     ]:
         t0 = time.time()
-        result = subprocess.run([sys.executable, "train.py", "--config", str(micro_config), override], cwd=REPO,
-                                capture_output=True, text=True)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "train.py", "--config", str(micro_config), override],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 2 and message in result.stderr, (override, result.stderr)
         assert time.time() - t0 < 20  # refused at parse time, not after starting DeepSpeed
     with pytest.raises(ConfigError, match="did you mean 'sources'"):

@@ -66,6 +66,7 @@ class DeepSpeedConfig:
 class CheckpointConfig:
     every: int = 1000  # steps; 0 = only at the end and on signals
     keep: int = 2  # newest complete checkpoints kept
+    at_steps: list[int] = field(default_factory=list)  # also save exactly here (WSD branch points)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class TrainConfig:
     steps: int = 1000
     seed: int = 0
     resume: str = "auto"  # auto: the run_dir's latest checkpoint if any | none | a checkpoint directory
+    init_from: str = ""  # a checkpoint to start from when run_dir has none of its own (a WSD cooldown branch)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

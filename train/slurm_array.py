@@ -28,8 +28,9 @@ def chunks(n: int, limit: int) -> list[tuple[int, int]]:
     return [(start, min(limit, n - start)) for start in range(0, n, limit)]
 
 
-def submit_array(cells_file: str | Path, max_concurrent: int = 0, sbatch_args: list[str] = (),
-                 dependency: str | None = None) -> list[str]:  # fmt: skip
+def submit_array(
+    cells_file: str | Path, max_concurrent: int = 0, sbatch_args: list[str] = (), dependency: str | None = None
+) -> list[str]:
     """Submit every line of `cells_file`; returns the job ids, one per chunk."""
     cells_file = Path(cells_file).resolve()
     n = sum(1 for line in cells_file.read_text().splitlines() if line.strip())

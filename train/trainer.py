@@ -66,10 +66,11 @@ def prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:
     return run
 
 
-def _any(flag: bool, device) -> bool:
-    t = torch.tensor([int(flag)], device=device)
+def _any_rank(flags: list[bool], device) -> list[bool]:
+    """Each flag OR-ed over ranks, in one collective, so every rank stops or saves at the same step."""
+    t = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -80,7 +81,7 @@ def train(cfg: TrainConfig) -> dict:
     ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint.keep, rank)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "flops_6n": 0.0, "skipped_steps": 0, "wall_s": 0.0}
     data_state = None
-    source = {"auto": ckpt.latest(), "none": None}.get(cfg.resume, cfg.resume)
+    source = {"auto": ckpt.latest(), "none": None}.get(cfg.resume, cfg.resume) or cfg.init_from or None
     if source:
         client, rank_state = ckpt.load(engine, source)
         state.update(client["train"])
@@ -140,6 +141,7 @@ def train(cfg: TrainConfig) -> dict:
                     engine.backward(engine(**one_token).logits.sum() * 0.0)
                 engine.step()
             model.track_attention_logits(False)
+            model.check_inputs = False  # the first step proved the data fits the model; spare a sync per forward
             state["step"] += 1
             state["tokens"] += tokens_per_step
             state["flops"] += fpt * tokens_per_step
@@ -167,13 +169,20 @@ def train(cfg: TrainConfig) -> dict:
                 means = (sums / (world * good)).tolist()
                 grad_norm = engine.get_global_grad_norm()
                 record = {
-                    "loss": means[0], "text_loss": means[1], "image_loss": means[2], "z_loss": means[3],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None, "lr": lr,
-                    "tokens_per_s": tps, "mfu": fpt * tps / (peak * world) if peak else None,
-                    "tokens": state["tokens"], "flops": state["flops"], "memory_gb": memory_gb(device),
+                    "loss": means[0],
+                    "text_loss": means[1],
+                    "image_loss": means[2],
+                    "z_loss": means[3],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "lr": lr,
+                    "tokens_per_s": tps,
+                    "mfu": fpt * tps / (peak * world) if peak else None,
+                    "tokens": state["tokens"],
+                    "flops": state["flops"],
+                    "memory_gb": memory_gb(device),
                     "skipped_steps": state["skipped_steps"],
                     "logit_norm": float(out.logit_norm),
-                }  # fmt: skip
+                }
                 if telemetry:
                     record["max_attn_logit"] = float(model.max_attention_logit())
                 if rank == 0:
@@ -188,10 +197,12 @@ def train(cfg: TrainConfig) -> dict:
                     metrics.log(state["step"], last_val, prefix="val/")
                 window_t0 += time.perf_counter() - eval_t0  # tokens/s counts training time only
 
-            stop = _any(signals.stop, device)
+            stop, save_now = _any_rank([signals.stop, signals.save], device)
             state["wall_s"] = time.perf_counter() - run_t0
-            periodic = cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0
-            if stop or periodic or _any(signals.save, device):
+            periodic = (cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0) or (
+                state["step"] in cfg.checkpoint.at_steps
+            )
+            if stop or periodic or save_now:
                 save()
                 signals.save = False
             if stop:
@@ -203,17 +214,25 @@ def train(cfg: TrainConfig) -> dict:
 
         last_val = validate(engine, cfg.data, cfg.eval.max_batches, device, rank, world)
         state["wall_s"] = time.perf_counter() - run_t0
-        if not (cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0):
+        if not ckpt.latest() or ckpt.latest().name != f"step_{state['step']:08d}":
             save()
         summary = {
-            "steps": state["step"], "tokens": state["tokens"], "flops": state["flops"], "flops_6n": state["flops_6n"],
-            "params": param_count(mc), "params_non_embedding": param_count(mc, embeddings=False),
-            "flops_per_token": fpt, "flops_per_token_6n": fpt_6n,
+            "steps": state["step"],
+            "tokens": state["tokens"],
+            "flops": state["flops"],
+            "flops_6n": state["flops_6n"],
+            "params": param_count(mc),
+            "params_non_embedding": param_count(mc, embeddings=False),
+            "flops_per_token": fpt,
+            "flops_per_token_6n": fpt_6n,
             "final_train_loss": _last_logged(run, "loss") if rank == 0 else None,
-            "final_val": last_val, "val_text_loss": last_val.get("text_loss"),
-            "skipped_steps": state["skipped_steps"], "wall_s": state["wall_s"], "world_size": world,
+            "final_val": last_val,
+            "val_text_loss": last_val.get("text_loss"),
+            "skipped_steps": state["skipped_steps"],
+            "wall_s": state["wall_s"],
+            "world_size": world,
             "data_counts": loader.skip_counts(),
-        }  # fmt: skip
+        }
         if rank == 0:
             metrics.log(state["step"], last_val, prefix="val/")
             (run / "summary.json").write_text(json.dumps(summary, indent=1))
