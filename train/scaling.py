@@ -471,7 +471,8 @@ def summarize(report: dict) -> None:
                 )
             for key, value in entry.items():
                 if key.startswith("compute_multiplier"):
-                    print(f"   {key}: {value['multiplier']:.3g}x (interval {value['interval']})")
+                    ci = "[{:.3g}, {:.3g}]".format(*value["interval"]) if value["interval"] else "n/a"
+                    print(f"   {key}: {value['multiplier']:.3g}x (95% interval {ci})")
     for w in report["warnings"]:
         print(f"warning: {w}")
 

@@ -415,9 +415,13 @@ def write_report(spec: SweepSpec, report: dict) -> Path:
                 lines.append(f"| {name} | {f3['error']} |")
             for k, v in e.items():
                 if k.startswith("compute_multiplier"):
+                    base = k.split("_vs_")[1]
+                    ci = "[{:.3g}, {:.3g}]".format(*v["interval"]) if v["interval"] else "n/a"
+                    trusted = f3.get("converged") and fits[base]["approach3"].get("converged")
+                    caveat = "" if trusted else " (from fits that did not converge: do not quote)"
                     lines.append(
-                        f"\n{name}: **{v['multiplier']:.3g}x** less compute than {k.split('_vs_')[1]} for "
-                        f"the same loss at {v['target_flops']:.3g} FLOPs (95% interval {v['interval']})\n"
+                        f"\n{name}: **{v['multiplier']:.3g}x** less compute than {base} for the same loss "
+                        f"at {v['target_flops']:.3g} FLOPs (95% interval {ci}){caveat}\n"
                     )
         lines += [""] + [f"![{p}](fit/{p})" for p in report["plots"] if p.endswith(f"_{col}.png")] + [""]
     if report["warnings"]:
