@@ -359,7 +359,6 @@ class StreamingLoader:
         n = self.dataset.n_workers
         self.consumed = state["consumed"] if state else 0
         self.streams = list(state["streams"]) if state else [None] * n
-        self.counts: dict = dict(state["counts"]) if state else {}
         self.last_pieces: list = []  # (sample key, start, end) per row of the batch just returned
         self._worker_counts: dict[int, dict] = {}
         self.loader = DataLoader(
