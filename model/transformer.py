@@ -37,7 +37,7 @@ class ModelOutput:
     image_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    logit_norm: torch.Tensor | None = None  # mean L2 norm of output logits (detached telemetry)
+    logit_norm: torch.Tensor | None = None  # mean L2 norm of output logits, while telemetry is on
 
 
 def _zero_touch(linear: nn.Linear) -> torch.Tensor:
@@ -93,6 +93,7 @@ class FusionTransformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.patch_head = nn.Linear(cfg.d_model, cfg.patch_dim) if cfg.image_loss_weight > 0 else None
         self.check_inputs = True  # one host sync per forward; the trainer may turn it off after the first batches
+        self.telemetry = False  # see track_attention_logits
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -190,7 +191,8 @@ class FusionTransformer(nn.Module):
         h = self.norm_f(x)
         logits = self.lm_head(h).float()
         out = ModelOutput(logits=logits if return_logits or targets is None else None)
-        out.logit_norm = logits.detach().norm(dim=-1).mean()
+        if self.telemetry:  # an extra pass over B x T x V: only on the steps that log it
+            out.logit_norm = logits.detach().norm(dim=-1).mean()
         if targets is None:
             return out
         self._losses(out, logits, targets, h, patches, patch_mask, image_ids)
@@ -225,7 +227,9 @@ class FusionTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------- telemetry
     def track_attention_logits(self, on: bool = True):
-        """Record each layer's largest attention logit in the forwards that follow (reset when switched on)."""
+        """Telemetry for the forwards that follow: each layer's largest attention logit (reset when switched on)
+        and the output logits' norm, Chameleon's early warnings of divergence."""
+        self.telemetry = on
         for block in self.blocks:
             block.attn.track_max_logit = on
             if on:

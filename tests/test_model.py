@@ -344,9 +344,9 @@ def test_telemetry_max_attention_logit(tiny_cfg):
     model = build_model(tiny_cfg)
     batch = packed_batch(seed=11)
     out = model(**batch)
-    assert model.max_attention_logit() is None
+    assert model.max_attention_logit() is None and out.logit_norm is None
     model.track_attention_logits(True)
-    model(**batch)
+    out = model(**batch)
     model.track_attention_logits(False)  # stop recording; the value stays readable
     value = model.max_attention_logit()
     assert value is not None and torch.isfinite(value) and value > 0

@@ -131,6 +131,8 @@ def train(cfg: TrainConfig) -> dict:
                     sample_log.flush()
                 out = engine(**batch)
                 loss = out.loss * float("nan") if (step in inject and micro == 0) else out.loss
+                if micro == 0 and telemetry:
+                    telemetry_norm = out.logit_norm
                 if torch.isfinite(loss):
                     engine.backward(loss)
                     sums += torch.stack([loss, out.text_loss, out.image_loss, out.z_loss]).detach() / G
@@ -181,10 +183,10 @@ def train(cfg: TrainConfig) -> dict:
                     "flops": state["flops"],
                     "memory_gb": memory_gb(device),
                     "skipped_steps": state["skipped_steps"],
-                    "logit_norm": float(out.logit_norm),
                 }
                 if telemetry:
                     record["max_attn_logit"] = float(model.max_attention_logit())
+                    record["logit_norm"] = float(telemetry_norm)
                 if rank == 0:
                     metrics.log(state["step"], record)
                 sums.zero_()
