@@ -86,7 +86,9 @@ def timed(step, steps: int, warmup: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench_engine(cfg_path: str, rows: int, backend: str, compile_: bool, mixed: bool, steps: int, vocab: int):
+def bench_engine(
+    cfg_path: str, rows: int, backend: str, compile_: bool, mixed: bool, steps: int, vocab: int, profile: bool = False
+):
     import deepspeed
 
     from train.engine import build_engine
@@ -117,6 +119,12 @@ def bench_engine(cfg_path: str, rows: int, backend: str, compile_: bool, mixed: 
     dt = timed(step, steps, warmup=8 if compile_ else 3)
     tps = steps * rows * T / dt
     peak = peak_flops(torch.device("cuda"), True)
+    if profile:  # where the step's GPU time goes: the top kernels by total CUDA time over 3 steps
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
     result = {
         "tokens_per_s": tps,
         "mfu": flops_per_token(cfg.model, T) * tps / peak,
@@ -153,6 +161,7 @@ def main(argv=None):
         "--variants", default="sdpa:compile:text,flex:compile:text,flex:compile:mixed,sdpa:eager:mixed,flex:eager:mixed"
     )
     ap.add_argument("--json")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each variant")
     args = ap.parse_args(argv)
     for k, v in {
         "RANK": "0",
@@ -168,7 +177,9 @@ def main(argv=None):
         cfg = None
         for variant in args.variants.split(","):
             backend, mode, kind = variant.split(":")
-            r, cfg = bench_engine(path, rows, backend, mode == "compile", kind == "mixed", args.steps, args.vocab)
+            r, cfg = bench_engine(
+                path, rows, backend, mode == "compile", kind == "mixed", args.steps, args.vocab, args.profile
+            )
             torch.cuda.empty_cache()  # the previous engine is garbage once bench_engine returns
             results.append({"config": name, "backend": backend, "compile": mode == "compile", "batch": kind, **r})
             print(json.dumps(results[-1]), flush=True)
