@@ -189,23 +189,31 @@ class FusionTransformer(nn.Module):
         if cache is not None:
             cache.length += T
         h = self.norm_f(x)
-        logits = self.lm_head(h).float()
-        out = ModelOutput(logits=logits if return_logits or targets is None else None)
-        if self.telemetry:  # an extra pass over B x T x V: only on the steps that log it
-            out.logit_norm = logits.detach().norm(dim=-1).mean()
+        out = ModelOutput()
+        if return_logits or targets is None or self.telemetry:
+            logits = self.lm_head(h).float()
+            out.logits = logits if return_logits or targets is None else None
+            if self.telemetry:  # an extra pass over B x T x V: only on the steps that log it
+                out.logit_norm = logits.detach().norm(dim=-1).mean()
         if targets is None:
             return out
-        self._losses(out, logits, targets, h, patches, patch_mask, image_ids)
+        out.text_loss, out.z_loss = self.text_losses(h, targets)
+        self._losses(out, targets, h, patches, patch_mask, image_ids)
         return out
 
-    def _losses(self, out, logits, targets, h, patches, patch_mask, image_ids):
+    def text_losses(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy on text targets and the z-loss, from the final hidden states. One region on purpose:
+        compiled (train.engine.apply_compile) it fuses the output matmul's upcast, log-sum-exp and gather instead
+        of writing B x T x V fp32 logits and reading them back in several eager kernels."""
+        logits = self.lm_head(h).float()
         valid = targets != IGNORE
         n = valid.sum().clamp(min=1)
         lse = torch.logsumexp(logits, dim=-1)
         target_logit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.text_loss = ((lse - target_logit) * valid).sum() / n
-        out.z_loss = self.cfg.z_loss * (lse.square() * valid).sum() / n
-        out.image_loss = torch.zeros((), device=logits.device)
+        return ((lse - target_logit) * valid).sum() / n, self.cfg.z_loss * (lse.square() * valid).sum() / n
+
+    def _losses(self, out, targets, h, patches, patch_mask, image_ids):
+        out.image_loss = torch.zeros((), device=h.device)
         if self.patch_head is not None:
             if patches is not None and patches.shape[0] > 1:
                 out.image_loss = self._next_patch_loss(h, patches, patch_mask, image_ids)

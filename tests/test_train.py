@@ -220,3 +220,25 @@ def test_schedules():
     assert [lr_at(s, 200, 1.0, wsd) for s in range(80)] == lrs[:80]
     const = ScheduleConfig(kind="constant", warmup_steps=0)
     assert {lr_at(s, 50, 0.5, const) for s in range(50)} == {0.5}
+
+
+def test_compiled_regions_compute_what_eager_computes(tiny_cfg):
+    """apply_compile (blocks + the output loss region) changes speed, not the function or its gradients."""
+    from conftest import packed_batch
+
+    from model import build_model
+    from train.engine import apply_compile
+
+    batch = packed_batch(seed=3)
+    torch.manual_seed(0)
+    eager, compiled = build_model(tiny_cfg), build_model(tiny_cfg)
+    compiled.load_state_dict(eager.state_dict())
+    apply_compile(compiled)
+    losses = []
+    for model in (eager, compiled):
+        out = model(**batch)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (name, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
