@@ -66,7 +66,8 @@ class AttentionMask:
             from torch.nn.attention.flex_attention import create_block_mask
 
             B, T = doc_ids.shape
-            mask.block = create_block_mask(mask.rule(), B, None, T, T, device=doc_ids.device)
+            # Compiled on CUDA: built eagerly, the mask kept the GPU idle for a third of a 125M step (PERFORMANCE.md).
+            mask.block = create_block_mask(mask.rule(), B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
         elif backend == "flash":
             flat = doc_ids.reshape(-1)
             T = doc_ids.shape[1]
