@@ -61,7 +61,7 @@ class AttentionMask:
     def build(cls, backend: str, doc_ids, image_ids, bidirectional_images: bool) -> AttentionMask:
         mask = cls(backend, doc_ids, image_ids, bidirectional_images)
         if backend == "sdpa":
-            mask.dense = mask.dense_mask()
+            mask.dense_mask()
         elif backend == "flex":
             from torch.nn.attention.flex_attention import create_block_mask
 
@@ -95,12 +95,16 @@ class AttentionMask:
         return allowed
 
     def dense_mask(self) -> torch.Tensor:
+        """(B, 1, T, T) bool, built once per batch (SDPA uses it; the logit telemetry of every layer reuses it)."""
+        if self.dense is not None:
+            return self.dense
         B, T = self.doc_ids.shape
         dev = self.doc_ids.device
         b = torch.arange(B, device=dev)[:, None, None]
         q = torch.arange(T, device=dev)[None, :, None]
         k = torch.arange(T, device=dev)[None, None, :]
-        return self.rule()(b, 0, q, k).unsqueeze(1)
+        self.dense = self.rule()(b, 0, q, k).unsqueeze(1)
+        return self.dense
 
 
 _compiled_flex = None

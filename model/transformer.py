@@ -129,11 +129,9 @@ class FusionTransformer(nn.Module):
             tokens.max(),
             patch_mask.sum() if patch_mask is not None else tokens.new_zeros(()),
         ]
-        per_image = None
         if patch_mask is not None and image_ids is not None:
             key = (torch.arange(B, device=tokens.device)[:, None] * (T + 1) + image_ids + 1)[patch_mask]
-            per_image = torch.bincount(key) if key.numel() else key.new_zeros(1)
-            stats.append(per_image.max())
+            stats.append(torch.bincount(key).max() if key.numel() else key.new_zeros(()))
         lo, hi, n_patch_pos, *most = torch.stack([s.long() for s in stats]).tolist()
         if lo < 0 or hi >= cfg.vocab_size:
             bad = lo if lo < 0 else hi
@@ -198,7 +196,8 @@ class FusionTransformer(nn.Module):
         if targets is None:
             return out
         out.text_loss, out.z_loss = self.text_losses(h, targets)
-        self._losses(out, targets, h, patches, patch_mask, image_ids)
+        out.image_loss = self._image_loss(h, patches, patch_mask, image_ids)
+        out.loss = out.text_loss + out.z_loss + self.cfg.image_loss_weight * out.image_loss
         return out
 
     def text_losses(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,14 +211,12 @@ class FusionTransformer(nn.Module):
         target_logit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return ((lse - target_logit) * valid).sum() / n, self.cfg.z_loss * (lse.square() * valid).sum() / n
 
-    def _losses(self, out, targets, h, patches, patch_mask, image_ids):
-        out.image_loss = torch.zeros((), device=h.device)
-        if self.patch_head is not None:
-            if patches is not None and patches.shape[0] > 1:
-                out.image_loss = self._next_patch_loss(h, patches, patch_mask, image_ids)
-            else:
-                out.image_loss = out.image_loss + _zero_touch(self.patch_head)
-        out.loss = out.text_loss + out.z_loss + self.cfg.image_loss_weight * out.image_loss
+    def _image_loss(self, h, patches, patch_mask, image_ids) -> torch.Tensor:
+        if self.patch_head is None:
+            return torch.zeros((), device=h.device)
+        if patches is None or patches.shape[0] < 2:
+            return _zero_touch(self.patch_head)
+        return self._next_patch_loss(h, patches, patch_mask, image_ids)
 
     def _next_patch_loss(self, h, patches, patch_mask, image_ids):
         """AIMv2-style: each patch's output regresses the next patch of the same image (per-patch normalised)."""

@@ -306,7 +306,7 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(tiny_cfg):
         for s in (0, 0, 1)
     ]
     assert runs[0] == runs[1]
-    assert runs[0] != runs[2] or runs[0] != greedy
+    assert runs[0] != runs[2]  # another seed, another sample (64 near-uniform choices over 6 steps)
     tiny_p = generate(model, prompt, 6, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(3))
     assert tiny_p.tokens == greedy
     stop = generate(model, prompt, 6, eos_id=greedy[1]).tokens

@@ -100,6 +100,7 @@ def test_zero2_trains_logs_and_summarises(zero2_run):
     assert logged[-1]["loss"] < logged[0]["loss"] - 0.5
     summary = json.loads((zero2_run / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["tokens"] == 12 * 2 * 2 * 64
+    assert summary["final_train_loss"] == logged[-1]["loss"]
     assert summary["params"] > summary["params_non_embedding"] > 0
     assert summary["flops"] == pytest.approx(summary["flops_per_token"] * summary["tokens"])
     assert set(summary["final_val"]) >= {"caption/text_loss", "caption_heldout/text_loss", "text_loss"}

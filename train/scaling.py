@@ -419,10 +419,9 @@ def _fit_column(data, col, recipes, target, bootstrap, seed, out, report) -> dic
                 report["warnings"].append(message)
         for r in entry["approach2"]["rejected"]:
             report["warnings"].append(f"{col}/{recipe or 'runs'}: budget {r['flops']:.3g} rejected: {r['reason']}")
-        for key in ("error",):
-            for part in ("approach3", "approach2", "held_out"):
-                if key in entry[part]:
-                    report["warnings"].append(f"{col}/{recipe or 'runs'} {part}: {entry[part][key]}")
+        for part in ("approach3", "approach2", "held_out"):
+            if "error" in entry[part]:
+                report["warnings"].append(f"{col}/{recipe or 'runs'} {part}: {entry[part]['error']}")
         fits[recipe or "runs"] = entry
     if len(recipes) > 1:
         base = fits[recipes[0]]["approach3"]

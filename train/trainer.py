@@ -110,6 +110,7 @@ def train(cfg: TrainConfig) -> dict:
 
     sums = torch.zeros(4, device=device)  # loss, text, image, z over the logging window (no per-step sync)
     window_steps, window_skipped, window_t0, nan_streak, last_val = 0, 0, time.perf_counter(), 0, {}
+    last_loss = None  # the latest logged training loss, for the summary
     run_t0 = time.perf_counter() - state["wall_s"]
     if rank == 0:
         (run / "PREEMPTED").unlink(missing_ok=True)
@@ -187,6 +188,7 @@ def train(cfg: TrainConfig) -> dict:
                 if telemetry:
                     record["max_attn_logit"] = float(model.max_attention_logit())
                     record["logit_norm"] = float(telemetry_norm)
+                last_loss = record["loss"]
                 if rank == 0:
                     metrics.log(state["step"], record)
                 sums.zero_()
@@ -227,7 +229,7 @@ def train(cfg: TrainConfig) -> dict:
             "params_non_embedding": param_count(mc, embeddings=False),
             "flops_per_token": fpt,
             "flops_per_token_6n": fpt_6n,
-            "final_train_loss": _last_logged(run, "loss") if rank == 0 else None,
+            "final_train_loss": last_loss,
             "final_val": last_val,
             "val_text_loss": last_val.get("text_loss"),
             "skipped_steps": state["skipped_steps"],
@@ -244,9 +246,3 @@ def train(cfg: TrainConfig) -> dict:
             metrics.close()
         if sample_log:
             sample_log.close()
-
-
-def _last_logged(run: Path, key: str):
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    values = [json.loads(line)[key] for line in lines if key in json.loads(line)]
-    return values[-1] if values else None
