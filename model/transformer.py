@@ -145,7 +145,8 @@ class FusionTransformer(nn.Module):
     def embed(self, tokens, patches=None, patch_mask=None):
         x = self.tok_emb(tokens)
         if patches is not None and patches.shape[0] > 0:
-            return x.masked_scatter(patch_mask.unsqueeze(-1), self.patch_emb(patches.to(x.dtype)))
+            # .to(x.dtype): under autocast the projection comes out in bf16 while the table lookup stays fp32
+            return x.masked_scatter(patch_mask.unsqueeze(-1), self.patch_emb(patches.to(x.dtype)).to(x.dtype))
         return x + _zero_touch(self.patch_emb)
 
     # ---------------------------------------------------------------------------------------------- forward

@@ -181,6 +181,29 @@ def test_nan_guard_skips_and_then_stops(micro_config, tmp_path):
     assert "3 consecutive steps had a NaN/Inf loss (last at step 4)" in result.stdout + result.stderr
 
 
+def test_nan_on_one_rank_skips_the_step_on_every_rank(micro_config, tmp_path):
+    """The skip flag is agreed across ranks on the device: had rank 0 stepped with the NaN gradients averaged in
+    from rank 1, its weights and every later loss would be NaN. ZeRO-0 hands the step straight to the torch
+    optimizer, so nothing but train.step's flag can skip it (in fp32 ZeRO-1/2/3 DeepSpeed's norm check also would)."""
+    runs = {}
+    for name, ranks in (("rank1", "[1]"), ("all", "[]")):
+        run = tmp_path / name
+        result = launch(
+            micro_config,
+            run,
+            "steps=5",
+            "deepspeed.zero_stage=0",
+            "nan.inject_steps=[2]",
+            f"nan.inject_ranks={ranks}",
+            "eval.every=0",
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert json.loads((run / "summary.json").read_text())["skipped_steps"] == 1
+        runs[name] = losses_by_step(run)
+    assert all(math.isfinite(v) for v in runs["rank1"].values() if v is not None)
+    assert runs["rank1"][5] == pytest.approx(runs["all"][5], rel=1e-6)
+
+
 def test_config_errors_stop_before_any_work(micro_config):
     for override, message in [
         ("optim.lrr=1", "unknown config key 'optim.lrr' (did you mean 'lr'?)"),

@@ -89,6 +89,7 @@ class EvalConfig:
 class NanConfig:
     max_consecutive: int = 5  # this many non-finite steps in a row stop the run
     inject_steps: list[int] = field(default_factory=list)  # fault injection: these steps' losses become NaN
+    inject_ranks: list[int] = field(default_factory=list)  # ...on these ranks only (empty: on every rank)
 
 
 @dataclass

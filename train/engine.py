@@ -48,7 +48,9 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "gradient_accumulation_steps": ds.grad_accum,
         "gradient_clipping": ds.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": ds.bf16},
+        # DeepSpeed's own overflow check reads a flag back to the host every step; train.step's guard skips
+        # non-finite steps on the device instead.
+        "bf16": {"enabled": ds.bf16, "check_grad_overflow": False},
         "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed calls any client optimizer "untested"
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -72,7 +74,7 @@ def build_engine(cfg: TrainConfig, device: torch.device):
         lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
         eps=cfg.optim.eps,
-        fused=device.type == "cuda",
+        fused=True,  # one kernel per step, and its found_inf flag is how train.step skips non-finite steps
     )
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
     return engine, optimizer, model

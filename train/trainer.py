@@ -1,8 +1,9 @@
 """The training loop: one code path for GPUs (NCCL) and CPUs (gloo), launched by torchrun or srun.
 
-Per step: LR from the schedule, `grad_accum` micro-batches through the DeepSpeed engine, a NaN/Inf guard, the
-optimizer step; metrics every `logging.every` steps (the only host syncs besides the guard); validation every
-`eval.every`; checkpoints every `checkpoint.every`, at the end, and on signals.
+Per step: LR from the schedule, `grad_accum` micro-batches through the DeepSpeed engine and the optimizer step
+(train/step.py: the NaN/Inf guard runs on the device, so a step never waits for the GPU); metrics every
+`logging.every` steps (the only host sync of the loop, which also raises on too many skipped steps in a row);
+validation every `eval.every`; checkpoints every `checkpoint.every`, at the end, and on signals.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from train.metrics import MetricsWriter, memory_gb, peak_flops
 from train.rundir import ensure_run_dir
 from train.schedule import lr_at
 from train.signals import EXIT_REQUEUE, SignalFlags
+from train.step import LOSSES, TrainStep
 
 
 class NonFiniteLoss(RuntimeError):
@@ -66,10 +68,16 @@ def prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:
     return run
 
 
-def _any_rank(flags: list[bool], device) -> list[bool]:
+def host_group():
+    """A gloo group for the per-step agreement on signals: a CPU collective that never waits on the GPU (over
+    NCCL, reading the result back would stall the host every step). CPU runs use the default (gloo) group."""
+    return dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+
+
+def _any_rank(flags: list[bool], group) -> list[bool]:
     """Each flag OR-ed over ranks, in one collective, so every rank stops or saves at the same step."""
-    t = torch.tensor([int(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([int(f) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in t.tolist()]
 
 
@@ -88,7 +96,10 @@ def train(cfg: TrainConfig) -> dict:
         data_state = rank_state["data"]
         if rank == 0:
             print(f"resumed from {source} at step {state['step']}", flush=True)
-    loader = StreamingLoader(cfg.data, rank, world, data_state)
+    # Workers hand batches over as named shared memory rather than by passing a file descriptor per tensor,
+    # a round trip that kept the host from launching GPU work (the loader cost 4-7% of an H100 step, now 0-3%).
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    loader = StreamingLoader(cfg.data, rank, world, data_state, pin_memory=device.type == "cuda")
     signals = SignalFlags()
 
     mc, G, B, T = cfg.model, cfg.deepspeed.grad_accum, cfg.data.batch_size, cfg.data.seq_len
@@ -100,16 +111,16 @@ def train(cfg: TrainConfig) -> dict:
         if rank == 0
         else None
     )
-    inject = set(cfg.nan.inject_steps)
+    inject, inject_ranks = set(cfg.nan.inject_steps), set(cfg.nan.inject_ranks or range(world))
     sample_log = open(run / f"samples_rank{rank}.jsonl", "a") if cfg.logging.sample_log else None  # noqa: SIM115
-    one_token = {"tokens": torch.zeros(1, 1, dtype=torch.long, device=device)}
 
     def save():
         client = {"train": dict(state), "config": to_dict(cfg)}
         return ckpt.save(engine, state["step"], client, {"data": loader.state_dict()})
 
-    sums = torch.zeros(4, device=device)  # loss, text, image, z over the logging window (no per-step sync)
-    window_steps, window_skipped, window_t0, nan_streak, last_val = 0, 0, time.perf_counter(), 0, {}
+    run_step = TrainStep(engine, optimizer, device)
+    signal_group = host_group()
+    window_steps, window_t0, last_val = 0, time.perf_counter(), {}
     last_loss = None  # the latest logged training loss, for the summary
     run_t0 = time.perf_counter() - state["wall_s"]
     if rank == 0:
@@ -124,25 +135,13 @@ def train(cfg: TrainConfig) -> dict:
             log_now = (step + 1) % cfg.logging.every == 0 or step + 1 == cfg.steps
             telemetry = log_now and cfg.logging.telemetry_every and (step + 1) % cfg.logging.telemetry_every == 0
             model.track_attention_logits(bool(telemetry))
-            poisoned = False
+            batches = []
             for micro in range(G):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+                batches.append({k: v.to(device, non_blocking=True) for k, v in next(loader).items()})
                 if sample_log:  # flushed per line: the log must survive the crash it may be needed to explain
                     sample_log.write(json.dumps({"step": step, "micro": micro, "rows": loader.last_pieces}) + "\n")
                     sample_log.flush()
-                out = engine(**batch)
-                loss = out.loss * float("nan") if (step in inject and micro == 0) else out.loss
-                if micro == 0 and telemetry:
-                    telemetry_norm = out.logit_norm
-                if torch.isfinite(loss):
-                    engine.backward(loss)
-                    sums += torch.stack([loss, out.text_loss, out.image_loss, out.z_loss]).detach() / G
-                else:  # keep DeepSpeed's micro-step accounting with a zero gradient; the step moves nothing
-                    poisoned = True
-                    for group in optimizer.param_groups:
-                        group["lr"] = 0.0
-                    engine.backward(engine(**one_token).logits.sum() * 0.0)
-                engine.step()
+            first = run_step(batches, step, inject_nan=step in inject and rank in inject_ranks)
             model.track_attention_logits(False)
             model.check_inputs = False  # the first step proved the data fits the model; spare a sync per forward
             state["step"] += 1
@@ -150,32 +149,22 @@ def train(cfg: TrainConfig) -> dict:
             state["flops"] += fpt * tokens_per_step
             state["flops_6n"] += fpt_6n * tokens_per_step
             window_steps += 1
-            if poisoned:
-                state["skipped_steps"] += 1
-                window_skipped += 1
-                nan_streak += 1
-                if nan_streak >= cfg.nan.max_consecutive:
-                    raise NonFiniteLoss(
-                        f"{nan_streak} consecutive steps had a NaN/Inf loss (last at step {step}); stopping. "
-                        f"Lower optim.lr, check the data with `python -m data.check`, or resume from an earlier "
-                        f"checkpoint."
-                    )
-            else:
-                nan_streak = 0
             metrics and metrics.advance()
 
-            if log_now:
-                dist.all_reduce(sums)
-                good = max(1, window_steps - window_skipped)
+            if log_now:  # the only host sync of a training step, every logging.every steps
+                window = run_step.take()
+                state["skipped_steps"] += window["skipped"]
+                if window["max_streak"] >= cfg.nan.max_consecutive:
+                    raise NonFiniteLoss(
+                        f"{window['max_streak']} consecutive steps had a NaN/Inf loss (last at step "
+                        f"{window['last_bad']}); stopping. Lower optim.lr, check the data with `python -m "
+                        f"data.check`, or resume from an earlier checkpoint."
+                    )
                 dt = time.perf_counter() - window_t0
                 tps = window_steps * tokens_per_step / dt
-                means = (sums / (world * good)).tolist()
                 grad_norm = engine.get_global_grad_norm()
                 record = {
-                    "loss": means[0],
-                    "text_loss": means[1],
-                    "image_loss": means[2],
-                    "z_loss": means[3],
+                    **{k: window[k] for k in LOSSES},
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "lr": lr,
                     "tokens_per_s": tps,
@@ -187,12 +176,11 @@ def train(cfg: TrainConfig) -> dict:
                 }
                 if telemetry:
                     record["max_attn_logit"] = float(model.max_attention_logit())
-                    record["logit_norm"] = float(telemetry_norm)
+                    record["logit_norm"] = float(first.logit_norm)
                 last_loss = record["loss"]
                 if rank == 0:
                     metrics.log(state["step"], record)
-                sums.zero_()
-                window_steps, window_skipped, window_t0 = 0, 0, time.perf_counter()
+                window_steps, window_t0 = 0, time.perf_counter()
 
             if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.steps:
                 eval_t0 = time.perf_counter()
@@ -201,7 +189,7 @@ def train(cfg: TrainConfig) -> dict:
                     metrics.log(state["step"], last_val, prefix="val/")
                 window_t0 += time.perf_counter() - eval_t0  # tokens/s counts training time only
 
-            stop, save_now = _any_rank([signals.stop, signals.save], device)
+            stop, save_now = _any_rank([signals.stop, signals.save], signal_group)
             state["wall_s"] = time.perf_counter() - run_t0
             periodic = (cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0) or (
                 state["step"] in cfg.checkpoint.at_steps

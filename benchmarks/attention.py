@@ -1,0 +1,138 @@
+"""Attention kernels alone, forward + backward, on the packed batches of benchmarks/gpu_step.py (one CUDA GPU).
+
+    python benchmarks/attention.py [--rows 16] [--heads 12] [--json out.json]
+
+Per mask (full causal, text documents, mixed documents with bidirectional images) and kernel (SDPA's cuDNN,
+flash and memory-efficient kernels; flex_attention with several tile settings; torch's varlen flash kernel where
+the mask is causal within documents): milliseconds per layer and the useful TFLOP/s, counting only the allowed
+(query, key) pairs, 4 * D FLOPs each forward and 10 * D forward + backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.gpu_step import synthetic_batch
+from model.attention import AttentionMask
+
+BWD = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
+FLEX_OPTIONS = {
+    "flex": None,
+    "flex-m128n64": {"BLOCK_M": 128, "BLOCK_N": 64},
+    "flex-m64n64": {"BLOCK_M": 64, "BLOCK_N": 64},
+    "flex-m128n128-w8": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
+    "flex-m64n64-bwd32x64x64x32": {"BLOCK_M": 64, "BLOCK_N": 64, **dict(zip(BWD, (32, 64, 64, 32), strict=True))},
+    "flex-m64n64-bwd64x64x64x64": {"BLOCK_M": 64, "BLOCK_N": 64, **dict(zip(BWD, (64, 64, 64, 64), strict=True))},
+    "flex-m64n64-bwd64x128x128x64": {"BLOCK_M": 64, "BLOCK_N": 64, **dict(zip(BWD, (64, 128, 128, 64), strict=True))},
+}
+
+
+def time_fwd_bwd(fn, q, k, v, reps: int = 20) -> float:
+    grad = torch.randn_like(q)
+    for _ in range(3):
+        fn(q, k, v).backward(grad)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn(q, k, v).backward(grad)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def varlen(q, k, v, mask: AttentionMask):
+    from torch.nn.attention.varlen import varlen_attn
+
+    B, H, T, D = q.shape
+    flat = [t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v)]
+    causal = (
+        {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {"window_size": (-1, 0)}
+    )
+    out = varlen_attn(*flat, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen, **causal)
+    return out.view(B, T, H, D).transpose(1, 2)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.config.recompile_limit = 64  # one compiled kernel per (mask, tile) pair; past the default 8,
+    # dynamo would silently run the rest eagerly (100x slower)
+    flex = torch.compile(flex_attention, dynamic=False)
+    B, H, T, D = args.rows, args.heads, args.seq, args.head_dim
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    results = []
+    for kind in ("causal", "text", "mixed"):
+        if kind == "causal":
+            doc = torch.zeros(B, T, dtype=torch.long, device="cuda")
+            img = torch.full_like(doc, -1)
+        else:
+            batch = synthetic_batch(B, T, 32768, 16, kind == "mixed")
+            doc, img = batch["doc_ids"].cuda(), batch["image_ids"].cuda()
+        bidirectional = kind == "mixed"
+        dense = AttentionMask.build("sdpa", doc, img, bidirectional)
+        pairs = dense.dense.sum().item() * H
+        kernels = {}
+        if kind == "causal":
+            for name, backend in (
+                ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+                ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+            ):
+
+                def fn(q, k, v, backend=backend):
+                    with sdpa_kernel([backend]):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+                kernels[name] = fn
+        for name, backend in (
+            ("sdpa-cudnn-mask", SDPBackend.CUDNN_ATTENTION),
+            ("sdpa-efficient-mask", SDPBackend.EFFICIENT_ATTENTION),
+        ):
+
+            def fn(q, k, v, backend=backend, mask=dense.dense):
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+            kernels[name] = fn
+        block = AttentionMask.build("flex", doc, img, bidirectional)
+        for name, options in FLEX_OPTIONS.items():
+            kernels[name] = lambda q, k, v, options=options, bm=block.block: flex(
+                q, k, v, block_mask=bm, kernel_options=options
+            )
+        if not bidirectional:
+            flat = AttentionMask.build("flash", doc, img, False)
+            kernels["varlen"] = lambda q, k, v, flat=flat: varlen(q, k, v, flat)
+        for name, fn in kernels.items():
+            try:
+                dt = time_fwd_bwd(fn, q, k, v)
+                row = {"mask": kind, "kernel": name, "ms": 1000 * dt, "useful_tflops": 10 * D * pairs / dt / 1e12}
+            except Exception as e:  # a kernel that cannot run this mask or tile: report why and go on
+                row = {"mask": kind, "kernel": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            row["density"] = pairs / (B * H * T * T)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'mask':<7} {'kernel':<22} {'ms fwd+bwd':>10} {'useful TFLOP/s':>15}")
+    for r in results:
+        if "ms" in r:
+            print(f"{r['mask']:<7} {r['kernel']:<22} {r['ms']:>10.3f} {r['useful_tflops']:>15.1f}")
+        else:
+            print(f"{r['mask']:<7} {r['kernel']:<22} {r['error'][:60]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""One optimizer step that never waits for the GPU.
+
+A step runs `grad_accum` micro-batches forward and backward through the DeepSpeed engine and then the optimizer.
+The NaN/Inf guard and the loss sums stay on the device: a non-finite loss raises the fused AdamW's `found_inf`
+flag (the one torch's GradScaler uses), so the optimizer kernel itself leaves weights and moments untouched, and
+the host reads the counters only when it logs. A step that branched on `torch.isfinite(loss)` in Python would stall
+the CPU until the GPU caught up, every micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from train.config import ConfigError
+
+LOSSES = ("loss", "text_loss", "image_loss", "z_loss")
+
+
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO 1/2/3 and bf16 keep it as `.optimizer`)."""
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW) or not inner.defaults.get("fused"):
+        raise ConfigError(f"the step needs torch's fused Adam/AdamW (for its found_inf flag), got {type(inner)}")
+    return inner
+
+
+class TrainStep:
+    """Call once per optimizer step with that step's micro-batches; `take()` returns and resets the window's
+    counters (one collective and one host sync, for the logging steps). Every rank skips the same steps: the flag
+    is max-reduced across ranks on the device before the optimizer runs."""
+
+    def __init__(self, engine, optimizer, device: torch.device):
+        self.engine = engine
+        self.found_inf = torch.zeros((), device=device)
+        torch_optimizer(optimizer).found_inf = self.found_inf
+        self.sums = torch.zeros(4, device=device)  # loss, text, image, z: summed over good steps of the window
+        self.counts = torch.zeros(3, device=device)  # good steps, skipped steps, largest run of skipped steps
+        self.streak = torch.zeros((), device=device)  # skipped steps in a row, across windows
+        self.last_bad = torch.full((), -1.0, device=device)
+
+    def __call__(self, micro_batches: Sequence[dict], step: int, inject_nan: bool = False):
+        """Returns the first micro-batch's ModelOutput (its telemetry fields are set on telemetry steps)."""
+        self.found_inf.zero_()
+        step_sums = torch.zeros_like(self.sums)
+        first = None
+        for i, batch in enumerate(micro_batches):
+            out = self.engine(**batch)
+            loss = out.loss * float("nan") if inject_nan and i == 0 else out.loss
+            terms = torch.stack([loss, out.text_loss, out.image_loss, out.z_loss]).detach()
+            finite = torch.isfinite(terms).all()
+            torch.maximum(self.found_inf, (~finite).float(), out=self.found_inf)
+            step_sums += torch.where(finite, terms, 0.0)
+            self.engine.backward(loss)
+            if i == len(micro_batches) - 1 and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX)  # queued on the device, not awaited
+            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            first = out if first is None else first
+        bad = self.found_inf.clone()
+        self.sums += step_sums / len(micro_batches) * (1 - bad)
+        self.streak.mul_(bad).add_(bad)
+        self.counts += torch.stack([1 - bad, bad, torch.zeros_like(bad)])
+        self.counts[2] = torch.maximum(self.counts[2], self.streak)
+        self.last_bad = torch.where(bad > 0, torch.full_like(self.last_bad, step), self.last_bad)
+        return first
+
+    def take(self) -> dict:
+        """The window's mean losses over ranks and good steps, and its skip counters, as Python numbers; then a
+        fresh window. Skips agree across ranks, so only the loss sums need reducing."""
+        sums = self.sums.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+            sums /= dist.get_world_size()
+        values = torch.cat([sums, self.counts, self.last_bad.view(1)]).tolist()
+        self.sums.zero_()
+        self.counts.zero_()
+        good = values[4]  # a window of skipped steps only has no mean loss: NaN (logged as null)
+        means = {k: v / good if good else float("nan") for k, v in zip(LOSSES, values[:4], strict=True)}
+        skipped, max_streak, last_bad = int(values[5]), int(values[6]), int(values[7])
+        return {**means, "skipped": skipped, "max_streak": max_streak, "last_bad": last_bad}
