@@ -55,11 +55,7 @@ from train.metrics import peak_flops
 SPECIAL = SpecialIds(pad=0, bos=2, eos=3, img_start=4, img_end=5, row_sep=6, patch=7)
 CONFIGS = {"20m": "configs/gpu-20m.yaml", "125m": "configs/gpu-125m.yaml"}
 ATTENTION = {"flex", "sdpa", "sdpa-cudnn", "sdpa-efficient", "flash"}
-AMP = [
-    "deepspeed.bf16=false",
-    "deepspeed.extra.torch_autocast.enabled=true",
-    "deepspeed.extra.torch_autocast.dtype=bfloat16",
-]
+AMP = ["deepspeed.autocast=true"]
 
 
 def parse_variant(text: str) -> dict:
@@ -189,7 +185,7 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str):
 
 
 def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str, profile: bool, sync_sites: bool):
-    from train.engine import apply_activation_checkpointing, apply_compile, build_engine, param_groups
+    from train.engine import apply_activation_checkpointing, apply_compile, build_engine, param_groups, step_clip
     from train.step import TrainStep
 
     overrides = [
@@ -234,7 +230,7 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
         engine, optimizer, model = build_engine(cfg, dev)
         if v["whole"]:
             model.compile(dynamic=False)
-        run_step = TrainStep(engine, optimizer, dev)
+        run_step = TrainStep(engine, optimizer, dev, clip=step_clip(cfg))
         counter = itertools.count()
 
         def step():

@@ -161,17 +161,19 @@ class Attention(nn.Module):
         self.max_logit: torch.Tensor | None = None
 
     def forward(self, x, cos, sin, mask: AttentionMask | None, cache=None) -> torch.Tensor:
-        q, k, v = rearrange(self.wqkv(x), "b t (n d) -> b n t d", d=self.head_dim).split(
-            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1
-        )
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).view(B, T, -1, self.head_dim).split([self.n_heads, self.n_kv_heads, self.n_kv_heads], 2)
         q = apply_rotary(self.q_norm(q), cos, sin)
         k = apply_rotary(self.k_norm(k), cos, sin)
+        # (B, H, T, D) views of (B, T, H, D) memory: the kernels take strides, so no transposing copy is made here,
+        # and the output comes back in the layout `wo` reads.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if self.track_max_logit and mask is not None:
             self.max_logit = self._max_logit(q, k, mask)
         out = attend(q, k, v, mask)
-        return self.wo(rearrange(out, "b h t d -> b t (h d)"))
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
     @torch.no_grad()
     def _max_logit(self, q, k, mask: AttentionMask) -> torch.Tensor:

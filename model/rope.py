@@ -22,16 +22,17 @@ class Rotary(torch.nn.Module):
         self.register_buffer("component", component, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (B, T, 3) or (B, T) integer ids -> cos, sin of shape (B, 1, T, head_dim // 2)."""
+        """positions: (B, T, 3) or (B, T) integer ids -> cos, sin of shape (B, T, 1, head_dim // 2), broadcast over
+        the heads of (B, T, H, D) queries and keys."""
         if positions.dim() == 2:
             positions = positions.unsqueeze(-1).expand(*positions.shape, 3)
         pos = positions.index_select(-1, self.component).float()  # (B, T, pairs)
         angles = pos * self.inv_freq
-        return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+        return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by half-split pairs (x[..., :D/2], x[..., D/2:]) in float32, return x's dtype."""
+    """Rotate (B, T, H, D) by half-split pairs (x[..., :D/2], x[..., D/2:]) in float32, return x's dtype."""
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)

@@ -48,7 +48,9 @@ class ScheduleConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2
-    bf16: bool = True  # off for CPU runs
+    bf16: bool = True  # bf16 weights (DeepSpeed's bf16 mode, fp32 master copy in the optimizer); off for CPU runs
+    # fp32 weights, bf16 compute under torch.autocast (DeepSpeed's torch_autocast); takes precedence over bf16
+    autocast: bool = False
     grad_accum: int = 1
     grad_clip: float = 1.0
     activation_checkpointing: bool = False

@@ -41,20 +41,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def step_clip(cfg: TrainConfig) -> float:
+    """The norm train.step clips to, 0 where DeepSpeed clips. Without ZeRO the step clips itself (torch's
+    clip_grad_norm_ never waits for the GPU; DeepSpeed's clipping reads the norm back to the host); ZeRO
+    partitions the gradients, so there DeepSpeed clips."""
+    return cfg.deepspeed.grad_clip if cfg.deepspeed.zero_stage == 0 else 0.0
+
+
 def deepspeed_config(cfg: TrainConfig) -> dict:
     ds = cfg.deepspeed
     config = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.grad_accum,
-        "gradient_clipping": ds.grad_clip,
+        "gradient_clipping": 0.0 if step_clip(cfg) else ds.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage},
         # DeepSpeed's own overflow check reads a flag back to the host every step; train.step's guard skips
         # non-finite steps on the device instead.
-        "bf16": {"enabled": ds.bf16, "check_grad_overflow": False},
+        "bf16": {"enabled": ds.bf16 and not ds.autocast, "check_grad_overflow": False},
         "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed calls any client optimizer "untested"
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if ds.autocast:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     for key, value in ds.extra.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
             config[key] = {**config[key], **value}

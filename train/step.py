@@ -34,8 +34,10 @@ class TrainStep:
     counters (one collective and one host sync, for the logging steps). Every rank skips the same steps: the flag
     is max-reduced across ranks on the device before the optimizer runs."""
 
-    def __init__(self, engine, optimizer, device: torch.device):
-        self.engine = engine
+    def __init__(self, engine, optimizer, device: torch.device, clip: float = 0.0):
+        """clip > 0: clip the gradients to this global norm before the optimizer (see train.engine.step_clip)."""
+        self.engine, self.clip = engine, clip
+        self.grad_norm: torch.Tensor | None = None  # the last clipped step's norm, before clipping
         self.found_inf = torch.zeros((), device=device)
         torch_optimizer(optimizer).found_inf = self.found_inf
         self.sums = torch.zeros(4, device=device)  # loss, text, image, z: summed over good steps of the window
@@ -56,8 +58,12 @@ class TrainStep:
             torch.maximum(self.found_inf, (~finite).float(), out=self.found_inf)
             step_sums += torch.where(finite, terms, 0.0)
             self.engine.backward(loss)
-            if i == len(micro_batches) - 1 and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX)  # queued on the device, not awaited
+            if i == len(micro_batches) - 1:
+                if dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX)  # queued on the device, not awaited
+                if self.clip:  # gradients are all-reduced by now (DeepSpeed does it at the boundary's backward)
+                    params = [p for p in self.engine.module.parameters() if p.grad is not None]
+                    self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip, foreach=True)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             first = out if first is None else first
         bad = self.found_inf.clone()

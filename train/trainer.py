@@ -22,7 +22,7 @@ from data.pipeline import StreamingLoader
 from model import flops_per_token, param_count
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_dict
-from train.engine import build_engine
+from train.engine import build_engine, step_clip
 from train.evaluate import validate
 from train.metrics import MetricsWriter, memory_gb, peak_flops
 from train.rundir import ensure_run_dir
@@ -118,7 +118,7 @@ def train(cfg: TrainConfig) -> dict:
         client = {"train": dict(state), "config": to_dict(cfg)}
         return ckpt.save(engine, state["step"], client, {"data": loader.state_dict()})
 
-    run_step = TrainStep(engine, optimizer, device)
+    run_step = TrainStep(engine, optimizer, device, clip=step_clip(cfg))
     signal_group = host_group()
     window_steps, window_t0, last_val = 0, time.perf_counter(), {}
     last_loss = None  # the latest logged training loss, for the summary
@@ -162,7 +162,7 @@ def train(cfg: TrainConfig) -> dict:
                     )
                 dt = time.perf_counter() - window_t0
                 tps = window_steps * tokens_per_step / dt
-                grad_norm = engine.get_global_grad_norm()
+                grad_norm = run_step.grad_norm if run_step.clip else engine.get_global_grad_norm()
                 record = {
                     **{k: window[k] for k in LOSSES},
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
