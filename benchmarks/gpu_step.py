@@ -48,7 +48,7 @@ from torch import nn
 
 from data.layout import SpecialIds, layout_document
 from data.packing import Packer, collate
-from model import flops_per_token
+from model import attention, flops_per_token
 from train.config import load_config
 from train.metrics import peak_flops
 
@@ -56,11 +56,13 @@ SPECIAL = SpecialIds(pad=0, bos=2, eos=3, img_start=4, img_end=5, row_sep=6, pat
 CONFIGS = {"20m": "configs/gpu-20m.yaml", "125m": "configs/gpu-125m.yaml"}
 ATTENTION = {"flex", "sdpa", "sdpa-cudnn", "sdpa-efficient", "flash"}
 AMP = ["deepspeed.autocast=true"]
+FLEX_DEFAULTS = (attention.FLEX_KERNEL_OPTIONS, attention.FLEX_BLOCK_SIZE)  # each variant starts from these
 
 
 def parse_variant(text: str) -> dict:
     v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
-    v.update(fd=False, plain=False, whole=False, rows=None, name=text, overrides=[], tiles=None, mask_block=None)
+    v.update(fd=False, plain=False, whole=False, rows=None, name=text, overrides=[])
+    v["tiles"], v["mask_block"] = FLEX_DEFAULTS
     for word in text.split(":"):
         if word in ATTENTION:
             v["attention"] = word
@@ -85,7 +87,7 @@ def parse_variant(text: str) -> dict:
         elif word.startswith("tiles="):  # flex kernel tiles: forward MxN, optionally /M1xN1xM2xN2 for the backward
             fwd, _, bwd = word[6:].partition("/")
             if fwd == "torch":  # torch's own defaults
-                v["tiles"] = "torch"
+                v["tiles"] = None
                 continue
             v["tiles"] = dict(zip(("BLOCK_M", "BLOCK_N"), map(int, fwd.split("x")), strict=True))
             if bwd:
@@ -198,12 +200,7 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
     if v["rows"]:
         overrides.append(f"data.batch_size={v['rows']}")
     cfg = load_config(cfg_path, overrides + v["overrides"])
-    import model.attention
-
-    if v["tiles"]:
-        model.attention.FLEX_KERNEL_OPTIONS = None if v["tiles"] == "torch" else v["tiles"]
-    if v["mask_block"]:
-        model.attention.FLEX_BLOCK_SIZE = v["mask_block"]
+    attention.FLEX_KERNEL_OPTIONS, attention.FLEX_BLOCK_SIZE = v["tiles"], v["mask_block"]
     rows, T = cfg.data.batch_size, cfg.data.seq_len
     torch.manual_seed(0)
     dev = torch.device("cuda", torch.cuda.current_device())

@@ -1,7 +1,7 @@
 """The training loop: one code path for GPUs (NCCL) and CPUs (gloo), launched by torchrun or srun.
 
 Per step: LR from the schedule, `grad_accum` micro-batches through the DeepSpeed engine and the optimizer step
-(train/step.py: the NaN/Inf guard runs on the device, so a step never waits for the GPU); metrics every
+(train/step.py: the NaN/Inf guard runs on the device, so the loop adds no wait for the GPU); metrics every
 `logging.every` steps (the only host sync of the loop, which also raises on too many skipped steps in a row);
 validation every `eval.every`; checkpoints every `checkpoint.every`, at the end, and on signals.
 """
