@@ -1,0 +1,38 @@
+"""The GPU benchmarks' CPU-side pieces (CI has no GPU): variant parsing and the packed synthetic batches."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.gpu_step import FLEX_DEFAULTS, parse_variant, synthetic_batch
+
+
+def test_variant_words_in_any_order_and_unknown_words_refused():
+    v = parse_variant("z3:mixed:sdpa-cudnn:eager:ac:rows=4:amp:@optim.lr=1e-3:tiles=32x64/16x32x32x16:loader:fd")
+    assert (v["attention"], v["compile"], v["batch"], v["zero"], v["ac"], v["rows"]) == (
+        "sdpa-cudnn",
+        False,
+        "mixed",
+        3,
+        True,
+        4,
+    )
+    assert v["data"] == "loader" and v["fd"]
+    assert v["overrides"] == ["deepspeed.autocast=true", "optim.lr=1e-3"]
+    assert v["tiles"] == {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16}
+    assert (parse_variant("flex")["tiles"], parse_variant("flex")["mask_block"]) == FLEX_DEFAULTS
+    assert parse_variant("flex:tiles=torch")["tiles"] is None
+    with pytest.raises(SystemExit, match="unknown variant word 'z4'"):
+        parse_variant("flex:z4")
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_synthetic_batches_are_full_packed_rows(mixed):
+    b = synthetic_batch(rows=3, seq=512, vocab=1000, patch=16, mixed=mixed)
+    assert b["tokens"].shape == (3, 512) and int(b["tokens"].max()) < 1000
+    assert int(b["patch_mask"].sum()) == b["patches"].shape[0]
+    assert (b["patches"].shape[0] > 0) == mixed
+    assert b["doc_ids"].max() > 0  # several documents per row: the document mask matters
+    assert (b["targets"][b["patch_mask"]] == -100).all()
+    assert (b["image_ids"][b["patch_mask"]] >= 0).all()
+    assert (b["image_ids"] >= 0).any() == mixed
