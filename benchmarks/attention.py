@@ -13,37 +13,28 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.gpu_step import synthetic_batch
+from benchmarks.gpu_step import synthetic_batch, tiles, timed
 from model.attention import AttentionMask
 
-BWD = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
 FLEX_OPTIONS = {
     "flex": None,
-    "flex-m128n64": {"BLOCK_M": 128, "BLOCK_N": 64},
-    "flex-m64n64": {"BLOCK_M": 64, "BLOCK_N": 64},
-    "flex-m128n128-w8": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
-    "flex-m64n64-bwd32x64x64x32": {"BLOCK_M": 64, "BLOCK_N": 64, **dict(zip(BWD, (32, 64, 64, 32), strict=True))},
-    "flex-m64n64-bwd64x64x64x64": {"BLOCK_M": 64, "BLOCK_N": 64, **dict(zip(BWD, (64, 64, 64, 64), strict=True))},
-    "flex-m64n64-bwd64x128x128x64": {"BLOCK_M": 64, "BLOCK_N": 64, **dict(zip(BWD, (64, 128, 128, 64), strict=True))},
+    "flex-m128n64": tiles(128, 64),
+    "flex-m64n64": tiles(64, 64),
+    "flex-m128n128-w8": tiles(128, 128, num_warps=8),
+    "flex-m64n64-bwd32x64x64x32": tiles(64, 64, (32, 64, 64, 32)),
+    "flex-m64n64-bwd64x64x64x64": tiles(64, 64, (64, 64, 64, 64)),
+    "flex-m64n64-bwd64x128x128x64": tiles(64, 64, (64, 128, 128, 64)),
 }
 
 
 def time_fwd_bwd(fn, q, k, v, reps: int = 20) -> float:
     grad = torch.randn_like(q)
-    for _ in range(3):
-        fn(q, k, v).backward(grad)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn(q, k, v).backward(grad)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+    return timed(lambda: fn(q, k, v).backward(grad), reps, warmup=3) / reps
 
 
 def varlen(q, k, v, mask: AttentionMask):

@@ -1,10 +1,15 @@
 """Loader throughput per worker: tar read + JPEG decode + resize + patchify + tokenize + pack + collate.
 
     python benchmarks/data_speed.py [--samples 2000] [--seconds 10] [--tokenizer artifacts/data/tokenizer.model]
+    python benchmarks/data_speed.py --handoff artifacts/data
 
 Builds a caption shard of 256x256 JPEGs cut from scikit-image's real photos (random crops, so no two are the
 same), then times one StreamWorker (one dataloader worker's work) for each patch setting and prints images/s
 and tokens/s (sequence positions, patches included). Target: 500 images/s per worker.
+
+--handoff DIR times the other side: how long the trainer's `next(loader)` takes for a batch that a worker has
+already made (32 rows of 2048 from the embedded mixture in DIR), with torch's two ways of sharing tensors
+between processes. That time is taken from the process that launches the GPU work.
 """
 
 from __future__ import annotations
@@ -90,13 +95,49 @@ def measure(shards: Path, tokenizer: str, patch: int, budget: int, seconds: floa
     }
 
 
+def handoff(data_dir: str, strategy: str, batches: int = 4) -> dict:
+    """Wall and CPU time of the trainer's next(loader) per ready batch (one worker, its prefetch queue full)."""
+    from data.pipeline import StreamingLoader
+
+    mix = (("scenes-caption", 0.45), ("scenes-qa", 0.45), ("text", 0.10))
+    cfg = DataConfig(
+        sources=[SourceConfig(name, f"{data_dir}/{name}/train", w) for name, w in mix],
+        tokenizer=f"{data_dir}/tokenizer.model",
+        seq_len=2048,
+        batch_size=32,
+        workers=1,
+        patch_size=16,
+    )
+    loader = StreamingLoader(cfg, sharing=strategy)
+    next(loader)
+    time.sleep(3 * batches)  # the worker fills its prefetch queue (4 batches) meanwhile
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for _ in range(batches):
+        next(loader)
+    return {
+        "strategy": strategy,
+        "wall_ms_per_batch": round(1000 * (time.perf_counter() - wall) / batches, 1),
+        "cpu_ms_per_batch": round(1000 * (time.thread_time() - cpu) / batches, 1),
+    }
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--tokenizer", default="artifacts/data/tokenizer.model")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--handoff", metavar="DIR", help="time the trainer's side of a batch handoff instead")
     args = ap.parse_args(argv)
+    if args.handoff:
+        results = [handoff(args.handoff, s) for s in ("file_descriptor", "file_system")]
+        for r in results:
+            print(
+                f"{r['strategy']:<16} next(loader): {r['wall_ms_per_batch']:>6} ms wall, {r['cpu_ms_per_batch']} ms CPU"
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         build_shard(Path(tmp) / "photos", args.samples)
         results = [

@@ -12,7 +12,7 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
   ac         activation checkpointing on                          [off]
   data       synthetic | loader | cached                          [synthetic] (loader: the real StreamingLoader
              over --data, pinned and copied asynchronously; cached: its first 8 batches kept on the GPU;
-             fd: workers pass tensors by file descriptor, torch's default, not named shared memory as the trainer)
+             fd: workers pass tensors by file descriptor, torch's default, not named shared memory as the loader does)
   plain      our model with fused AdamW and autocast but no DeepSpeed (to measure the engine's own cost)
   whole      compile the whole model as one graph instead of block by block
   rows=N     packed rows per micro-batch                          [the config's data.batch_size]
@@ -25,8 +25,8 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
 Per variant: tokens/s (per GPU), MFU (6N + attention FLOPs over the GPU's dense bf16 peak) and peak memory.
 Per config and row count, a plain reference GPT of the same width, depth and vocabulary (RMSNorm, GELU MLP, causal
 SDPA, compiled, fused AdamW, bf16 autocast, no DeepSpeed) on the same number of tokens, so every figure has a ratio
-next to it. --profile adds, per variant, the GPU's busy share of the step, the host syncs with their call sites,
-and the top kernels.
+next to it. --profile adds, per variant, the GPU's busy share of the step and the top kernels; --syncs, the call
+sites where one step makes the host wait for the GPU.
 """
 
 from __future__ import annotations
@@ -59,6 +59,12 @@ AMP = ["deepspeed.autocast=true"]
 FLEX_DEFAULTS = (attention.FLEX_KERNEL_OPTIONS, attention.FLEX_BLOCK_SIZE)  # each variant starts from these
 
 
+def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **extra) -> dict:
+    """flex kernel options: forward tiles M x N, and optionally the backward's (M1, N1, M2, N2)."""
+    bwd = dict(zip(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"), backward, strict=True)) if backward else {}
+    return {"BLOCK_M": m, "BLOCK_N": n, **bwd, **extra}
+
+
 def parse_variant(text: str) -> dict:
     v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
     v.update(fd=False, plain=False, whole=False, rows=None, name=text, overrides=[])
@@ -89,11 +95,7 @@ def parse_variant(text: str) -> dict:
             if fwd == "torch":  # torch's own defaults
                 v["tiles"] = None
                 continue
-            v["tiles"] = dict(zip(("BLOCK_M", "BLOCK_N"), map(int, fwd.split("x")), strict=True))
-            if bwd:
-                v["tiles"].update(
-                    zip(("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"), map(int, bwd.split("x")), strict=True)
-                )
+            v["tiles"] = tiles(*map(int, fwd.split("x")), tuple(map(int, bwd.split("x"))) if bwd else None)
         elif word.startswith("mask="):  # flex block-mask granularity
             v["mask_block"] = int(word[5:])
         else:
@@ -179,8 +181,8 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str):
     # The config's own mixture (caption / interleaved / text), read from data_dir.
     moved = [replace(s, shards=s.shards.replace("artifacts/data", data_dir)) for s in cfg.data.sources]
     data_cfg = replace(cfg.data, sources=moved, tokenizer=cfg.data.tokenizer.replace("artifacts/data", data_dir))
-    torch.multiprocessing.set_sharing_strategy("file_descriptor" if v["fd"] else "file_system")  # as train.trainer
-    loader = StreamingLoader(data_cfg, dist.get_rank(), dist.get_world_size(), pin_memory=True)
+    sharing = "file_descriptor" if v["fd"] else "file_system"
+    loader = StreamingLoader(data_cfg, dist.get_rank(), dist.get_world_size(), pin_memory=True, sharing=sharing)
     if v["data"] == "cached":
         return itertools.cycle([{k: t.to(dev) for k, t in next(loader).items()} for _ in range(8)])
     return ({k: t.to(dev, non_blocking=True) for k, t in b.items()} for b in loader)
@@ -255,11 +257,11 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
 
 
 def profile_steps(step, n: int = 3) -> dict:
-    """GPU busy share over n steps, the host syncs (count and call site) and the top kernels."""
+    """GPU busy share over n steps and the top kernels (where the host waits: find_syncs)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(n):
             step()
@@ -272,18 +274,12 @@ def profile_steps(step, n: int = 3) -> dict:
     for s, e in kernels:
         busy += max(0, e - max(s, end))
         end = max(end, e)
-    syncs = {}
-    for e in prof.events():
-        if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"):
-            site = " <- ".join(f for f in e.stack if "/torch/" not in f and "profiler" not in f)[:300]
-            syncs[site] = syncs.get(site, 0) + 1
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
     print(table)
     return {
         "wall_ms_per_step": 1000 * wall / n,
         "gpu_busy_ms_per_step": busy / 1000 / n,
         "gpu_busy_share": busy / 1e6 / wall,
-        "host_syncs_per_step": {k: c / n for k, c in syncs.items()},
     }
 
 
@@ -301,10 +297,8 @@ def find_syncs(step) -> dict:
         key = " <- ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in reversed(frames[-5:]))
         sites[key] = sites.get(key, 0) + 1
 
-    shown = warnings.showwarning
-    warnings.showwarning = record
     torch.cuda.synchronize()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # restores showwarning on exit
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
@@ -312,7 +306,6 @@ def find_syncs(step) -> dict:
             step()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    warnings.showwarning = shown
     return sites
 
 
@@ -345,7 +338,7 @@ def main(argv=None):
     ap.add_argument("--data", default="artifacts/data", help="embedded-format shards for the loader variants")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--json")
-    ap.add_argument("--profile", action="store_true", help="GPU busy share, host syncs and top kernels per variant")
+    ap.add_argument("--profile", action="store_true", help="GPU busy share and top kernels per variant")
     ap.add_argument("--syncs", action="store_true", help="the call sites that make one step wait for the GPU")
     args = ap.parse_args(argv)
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():

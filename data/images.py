@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 
-class ImageSkip(ValueError):
-    """An image that cannot be used; `reason` is the counter it is skipped under."""
+class Skip(ValueError):
+    """A sample (or an image in it) that cannot be used; `reason` is the counter the pipeline skips it under."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -63,12 +63,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(data: bytes, spec: ImageSpec) -> np.ndarray:
     if not data:
-        raise ImageSkip("empty_member", "zero-byte image")
+        raise Skip("empty_member", "zero-byte image")
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > spec.max_pixels:
-            raise ImageSkip("image_too_large", f"{w}x{h} exceeds the {spec.max_pixels}-pixel cap")
+            raise Skip("image_too_large", f"{w}x{h} exceeds the {spec.max_pixels}-pixel cap")
         orientation = img.getexif().get(0x0112, 1)
         swapped = orientation in (5, 6, 7, 8)
         target = fit_to_budget(h, w, spec) if swapped else fit_to_budget(w, h, spec)  # size after rotation
@@ -79,11 +79,11 @@ def load_image(data: bytes, spec: ImageSpec) -> np.ndarray:
         if img.size != target:
             img = img.resize(target, Image.BICUBIC, reducing_gap=3.0)
         arr = np.asarray(img, dtype=np.float32)
-    except ImageSkip:
+    except Skip:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageSkip("image_too_large", str(e)) from e
+        raise Skip("image_too_large", str(e)) from e
     except Exception as e:  # Pillow raises many types for corrupt data (OSError, SyntaxError, ValueError...)
-        raise ImageSkip("bad_image", f"{type(e).__name__}: {e}") from e
+        raise Skip("bad_image", f"{type(e).__name__}: {e}") from e
     arr = (arr * (1.0 / 255.0) - spec.mean) / spec.std
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import tarfile
 import warnings
 import zlib
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
@@ -226,14 +228,14 @@ class StreamWorker:
         if state:
             for src, pos in zip(self.sources, state["sources"]):
                 src.pos = dict(pos)
-            self.rng.bit_generator.state = copy.deepcopy(state["rng"])
+            self.rng.bit_generator.state = state["rng"]  # the setter copies the values
             self.counts.update(state["counts"])
             self.start = state["start"]
 
     def position(self) -> dict:
         return {
             "sources": [dict(s.pos) for s in self.sources],
-            "rng": copy.deepcopy(self.rng.bit_generator.state),
+            "rng": self.rng.bit_generator.state,  # the getter builds a fresh dict: no copy needed (once per document)
             "counts": dict(self.counts),
         }
 
@@ -350,13 +352,33 @@ class PackedDataset(IterableDataset):
         yield from worker.batches(logical)
 
 
+def _ignore_job_signals(_worker_id: int) -> None:
+    """USR1 (SLURM's warning before preemption) and USR2 are the trainer's business, but SLURM delivers them to
+    every process of a job step. Ignored here, they are also ignored by the torch_shm_manager a worker launches
+    for `file_system` sharing; left at their default they killed it, and the next batch handoff failed
+    ("Connection reset by peer") instead of the run checkpointing. TERM keeps DataLoader's own handler, which the
+    loader's shutdown relies on."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StreamingLoader:
     """Iterates training batches; `state_dict()` is the small object a checkpoint stores to resume exactly."""
 
     def __init__(
-        self, cfg: DataConfig, rank: int = 0, world: int = 1, state: dict | None = None, pin_memory: bool = False
+        self,
+        cfg: DataConfig,
+        rank: int = 0,
+        world: int = 1,
+        state: dict | None = None,
+        pin_memory: bool = False,
+        sharing: str = "file_system",
     ):
-        """pin_memory: page-locked batches, so that copies to a GPU with non_blocking=True are truly async."""
+        """pin_memory: page-locked batches, so that copies to a GPU with non_blocking=True are truly async.
+        sharing: how workers hand tensors to this process (torch.multiprocessing's strategy, process-wide).
+        Named shared memory, not torch's default of a file descriptor per tensor sent over a socket: that round
+        trip took 24 ms of the trainer's CPU per batch (`benchmarks/data_speed.py --handoff`)."""
+        torch.multiprocessing.set_sharing_strategy(sharing)
         self.cfg, self.rank, self.world = cfg, rank, world
         self.dataset = PackedDataset(cfg, rank, world, state)
         n = self.dataset.n_workers
@@ -371,6 +393,7 @@ class StreamingLoader:
             prefetch_factor=4 if cfg.workers else None,
             persistent_workers=False,
             pin_memory=pin_memory,
+            worker_init_fn=_ignore_job_signals,
         )
         self._it = None
 

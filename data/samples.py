@@ -14,17 +14,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-import numpy as np
-
-from data.images import ImageSkip, ImageSpec, load_image
+from data.images import ImageSpec, Skip, load_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
-
-
-class Skip(ValueError):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 def sample_kind(sample: dict) -> str:
@@ -49,13 +41,6 @@ def _text(data: bytes | None, what: str) -> str:
         raise Skip("bad_utf8", f"{what}: {e}") from e
 
 
-def _image(data: bytes, spec: ImageSpec) -> np.ndarray:
-    try:
-        return load_image(data, spec)
-    except ImageSkip as e:
-        raise Skip(e.reason, str(e)) from e
-
-
 def to_segments(sample: dict, encode: Callable[[str], list[int]], spec: ImageSpec) -> tuple[str, list]:
     """(kind, segments): segments are token-id lists and (3, H, W) image arrays, in reading order."""
     kind = sample_kind(sample)
@@ -63,7 +48,7 @@ def to_segments(sample: dict, encode: Callable[[str], list[int]], spec: ImageSpe
         return kind, [encode(_text(sample["txt"], "text"))]
     if kind == "caption":
         ext = next(e for e in IMAGE_EXTS if e in sample)
-        image = _image(sample[ext], spec)
+        image = load_image(sample[ext], spec)
         return kind, [image, encode(_text(sample.get("txt"), "caption"))]
     if kind == "interleaved":
         try:
@@ -81,7 +66,7 @@ def to_segments(sample: dict, encode: Callable[[str], list[int]], spec: ImageSpe
                 member = seg["image"].lower()
                 if member not in sample:
                     raise Skip("missing_image", f"segment refers to '{member}', not in the sample")
-                out.append(_image(sample[member], spec))
+                out.append(load_image(sample[member], spec))
             else:
                 raise Skip("bad_json", f"segment {seg!r} has neither 'text' nor 'image'")
         return kind, out

@@ -1,7 +1,7 @@
 """The early-fusion decoder. Imports nothing from data/, train/ or DeepSpeed."""
 
 from model.config import ConfigError, ModelConfig
-from model.counting import flops_per_token, param_count
+from model.counting import flops_per_token, matmul_params, param_count
 from model.generate import Generation, KVCache, append_text, generate
 from model.pretrained import load_pretrained, save_pretrained
 from model.transformer import IGNORE, FusionTransformer, InputError, ModelOutput
@@ -26,6 +26,7 @@ __all__ = [
     "flops_per_token",
     "generate",
     "load_pretrained",
+    "matmul_params",
     "save_pretrained",
     "param_count",
 ]

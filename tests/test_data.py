@@ -13,7 +13,7 @@ from conftest import SPECIAL, mixture
 from PIL import Image
 
 from data.check import check
-from data.images import ImageSkip, ImageSpec, load_image
+from data.images import ImageSpec, Skip, load_image
 from data.layout import layout_document
 from data.packing import ImageTooLong, Packer
 from data.pipeline import DataError, SourceConfig, SourceStream, StreamingLoader, StreamWorker, eval_batches
@@ -154,7 +154,7 @@ def test_resize_keeps_aspect_within_budget():
 
 def test_pixel_cap_refuses_from_the_header():
     big = image_bytes(Image.new("L", (3000, 3000)), "PNG")  # compresses to a few KB, decodes to 9 MP
-    with pytest.raises(ImageSkip) as e:
+    with pytest.raises(Skip) as e:
         load_image(big, ImageSpec(max_pixels=1_000_000))
     assert e.value.reason == "image_too_large"
 

@@ -191,3 +191,26 @@ def test_wsd_cooldowns_branch_from_the_stable_run(spec, tmp_path):
         assert min(m["step"] for m in logged if "loss" in m) > start  # nothing before the branch point was rerun
         assert int(r["steps"]) > start
     assert sorted(starts) == branch_points  # each budget branched where its own cooldown begins
+
+
+def test_results_csv_is_append_only_and_widens_for_new_loss_columns(tmp_path):
+    """One row per cell, never twice; a cell with a new per-source loss adds its column and keeps earlier rows."""
+    from train.sweep import Cell, SweepSpec, record
+
+    spec = SweepSpec(name="t", base="b.yaml", out=str(tmp_path), sizes=[1], tokens_per_param=[1.0])
+    for key, val in (
+        ("c1", {"text_loss": 3.0, "text/text_loss": 3.0}),
+        ("c2", {"text_loss": 2.0, "caption/text_loss": 1.5}),
+    ):
+        run = tmp_path / key
+        run.mkdir()
+        summary = {"tokens": 100, "flops": 1e6, "steps": 2, "wall_s": 1.0, "final_val": val}
+        (run / "summary.json").write_text(json.dumps(summary))
+        cell = Cell("a", 1, "tpp=1", 0, [f"run_dir={run}"], key=key, params=10)
+        record(spec, cell)
+        record(spec, cell)  # a second call for the same cell writes nothing
+    table = rows(tmp_path)
+    assert [r["key"] for r in table] == ["c1", "c2"]
+    assert (table[0]["loss_text"], table[0]["loss_caption"]) == ("3.0", "")
+    assert (table[1]["loss_text"], table[1]["loss_caption"]) == ("", "1.5")
+    assert [r["loss"] for r in table] == ["3.0", "2.0"]

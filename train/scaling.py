@@ -33,6 +33,7 @@ from scipy.optimize import brentq, minimize
 from scipy.special import logsumexp, softmax
 
 HUBER_DELTA = 1e-3
+LAW_PARAMS = ("E", "A", "B", "alpha", "beta")
 GRID = {  # Chinchilla's grid of initialisations
     "alpha": np.arange(0.0, 2.01, 0.5),
     "beta": np.arange(0.0, 2.01, 0.5),
@@ -100,6 +101,11 @@ class Law:
     B: float
     alpha: float
     beta: float
+
+    @classmethod
+    def from_fit(cls, fit: dict) -> Law:
+        """The law in a fit's result dict (approach 3), ignoring its other entries."""
+        return cls(**{k: fit[k] for k in LAW_PARAMS})
 
     def loss(self, N, D):
         with np.errstate(over="ignore"):
@@ -196,7 +202,7 @@ def fit_approach3(N, D, L, bootstrap: int = 1000, seed: int = 0, full_grid: bool
     }
     if not converged:
         warnings.warn(f"approach 3 did not converge: {best.message}", stacklevel=2)
-    result["interval"] = {k: _ci([s[k] for s in samples]) for k in ("E", "A", "B", "alpha", "beta")} if samples else {}
+    result["interval"] = {k: _ci([s[k] for s in samples]) for k in LAW_PARAMS} if samples else {}
     result["_samples"] = samples
     return result
 
@@ -205,6 +211,11 @@ def with_interval(fit3: dict, key: str) -> str:
     """'0.34 [0.31, 0.37]': a fitted value and its bootstrap interval, for reports."""
     ci = fit3.get("interval", {})
     return f"{fit3[key]:.4g}" + (f" [{ci[key][0]:.3g}, {ci[key][1]:.3g}]" if key in ci else "")
+
+
+def format_interval(interval) -> str:
+    """'[0.31, 0.37]', or 'n/a' where no bootstrap sample gave one."""
+    return "[{:.3g}, {:.3g}]".format(*interval) if interval else "n/a"
 
 
 def _ci(values) -> list[float]:
@@ -255,7 +266,7 @@ def fit_approach2(N, D, L, flops, min_sizes: int = 3) -> dict:
 def derived(fit3: dict, targets: list[float]) -> dict:
     out = {}
     samples = [Law(**s) for s in fit3.get("_samples", []) if min(s["alpha"], s["beta"]) > 1e-6]
-    law = Law(**{k: fit3[k] for k in ("E", "A", "B", "alpha", "beta")})
+    law = Law.from_fit(fit3)
     for C in targets:
         N, D = law.optimal(C)
         row = {"N": float(N), "D": float(D), "tokens_per_param": float(D / N), "loss": float(law.frontier(C))}
@@ -274,7 +285,7 @@ def held_out(N, D, L, flops) -> dict:
     labels = budgets(flops)
     top = labels == labels.max()
     fit = fit_approach3(N[~top], D[~top], L[~top], bootstrap=0)
-    pred = Law(**{k: fit[k] for k in ("E", "A", "B", "alpha", "beta")}).loss(N[top], D[top])
+    pred = Law.from_fit(fit).loss(N[top], D[top])
     err = pred - L[top]
     return {
         "budget": float(labels.max()),
@@ -295,8 +306,7 @@ def compute_multiplier(base: dict, other: dict, C: float) -> dict:
         lo_c, hi_c = math.log(C) - 40, math.log(C) + 40
         return C / math.exp(brentq(f, lo_c, hi_c)) if f(lo_c) > 0 > f(hi_c) else float("nan")
 
-    law = lambda fit: Law(**{k: fit[k] for k in ("E", "A", "B", "alpha", "beta")})  # noqa: E731
-    value = one(law(base), law(other))
+    value = one(Law.from_fit(base), Law.from_fit(other))
     pairs = [one(Law(**b), Law(**o)) for b, o in zip(base.get("_samples", []), other.get("_samples", []))]
     pairs = [p for p in pairs if math.isfinite(p)]
     return {"target_flops": C, "multiplier": value, "interval": _ci(pairs) if pairs else None, "bootstrap": len(pairs)}
@@ -340,7 +350,7 @@ def _plots(out: Path, col: str, data: dict, fits: dict, recipes: list) -> list[s
             ax_iso.scatter([m["N"]], [m["loss"]], color="k", marker="x", s=40, zorder=3)
         ax_fr.scatter(F, L, s=14, color=colors[ri % len(colors)], alpha=0.7, label=f"{name} runs")
         if "E" in fit3:
-            law = Law(**{k: fit3[k] for k in ("E", "A", "B", "alpha", "beta")})
+            law = Law.from_fit(fit3)
             grid = np.geomspace(F.min() / 3, F.max() * 30, 100)
             ax_fr.plot(
                 grid,
@@ -461,7 +471,7 @@ def summarize(report: dict) -> None:
         for name, entry in fits.items():
             f3 = entry["approach3"]
             if "E" in f3:
-                values = " ".join(f"{k}={with_interval(f3, k)}" for k in ("E", "A", "B", "alpha", "beta"))
+                values = " ".join(f"{k}={with_interval(f3, k)}" for k in LAW_PARAMS)
                 print(f"{col} / {name}: L = E + A/N^alpha + B/D^beta with {values} (converged: {f3['converged']})")
                 top = entry["compute_optimal"][f"{report['target_flops']:.3g}"]
                 print(
@@ -470,8 +480,7 @@ def summarize(report: dict) -> None:
                 )
             for key, value in entry.items():
                 if key.startswith("compute_multiplier"):
-                    ci = "[{:.3g}, {:.3g}]".format(*value["interval"]) if value["interval"] else "n/a"
-                    print(f"   {key}: {value['multiplier']:.3g}x (95% interval {ci})")
+                    print(f"   {key}: {value['multiplier']:.3g}x (95% interval {format_interval(value['interval'])})")
     for w in report["warnings"]:
         print(f"warning: {w}")
 

@@ -38,7 +38,7 @@ class TrainStep:
     def __init__(self, engine, optimizer, device: torch.device, clip: float = 0.0):
         """clip > 0: clip the gradients to this global norm before the optimizer (see train.engine.step_clip)."""
         self.engine, self.clip = engine, clip
-        self.grad_norm: torch.Tensor | None = None  # the last clipped step's norm, before clipping
+        self._norm: torch.Tensor | None = None  # the last step's norm before clipping, where this step clips
         self.found_inf = torch.zeros((), device=device)
         torch_optimizer(optimizer).found_inf = self.found_inf
         self.sums = torch.zeros(4, device=device)  # loss, text, image, z: summed over good steps of the window
@@ -64,7 +64,7 @@ class TrainStep:
                     dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX)  # queued on the device, not awaited
                 if self.clip:  # gradients are all-reduced by now (DeepSpeed does it at the boundary's backward)
                     params = [p for p in self.engine.module.parameters() if p.grad is not None]
-                    self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip, foreach=True)
+                    self._norm = torch.nn.utils.clip_grad_norm_(params, self.clip, foreach=True)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             first = out if first is None else first
         bad = self.found_inf.clone()
@@ -74,6 +74,10 @@ class TrainStep:
         self.counts[2] = torch.maximum(self.counts[2], self.streak)
         self.last_bad = torch.where(bad > 0, torch.full_like(self.last_bad, step), self.last_bad)
         return first
+
+    def grad_norm(self):
+        """The last step's gradient norm before clipping, from whichever side clipped (a host sync when read)."""
+        return self._norm if self.clip else self.engine.get_global_grad_norm()
 
     def take(self) -> dict:
         """The window's mean losses over ranks and good steps, and its skip counters, as Python numbers; then a

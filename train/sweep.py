@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from model import flops_per_token, param_count
+from model import flops_per_token, matmul_params, param_count
 from train.config import ConfigError, build, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def plan(spec: SweepSpec) -> list[Cell]:
             model_overrides = _dotted(spec.overrides) + [f"model.depth={size}"] + _dotted(recipe_overrides)
             sized = load_config(spec.base, model_overrides)  # the spec's overrides decide the sizes and seq_len
             mc, seq = sized.model, sized.data.seq_len
-            N = param_count(mc, embeddings=False) + (mc.vocab_size * mc.d_model if mc.tie_embeddings else 0)
+            N = matmul_params(mc)
             rows = max(1, round(h.batch_tokens_ref * (N / h.n_ref) ** h.batch_exponent / seq))
             tokens_per_step = rows * seq * world
             lr = h.lr_ref * (N / h.n_ref) ** -h.lr_exponent
@@ -253,23 +253,23 @@ def record(spec: SweepSpec, cell: Cell) -> None:
     for k, v in val.items():
         if k.endswith("/text_loss"):
             row["loss_" + k.split("/")[0]] = v
-    existing = []
+    existing, header = [], []
     if path.exists():
         with open(path, newline="") as f:
-            existing = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            existing, header = list(reader), list(reader.fieldnames or [])
         if any(r["key"] == cell.key for r in existing):
             return
-    fields = RESULT_FIELDS + sorted(k for k in row if k not in RESULT_FIELDS)
-    if existing and list(existing[0]) != fields:
-        fields = list(existing[0]) + [k for k in fields if k not in existing[0]]
-        with open(path, "w", newline="") as f:  # a new loss column: rewrite once with the wider header
+    new_columns = [k for k in RESULT_FIELDS + sorted(k for k in row if k not in RESULT_FIELDS) if k not in header]
+    fields = header + new_columns
+    if header and new_columns:  # a new loss column: rewrite once with the wider header
+        with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, restval="")
             w.writeheader()
             w.writerows(existing)
-    new = not path.exists()
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields if new else list(_header(path)), restval="", extrasaction="ignore")
-        if new:
+        w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
+        if not header:
             w.writeheader()
         w.writerow(row)
 
@@ -390,7 +390,7 @@ def fit(spec: SweepSpec, bootstrap: int | None = None) -> dict:
 
 
 def write_report(spec: SweepSpec, report: dict) -> Path:
-    from train.scaling import with_interval
+    from train.scaling import LAW_PARAMS, format_interval, with_interval
 
     lines = [
         f"# Sweep `{spec.name}`",
@@ -409,19 +409,18 @@ def write_report(spec: SweepSpec, report: dict) -> Path:
             f3, ho = e["approach3"], e.get("held_out", {})
             if "E" in f3:
                 err = f"{ho['mean_rel_error']:.1%}" if "mean_rel_error" in ho else ho.get("error", "")
-                values = " | ".join(with_interval(f3, k) for k in ("E", "A", "B", "alpha", "beta"))
+                values = " | ".join(with_interval(f3, k) for k in LAW_PARAMS)
                 lines.append(f"| {name} | {values} | {f3['converged']} | {err} |")
             else:
                 lines.append(f"| {name} | {f3['error']} |")
             for k, v in e.items():
                 if k.startswith("compute_multiplier"):
                     base = k.split("_vs_")[1]
-                    ci = "[{:.3g}, {:.3g}]".format(*v["interval"]) if v["interval"] else "n/a"
                     trusted = f3.get("converged") and fits[base]["approach3"].get("converged")
                     caveat = "" if trusted else " (from fits that did not converge: do not quote)"
                     lines.append(
                         f"\n{name}: **{v['multiplier']:.3g}x** less compute than {base} for the same loss "
-                        f"at {v['target_flops']:.3g} FLOPs (95% interval {ci}){caveat}\n"
+                        f"at {v['target_flops']:.3g} FLOPs (95% interval {format_interval(v['interval'])}){caveat}\n"
                     )
         lines += [""] + [f"![{p}](fit/{p})" for p in report["plots"] if p.endswith(f"_{col}.png")] + [""]
     if report["warnings"]:

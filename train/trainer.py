@@ -96,16 +96,13 @@ def train(cfg: TrainConfig) -> dict:
         data_state = rank_state["data"]
         if rank == 0:
             print(f"resumed from {source} at step {state['step']}", flush=True)
-    # Workers hand batches over as named shared memory rather than by passing a file descriptor per tensor,
-    # a round trip that kept the host from launching GPU work (the loader cost 4-7% of an H100 step, now 0-3%).
-    torch.multiprocessing.set_sharing_strategy("file_system")
     loader = StreamingLoader(cfg.data, rank, world, data_state, pin_memory=device.type == "cuda")
     signals = SignalFlags()
 
     mc, G, B, T = cfg.model, cfg.deepspeed.grad_accum, cfg.data.batch_size, cfg.data.seq_len
     tokens_per_step = world * G * B * T
     fpt, fpt_6n = flops_per_token(mc, T), flops_per_token(mc, T, attention=False)
-    peak = peak_flops(device, cfg.deepspeed.bf16, cfg.logging.peak_tflops)
+    peak = peak_flops(device, cfg.deepspeed.bf16 or cfg.deepspeed.autocast, cfg.logging.peak_tflops)
     metrics = (
         MetricsWriter(run, cfg.steps, state["step"], cfg.logging.tensorboard, cfg.logging.progress)
         if rank == 0
@@ -162,7 +159,7 @@ def train(cfg: TrainConfig) -> dict:
                     )
                 dt = time.perf_counter() - window_t0
                 tps = window_steps * tokens_per_step / dt
-                grad_norm = run_step.grad_norm if run_step.clip else engine.get_global_grad_norm()
+                grad_norm = run_step.grad_norm()
                 record = {
                     **{k: window[k] for k in LOSSES},
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
