@@ -1,6 +1,6 @@
 """Attention kernels alone, forward + backward, on the packed batches of benchmarks/gpu_step.py (one CUDA GPU).
 
-    python benchmarks/attention.py [--rows 16] [--heads 12] [--json out.json]
+    python benchmarks/attention.py [--rows 16] [--heads 12] [--mask-block 128] [--kernels a,b] [--json out.json]
 
 Per mask (full causal, text documents, mixed documents with bidirectional images) and kernel (SDPA's cuDNN,
 flash and memory-efficient kernels; flex_attention with several tile settings; torch's varlen flash kernel where
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.gpu_step import synthetic_batch, tiles, timed
+from model import attention
 from model.attention import AttentionMask
 
 FLEX_OPTIONS = {
@@ -55,8 +56,12 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--mask-block", type=int, default=attention.FLEX_BLOCK_SIZE, help="flex block-mask granularity")
+    ap.add_argument("--kernels", help="comma-separated kernel names to run (default: all)")
+    ap.add_argument("--masks", default="causal,text,mixed")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    attention.FLEX_BLOCK_SIZE = args.mask_block
     from torch.nn.attention.flex_attention import flex_attention
 
     torch._dynamo.config.recompile_limit = 64  # one compiled kernel per (mask, tile) pair; past the default 8,
@@ -65,7 +70,7 @@ def main(argv=None):
     B, H, T, D = args.rows, args.heads, args.seq, args.head_dim
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     results = []
-    for kind in ("causal", "text", "mixed"):
+    for kind in args.masks.split(","):
         if kind == "causal":
             doc = torch.zeros(B, T, dtype=torch.long, device="cuda")
             img = torch.full_like(doc, -1)
@@ -106,12 +111,15 @@ def main(argv=None):
             flat = AttentionMask.build("flash", doc, img, False)
             kernels["varlen"] = lambda q, k, v, flat=flat: varlen(q, k, v, flat)
         for name, fn in kernels.items():
+            if args.kernels and name not in args.kernels.split(","):
+                continue
             try:
                 dt = time_fwd_bwd(fn, q, k, v)
                 row = {"mask": kind, "kernel": name, "ms": 1000 * dt, "useful_tflops": 10 * D * pairs / dt / 1e12}
             except Exception as e:  # a kernel that cannot run this mask or tile: report why and go on
                 row = {"mask": kind, "kernel": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             row["density"] = pairs / (B * H * T * T)
+            row["mask_block"] = args.mask_block
             results.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'mask':<7} {'kernel':<22} {'ms fwd+bwd':>10} {'useful TFLOP/s':>15}")

@@ -15,6 +15,7 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
              fd: workers pass tensors by file descriptor, torch's default, not named shared memory as the loader does)
   plain      our model with fused AdamW and autocast but no DeepSpeed (to measure the engine's own cost)
   whole      compile the whole model as one graph instead of block by block
+  waits      DeepSpeed's ZeRO-1/2 step as shipped, with its host waits (train.zero_waits not applied)
   rows=N     packed rows per micro-batch                          [the config's data.batch_size]
   amp        fp32 weights under torch.autocast (DeepSpeed's torch_autocast) instead of bf16 weights
   tiles=MxN[/M1xN1xM2xN2]  flex kernel tiles, forward [and backward] (tiles=torch: torch's defaults);
@@ -67,7 +68,7 @@ def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **e
 
 def parse_variant(text: str) -> dict:
     v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
-    v.update(fd=False, plain=False, whole=False, rows=None, name=text, overrides=[])
+    v.update(fd=False, plain=False, whole=False, waits=False, rows=None, name=text, overrides=[])
     v["tiles"], v["mask_block"] = FLEX_DEFAULTS
     for word in text.split(":"):
         if word in ATTENTION:
@@ -78,7 +79,7 @@ def parse_variant(text: str) -> dict:
             v["batch"] = word
         elif word in ("z0", "z1", "z2", "z3"):
             v["zero"] = int(word[1])
-        elif word in ("ac", "plain", "whole"):
+        elif word in ("ac", "plain", "whole", "waits"):
             v[word] = True
         elif word == "fd":  # workers pass tensors by file descriptor (torch's default) instead of the trainer's way
             v["fd"] = True
@@ -226,7 +227,7 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
             opt.zero_grad(set_to_none=True)
 
     else:
-        engine, optimizer, model = build_engine(cfg, dev)
+        engine, optimizer, model = build_engine(cfg, dev, patch_waits=not v["waits"])
         if v["whole"]:
             model.compile(dynamic=False)
         run_step = TrainStep(engine, optimizer, dev, clip=step_clip(cfg))

@@ -49,6 +49,18 @@ def resolve_backend(cfg: ModelConfig, device: torch.device) -> str:
     return "flex" if flex_ok else "sdpa"
 
 
+def mask_rule(doc: torch.Tensor, img: torch.Tensor, bidirectional: bool):
+    """The rule, written once: query q of row b may attend key k."""
+
+    def allowed(b, h, q, k):
+        ok = k <= q
+        if bidirectional:
+            ok = ok | ((img[b, q] >= 0) & (img[b, q] == img[b, k]))
+        return (doc[b, q] == doc[b, k]) & ok
+
+    return allowed
+
+
 @dataclass
 class AttentionMask:
     """Everything a kernel needs to apply the mask rule to one batch; built once, shared by all layers."""
@@ -68,13 +80,8 @@ class AttentionMask:
         if backend == "sdpa":
             mask.dense_mask()
         elif backend == "flex":
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            B, T = doc_ids.shape
-            # Compiled on CUDA: built eagerly, the mask kept the GPU idle for a third of a 125M step (PERFORMANCE.md).
-            mask.block = create_block_mask(
-                mask.rule(), B, None, T, T, device=doc_ids.device, BLOCK_SIZE=FLEX_BLOCK_SIZE, _compile=doc_ids.is_cuda
-            )
+            tiles = _tile_flags(doc_ids, image_ids, bidirectional_images, FLEX_BLOCK_SIZE)
+            mask.block = _block_mask(mask.rule(), *tiles, doc_ids.shape[1])
         elif backend == "flash":
             flat = doc_ids.reshape(-1)
             T = doc_ids.shape[1]
@@ -90,16 +97,8 @@ class AttentionMask:
         return mask
 
     def rule(self):
-        """The mask rule, written once as a flex mask_mod; `dense_mask` evaluates it on the full grid."""
-        doc, img, bidirectional = self.doc_ids, self.image_ids, self.bidirectional_images
-
-        def allowed(b, h, q, k):
-            ok = k <= q
-            if bidirectional:
-                ok = ok | ((img[b, q] >= 0) & (img[b, q] == img[b, k]))
-            return (doc[b, q] == doc[b, k]) & ok
-
-        return allowed
+        """The mask rule as a flex mask_mod; `dense_mask` and the flex block mask evaluate it on the full grid."""
+        return mask_rule(self.doc_ids, self.image_ids, self.bidirectional_images)
 
     def dense_mask(self) -> torch.Tensor:
         """(B, 1, T, T) bool, built once per batch (SDPA uses it; the logit telemetry of every layer reuses it)."""
@@ -115,6 +114,67 @@ class AttentionMask:
 
 
 _compiled_flex = None
+_compiled_tile_flags = None
+
+
+def _tile_flags(doc, img, bidirectional: bool, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    global _compiled_tile_flags
+    if not doc.is_cuda:
+        return _tile_flags_eager(doc, img, bidirectional, size)
+    if _compiled_tile_flags is None:  # one fused pass over the B x T x T grid instead of a dozen eager ones
+        _compiled_tile_flags = torch.compile(_tile_flags_eager, dynamic=False)
+    return _compiled_tile_flags(doc, img, bidirectional, size)
+
+
+def _tile_flags_eager(doc, img, bidirectional: bool, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, n, n) bools over tiles of size x size: the tile has some allowed pair; it has only allowed pairs.
+    T is padded up to whole tiles with positions that attend nothing."""
+    B, T = doc.shape
+    n = -(-T // size)
+    pos = torch.arange(n * size, device=doc.device)
+    inside = pos < T
+    pos = pos.clamp(max=T - 1)
+    b = torch.arange(B, device=doc.device)[:, None, None]
+    allowed = mask_rule(doc, img, bidirectional)(b, 0, pos[None, :, None], pos[None, None, :])
+    allowed = allowed & inside[:, None] & inside[None, :]
+    tiles = allowed.view(B, n, size, n, size)
+    return tiles.any(4).any(2).unsqueeze(1), tiles.all(4).all(2).unsqueeze(1)
+
+
+def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flex's sparse row format without a sort: per row, the count of selected tiles and their column indices in
+    ascending order, followed by the unselected ones (which the kernels never read)."""
+    counts = tiles.sum(-1, dtype=torch.int32)
+    selected_rank = tiles.cumsum(-1) - 1
+    other_rank = counts.unsqueeze(-1) + (~tiles).cumsum(-1) - 1
+    position = torch.where(tiles, selected_rank, other_rank)
+    columns = torch.arange(tiles.shape[-1], device=tiles.device, dtype=torch.int32).expand_as(position)
+    return counts, torch.empty_like(columns).scatter_(-1, position, columns)
+
+
+def _block_mask(rule, any_allowed: torch.Tensor, all_allowed: torch.Tensor, T: int):
+    """A flex BlockMask from tile flags, built from tensors of fixed shape only. torch's `create_block_mask` orders
+    its tiles with an argsort and waited for the GPU once per batch; this never does (docs/PERFORMANCE.md)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    partial = any_allowed & ~all_allowed
+    kv_num, kv_idx = _ordered(partial)
+    full_kv_num, full_kv_idx = _ordered(all_allowed)
+    q_num, q_idx = _ordered(partial.transpose(-2, -1))
+    full_q_num, full_q_idx = _ordered(all_allowed.transpose(-2, -1))
+    return BlockMask(
+        seq_lengths=(T, T),
+        kv_num_blocks=kv_num,
+        kv_indices=kv_idx,
+        full_kv_num_blocks=full_kv_num,
+        full_kv_indices=full_kv_idx,
+        q_num_blocks=q_num,
+        q_indices=q_idx,
+        full_q_num_blocks=full_q_num,
+        full_q_indices=full_q_idx,
+        BLOCK_SIZE=(FLEX_BLOCK_SIZE, FLEX_BLOCK_SIZE),
+        mask_mod=rule,
+    )
 
 
 def _flex(q, k, v, block, gqa: bool):

@@ -22,6 +22,7 @@ def test_variant_words_in_any_order_and_unknown_words_refused():
     assert v["tiles"] == {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16}
     assert (parse_variant("flex")["tiles"], parse_variant("flex")["mask_block"]) == FLEX_DEFAULTS
     assert parse_variant("flex:tiles=torch")["tiles"] is None
+    assert parse_variant("mixed:waits")["waits"] and not parse_variant("mixed")["waits"]
     with pytest.raises(SystemExit, match="unknown variant word 'z4'"):
         parse_variant("flex:z4")
 

@@ -70,6 +70,37 @@ def test_flex_and_sdpa_compute_the_same_function(tiny_cfg, image_mask, scheme):
     torch.testing.assert_close(outs["flex"][0], outs["sdpa"][0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("T", [48, 44])
+def test_flex_block_mask_matches_torchs_create_block_mask(bidirectional, T):
+    """The block mask built without a sort (no host wait) lists the same partial and full tiles, per query row and
+    per key column, as torch's create_block_mask; T = 44 leaves a padded, partial last tile."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from model import attention
+
+    batch = packed_batch(seed=2)
+    assert batch["doc_ids"].shape[1] == 48
+    doc, img = batch["doc_ids"][:, :T], batch["image_ids"][:, :T]
+    old = attention.FLEX_BLOCK_SIZE
+    attention.FLEX_BLOCK_SIZE = 8
+    try:
+        mask = attention.AttentionMask.build("flex", doc, img, bidirectional)
+    finally:
+        attention.FLEX_BLOCK_SIZE = old
+    ref = create_block_mask(mask.rule(), doc.shape[0], None, T, T, device="cpu", BLOCK_SIZE=8)
+    for count, index in [("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")] + [
+        ("q_num_blocks", "q_indices"),
+        ("full_q_num_blocks", "full_q_indices"),
+    ]:
+        ours, theirs = (getattr(m, count) for m in (mask.block, ref)), (getattr(m, index) for m in (mask.block, ref))
+        (n_ours, n_ref), (i_ours, i_ref) = ours, theirs
+        assert torch.equal(n_ours, n_ref), count
+        for row in np.ndindex(*n_ref.shape):
+            assert i_ours[row][: n_ref[row]].tolist() == sorted(i_ref[row][: n_ref[row]].tolist()), (index, row)
+    assert mask.block.kv_indices.dtype == torch.int32 and int(mask.block.full_kv_num_blocks.sum()) > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs a CUDA device")
 @pytest.mark.parametrize("image_mask", ["bidirectional", "causal"])
 def test_flex_and_sdpa_gradients_agree_on_cuda(tiny_cfg, image_mask):

@@ -272,3 +272,27 @@ def test_compiled_regions_compute_what_eager_computes(tiny_cfg):
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
     for (name, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_zero_step_clips_on_the_device_as_deepspeed_does():
+    """train.zero_waits' clipping: a norm above the limit scales gradients by limit / norm, one below leaves them,
+    and an invalid norm (DeepSpeed's -1 sentinel, inf or NaN) zeroes them, as DeepSpeed's own branch does; the
+    sentinel fill matches DeepSpeed's helper. The engine-level check is the ZeRO-0 vs ZeRO-2 test above."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime import utils as ds_utils
+
+    from train import zero_waits
+
+    opt = SimpleNamespace(clip_grad=1.0, loss_scale=1.0)
+    for norm, factor in [(4.0, 0.25), (0.5, 1.0), (-1.0, 0.0), (float("inf"), 0.0), (float("nan"), 0.0)]:
+        grads = [torch.ones(3), [torch.ones(2), torch.ones(1)]]
+        zero_waits._unscale_and_clip_grads(opt, grads, torch.tensor(norm))
+        for g in [grads[0], *grads[1]]:
+            torch.testing.assert_close(g, torch.full_like(g, factor), atol=1e-6, rtol=1e-5, msg=str(norm))
+    for value in [2.0, float("inf"), float("nan")]:
+        ours, theirs = torch.tensor(value), torch.tensor(value)
+        zero_waits._mask_nan_or_inf(ours)
+        ds_utils.mask_nan_or_inf_with_val_inplace(theirs, device="cpu")
+        assert torch.equal(ours, theirs)
+    assert zero_waits.apply()  # DeepSpeed's code still has the shape the patch expects

@@ -8,6 +8,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from model import FusionTransformer, build_model
+from train import zero_waits
 from train.config import TrainConfig
 
 
@@ -43,8 +44,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def step_clip(cfg: TrainConfig) -> float:
     """The norm train.step clips to, 0 where DeepSpeed clips. Without ZeRO the step clips itself (torch's
-    clip_grad_norm_ never waits for the GPU; DeepSpeed's clipping reads the norm back to the host); ZeRO
-    partitions the gradients, so there DeepSpeed clips."""
+    clip_grad_norm_ never waits for the GPU; DeepSpeed's ZeRO-0 clipping reads the norm back to the host); ZeRO
+    partitions the gradients, so there DeepSpeed clips (train.zero_waits keeps that free of waits)."""
     return cfg.deepspeed.grad_clip if cfg.deepspeed.zero_stage == 0 else 0.0
 
 
@@ -72,7 +73,12 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     return config
 
 
-def build_engine(cfg: TrainConfig, device: torch.device):
+def build_engine(cfg: TrainConfig, device: torch.device, patch_waits: bool = True):
+    """patch_waits: take the host waits out of DeepSpeed's ZeRO-1/2 step (train.zero_waits)."""
+    if patch_waits:
+        zero_waits.apply()
+    else:
+        zero_waits.restore()
     model = build_model(cfg.model)
     if cfg.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)

@@ -4,8 +4,8 @@ A step runs `grad_accum` micro-batches forward and backward through the DeepSpee
 The NaN/Inf guard and the loss sums stay on the device: a non-finite loss raises the fused AdamW's `found_inf`
 flag (the one torch's GradScaler uses), so the optimizer kernel itself leaves weights and moments untouched, and
 the host reads the counters only when it logs. A step that branched on `torch.isfinite(loss)` in Python would stall
-the CPU until the GPU caught up, every micro-batch. (DeepSpeed's ZeRO optimizers still wait a few times inside
-`engine.step()`; without ZeRO, clipping here instead keeps the whole step free of waits: docs/PERFORMANCE.md.)
+the CPU until the GPU caught up, every micro-batch. (With ZeRO-1/2, train.zero_waits takes the waits out of
+DeepSpeed's own clipping; without ZeRO the step clips here. ZeRO-3 still waits inside DeepSpeed.)
 """
 
 from __future__ import annotations
