@@ -153,8 +153,8 @@ def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _block_mask(rule, any_allowed: torch.Tensor, all_allowed: torch.Tensor, T: int):
-    """A flex BlockMask from tile flags, built from tensors of fixed shape only. torch's `create_block_mask` orders
-    its tiles with an argsort and waited for the GPU once per batch; this never does (docs/PERFORMANCE.md)."""
+    """A flex BlockMask from tile flags, built from fixed-shape tensor ops only, so it never waits for the GPU;
+    torch's `create_block_mask` (which orders tiles with an argsort) waited once per batch (gpu_step.py --syncs)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     partial = any_allowed & ~all_allowed
