@@ -10,6 +10,7 @@ Tests check that all kernels compute the same function.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -80,7 +81,8 @@ class AttentionMask:
         if backend == "sdpa":
             mask.dense_mask()
         elif backend == "flex":
-            tiles = _tile_flags(doc_ids, image_ids, bidirectional_images, FLEX_BLOCK_SIZE)
+            flags = _compiled(_tile_flags) if doc_ids.is_cuda else _tile_flags
+            tiles = flags(doc_ids, image_ids, bidirectional_images, FLEX_BLOCK_SIZE)
             mask.block = _block_mask(mask.rule(), *tiles, doc_ids.shape[1])
         elif backend == "flash":
             flat = doc_ids.reshape(-1)
@@ -102,42 +104,37 @@ class AttentionMask:
 
     def dense_mask(self) -> torch.Tensor:
         """(B, 1, T, T) bool, built once per batch (SDPA uses it; the logit telemetry of every layer reuses it)."""
-        if self.dense is not None:
-            return self.dense
-        B, T = self.doc_ids.shape
-        dev = self.doc_ids.device
-        b = torch.arange(B, device=dev)[:, None, None]
-        q = torch.arange(T, device=dev)[None, :, None]
-        k = torch.arange(T, device=dev)[None, None, :]
-        self.dense = self.rule()(b, 0, q, k).unsqueeze(1)
+        if self.dense is None:
+            T = self.doc_ids.shape[1]
+            self.dense = _allowed_grid(self.doc_ids, self.image_ids, self.bidirectional_images, T).unsqueeze(1)
         return self.dense
 
 
-_compiled_flex = None
-_compiled_tile_flags = None
-
-
-def _tile_flags(doc, img, bidirectional: bool, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    global _compiled_tile_flags
-    if not doc.is_cuda:
-        return _tile_flags_eager(doc, img, bidirectional, size)
-    if _compiled_tile_flags is None:  # one fused pass over the B x T x T grid instead of a dozen eager ones
-        _compiled_tile_flags = torch.compile(_tile_flags_eager, dynamic=False)
-    return _compiled_tile_flags(doc, img, bidirectional, size)
-
-
-def _tile_flags_eager(doc, img, bidirectional: bool, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 1, n, n) bools over tiles of size x size: the tile has some allowed pair; it has only allowed pairs.
-    T is padded up to whole tiles with positions that attend nothing."""
+def _allowed_grid(doc, img, bidirectional: bool, length: int) -> torch.Tensor:
+    """(B, length, length) bool: the rule on every (query, key) pair; positions past T (padding up to `length`)
+    attend nothing and are attended by nothing."""
     B, T = doc.shape
-    n = -(-T // size)
-    pos = torch.arange(n * size, device=doc.device)
+    pos = torch.arange(length, device=doc.device)
     inside = pos < T
     pos = pos.clamp(max=T - 1)
     b = torch.arange(B, device=doc.device)[:, None, None]
     allowed = mask_rule(doc, img, bidirectional)(b, 0, pos[None, :, None], pos[None, None, :])
-    allowed = allowed & inside[:, None] & inside[None, :]
-    tiles = allowed.view(B, n, size, n, size)
+    return allowed & inside[:, None] & inside[None, :]
+
+
+@functools.cache
+def _compiled(fn):
+    """`fn` compiled once, for CUDA tensors: flex attention is only fast compiled, and the tile flags become one
+    fused pass over the B x T x T grid instead of a dozen eager ones."""
+    return torch.compile(fn, dynamic=False)
+
+
+def _tile_flags(doc, img, bidirectional: bool, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, n, n) bools over tiles of size x size: the tile has some allowed pair; it has only allowed pairs.
+    T is padded up to whole tiles."""
+    B, T = doc.shape
+    n = -(-T // size)
+    tiles = _allowed_grid(doc, img, bidirectional, n * size).view(B, n, size, n, size)
     return tiles.any(4).any(2).unsqueeze(1), tiles.all(4).all(2).unsqueeze(1)
 
 
@@ -178,14 +175,11 @@ def _block_mask(rule, any_allowed: torch.Tensor, all_allowed: torch.Tensor, T: i
 
 
 def _flex(q, k, v, block, gqa: bool):
-    global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     if q.device.type != "cuda":
         return flex_attention(q, k, v, block_mask=block, enable_gqa=gqa)
-    if _compiled_flex is None:  # flex_attention is only fast when compiled
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block, enable_gqa=gqa, kernel_options=FLEX_KERNEL_OPTIONS)
+    return _compiled(flex_attention)(q, k, v, block_mask=block, enable_gqa=gqa, kernel_options=FLEX_KERNEL_OPTIONS)
 
 
 def attend(q, k, v, mask: AttentionMask | None) -> torch.Tensor:

@@ -149,15 +149,14 @@ class FusionTransformer(nn.Module):
         if most and most[0] > cfg.max_image_patches:
             raise InputError(f"an image has {most[0]} patches, more than max_image_patches={cfg.max_image_patches}")
 
-    def embed(self, tokens, patches=None, patch_mask=None, patch_index=None):
+    def embed(self, tokens, patches, patch_index):
+        """patch_index: the patches' flat positions (`_patch_index`), None where the batch has no patches."""
         x = self.tok_emb(tokens)
-        if patches is not None and patches.shape[0] > 0:
-            if patch_index is None:
-                patch_index = _patch_index(patch_mask, patches.shape[0])
-            # .to(x.dtype): under autocast the projection comes out in bf16 while the table lookup stays fp32
-            projected = self.patch_emb(patches.to(x.dtype)).to(x.dtype)
-            return x.flatten(0, 1).index_copy(0, patch_index, projected).view_as(x)
-        return x + _zero_touch(self.patch_emb)
+        if patch_index is None:
+            return x + _zero_touch(self.patch_emb)
+        # .to(x.dtype): under autocast the projection comes out in bf16 while the table lookup stays fp32
+        projected = self.patch_emb(patches.to(x.dtype)).to(x.dtype)
+        return x.flatten(0, 1).index_copy(0, patch_index, projected).view_as(x)
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
@@ -185,7 +184,7 @@ class FusionTransformer(nn.Module):
 
         with_patches = patches is not None and patches.shape[0] > 0
         patch_index = _patch_index(patch_mask, patches.shape[0]) if with_patches else None
-        x = self.drop(self.embed(tokens, patches, patch_mask, patch_index))
+        x = self.drop(self.embed(tokens, patches, patch_index))
         cos, sin = self.rotary(positions)
         decoding = cache is not None and cache.length > 0  # one new token attends to the whole cache
         mask = (

@@ -73,12 +73,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     return config
 
 
-def build_engine(cfg: TrainConfig, device: torch.device, patch_waits: bool = True):
-    """patch_waits: take the host waits out of DeepSpeed's ZeRO-1/2 step (train.zero_waits)."""
-    if patch_waits:
-        zero_waits.apply()
-    else:
-        zero_waits.restore()
+def build_engine(cfg: TrainConfig, device: torch.device):
+    zero_waits.apply()  # DeepSpeed's ZeRO-1/2 step without its host waits
     model = build_model(cfg.model)
     if cfg.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)

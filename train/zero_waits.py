@@ -65,7 +65,8 @@ def apply() -> bool:
 
 
 def restore() -> None:
-    """DeepSpeed as shipped (benchmarks/gpu_step.py's `waits` variant measures the difference)."""
+    """DeepSpeed as shipped, until the next apply() (benchmarks/gpu_step.py's `waits` variant measures the
+    difference). The patched names are looked up at each call, so this also affects engines built already."""
     if _ORIGINAL:
         from deepspeed.runtime.zero import stage_1_and_2 as zero
 
