@@ -1,11 +1,15 @@
 """Attention kernels alone, forward + backward, on the packed batches of benchmarks/gpu_step.py (one CUDA GPU).
 
-    python benchmarks/attention.py [--rows 16] [--heads 12] [--mask-block 128] [--kernels a,b] [--json out.json]
+    python benchmarks/attention.py [--rows 16] [--heads 12] [--mask-block 128] [--kernels a,b] [--pairwise]
+                                   [--json out.json]
 
 Per mask (full causal, text documents, mixed documents with bidirectional images) and kernel (SDPA's cuDNN,
 flash and memory-efficient kernels; flex_attention with several tile settings; torch's varlen flash kernel where
 the mask is causal within documents): milliseconds per layer and the useful TFLOP/s, counting only the allowed
 (query, key) pairs, 4 * D FLOPs each forward and 10 * D forward + backward.
+
+--pairwise adds each flex kernel run with the mask rule written pairwise (same document id and image id for
+query and key, as the rule is defined) instead of the model's interval form, on the same block mask.
 """
 
 from __future__ import annotations
@@ -50,6 +54,22 @@ def varlen(q, k, v, mask: AttentionMask):
     return out.view(B, T, H, D).transpose(1, 2)
 
 
+def pairwise(block, doc, img, bidirectional: bool):
+    """`block` with the rule as defined on (query, key) pairs: the form model.attention replaced."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def allowed(b, h, q, k):
+        ok = k <= q
+        if bidirectional:
+            ok = ok | ((img[b, q] >= 0) & (img[b, q] == img[b, k]))
+        return (doc[b, q] == doc[b, k]) & ok
+
+    fields = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+    fields += ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+    kw = {f: getattr(block, f) for f in fields}
+    return BlockMask(seq_lengths=block.seq_lengths, BLOCK_SIZE=block.BLOCK_SIZE, mask_mod=allowed, **kw)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=16)
@@ -59,6 +79,7 @@ def main(argv=None):
     ap.add_argument("--mask-block", type=int, default=attention.FLEX_BLOCK_SIZE, help="flex block-mask granularity")
     ap.add_argument("--kernels", help="comma-separated kernel names to run (default: all)")
     ap.add_argument("--masks", default="causal,text,mixed")
+    ap.add_argument("--pairwise", action="store_true", help="also run flex with the pairwise form of the rule")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     attention.FLEX_BLOCK_SIZE = args.mask_block
@@ -102,11 +123,13 @@ def main(argv=None):
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
             kernels[name] = fn
-        block = AttentionMask.build("flex", doc, img, bidirectional)
+        block = AttentionMask.build("flex", doc, img, bidirectional).block
+        forms = {"": block, "-pairwise": pairwise(block, doc, img, bidirectional)} if args.pairwise else {"": block}
         for name, options in FLEX_OPTIONS.items():
-            kernels[name] = lambda q, k, v, options=options, bm=block.block: flex(
-                q, k, v, block_mask=bm, kernel_options=options
-            )
+            for suffix, bm in forms.items():
+                kernels[name + suffix] = lambda q, k, v, options=options, bm=bm: flex(
+                    q, k, v, block_mask=bm, kernel_options=options
+                )
         if not bidirectional:
             flat = AttentionMask.build("flash", doc, img, False)
             kernels["varlen"] = lambda q, k, v, flat=flat: varlen(q, k, v, flat)

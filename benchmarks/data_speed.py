@@ -7,6 +7,10 @@ Builds a caption shard of 256x256 JPEGs cut from scikit-image's real photos (ran
 same), then times one StreamWorker (one dataloader worker's work) for each patch setting and prints images/s
 and tokens/s (sequence positions, patches included). Target: 500 images/s per worker.
 
+--scaling DIR measures what the host can feed: packed rows/s of the real StreamingLoader over the embedded
+mixture in DIR (batches of 32 rows of 2048) for each worker count in --workers, the trainer side only
+taking batches (no GPU); 0 workers is one StreamWorker in this process.
+
 --handoff DIR times the other side: how long the trainer's `next(loader)` takes for a batch that a worker has
 already made (32 rows of 2048 from the embedded mixture in DIR), with torch's two ways of sharing tensors
 between processes. That time is taken from the process that launches the GPU work.
@@ -99,16 +103,7 @@ def handoff(data_dir: str, strategy: str, batches: int = 4) -> dict:
     """Wall and CPU time of the trainer's next(loader) per ready batch (one worker, its prefetch queue full)."""
     from data.pipeline import StreamingLoader
 
-    mix = (("scenes-caption", 0.45), ("scenes-qa", 0.45), ("text", 0.10))
-    cfg = DataConfig(
-        sources=[SourceConfig(name, f"{data_dir}/{name}/train", w) for name, w in mix],
-        tokenizer=f"{data_dir}/tokenizer.model",
-        seq_len=2048,
-        batch_size=32,
-        workers=1,
-        patch_size=16,
-    )
-    loader = StreamingLoader(cfg, sharing=strategy)
+    loader = StreamingLoader(_mixture(data_dir, 1), sharing=strategy)
     next(loader)
     time.sleep(3 * batches)  # the worker fills its prefetch queue (4 batches) meanwhile
     wall, cpu = time.perf_counter(), time.thread_time()
@@ -121,6 +116,33 @@ def handoff(data_dir: str, strategy: str, batches: int = 4) -> dict:
     }
 
 
+def _mixture(data_dir: str, workers: int) -> DataConfig:
+    mix = (("scenes-caption", 0.45), ("scenes-qa", 0.45), ("text", 0.10))
+    return DataConfig(
+        sources=[SourceConfig(name, f"{data_dir}/{name}/train", w) for name, w in mix],
+        tokenizer=f"{data_dir}/tokenizer.model",
+        seq_len=2048,
+        batch_size=32,
+        workers=workers,
+        patch_size=16,
+    )
+
+
+def scaling(data_dir: str, workers: int, seconds: float) -> dict:
+    """Packed rows/s the loader delivers with `workers` processes (after each has made its first batch)."""
+    from data.pipeline import StreamingLoader
+
+    loader = StreamingLoader(_mixture(data_dir, workers))
+    for _ in range(max(1, workers)):
+        next(loader)
+    rows, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        rows += len(next(loader)["tokens"])
+    dt = time.perf_counter() - t0
+    del loader
+    return {"workers": workers, "rows_per_s": round(rows / dt, 1), "per_worker": round(rows / dt / max(1, workers), 1)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=2000)
@@ -128,7 +150,16 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default="artifacts/data/tokenizer.model")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--handoff", metavar="DIR", help="time the trainer's side of a batch handoff instead")
+    ap.add_argument("--scaling", metavar="DIR", help="rows/s of the real loader per worker count instead")
+    ap.add_argument("--workers", default="0,1,2,4,8", help="worker counts for --scaling")
     args = ap.parse_args(argv)
+    if args.scaling:
+        results = [scaling(args.scaling, int(n), args.seconds) for n in args.workers.split(",")]
+        for r in results:
+            print(f"{r['workers']:>3} workers: {r['rows_per_s']:>7} rows/s ({r['per_worker']} per worker)", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return
     if args.handoff:
         results = [handoff(args.handoff, s) for s in ("file_descriptor", "file_system")]
         for r in results:

@@ -295,7 +295,7 @@ def find_syncs(step) -> dict:
     sites: dict[str, int] = {}
 
     def record(message, *_args, **_kwargs):
-        if "synchroniz" not in str(message):  # another warning raised meanwhile (one came from set_sync_debug_mode)
+        if "synchronizing CUDA operation" not in str(message):  # another warning raised meanwhile
             return
         frames = [
             f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename
@@ -304,10 +304,10 @@ def find_syncs(step) -> dict:
         sites[key] = sites.get(key, 0) + 1
 
     torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")  # before recording: it warns about itself ("...synchronizing operations")
     with warnings.catch_warnings():  # restores showwarning on exit
         warnings.simplefilter("always")
         warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
         finally:

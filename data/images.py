@@ -74,7 +74,8 @@ def load_image(data: bytes, spec: ImageSpec) -> np.ndarray:
         target = fit_to_budget(h, w, spec) if swapped else fit_to_budget(w, h, spec)  # size after rotation
         if img.format == "JPEG":  # decode at a reduced DCT scale when the target is much smaller
             img.draft("RGB", (target[1], target[0]) if swapped else target)
-        img = ImageOps.exif_transpose(img)
+        if orientation != 1:  # exif_transpose would otherwise return a copy of the image, unchanged
+            img = ImageOps.exif_transpose(img)
         img = to_rgb(img)
         if img.size != target:
             img = img.resize(target, Image.BICUBIC, reducing_gap=3.0)

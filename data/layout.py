@@ -68,48 +68,52 @@ def layout_document(
 ) -> LaidOut:
     if scheme not in ("mrope", "rope1d"):
         raise ValueError(f"position scheme '{scheme}' is not 'mrope' or 'rope1d'")
-    tokens, is_patch, pos, img_idx, is_target, patch_arrays = [], [], [], [], [], []
+    # Parallel lists grown a segment at a time: `extend` runs at C speed, and documents are short enough that a numpy
+    # array per segment would cost more than it saves. Position ids are kept as three lists (t, h, w).
+    tokens, is_patch, img_idx, is_target, pt, ph, pw = [], [], [], [], [], [], []
+    patch_arrays = []
+
+    def put(tok, ids, patch, image, target):
+        tokens.extend(tok)
+        is_patch.extend(patch)
+        img_idx.extend(image)
+        is_target.extend(target)
+        for column, values in zip((pt, ph, pw), ids):
+            column.extend(values)
+
     p = 0
-
-    def put(tok, position, patch=False, image=-1, target=True):
-        tokens.append(tok)
-        is_patch.append(patch)
-        pos.append(position)
-        img_idx.append(image)
-        is_target.append(target)
-
     if bos:
-        put(special.bos, (0, 0, 0), target=False)
+        put([special.bos], ([0], [0], [0]), [False], [-1], [False])
         p = 1
-    n_images = 0
     for seg in segments:
         if isinstance(seg, np.ndarray):
-            patches = patchify(seg, patch_size)
+            image = len(patch_arrays)
+            patch_arrays.append(patchify(seg, patch_size))
             rows, cols = seg.shape[1] // patch_size, seg.shape[2] // patch_size
-            put(special.img_start, (p, p, p))
-            p += 1
-            for r in range(rows):
-                for c in range(cols):
-                    if scheme == "mrope":
-                        put(special.patch, (p, p + r, p + c), patch=True, image=n_images, target=False)
-                    else:
-                        put(special.patch, (p, p, p), patch=True, image=n_images, target=False)
-                        p += 1
-                if scheme == "rope1d":
-                    put(special.row_sep, (p, p, p), image=n_images, target=False)
-                    p += 1
+            start = p + 1  # after <img>
             if scheme == "mrope":
-                p += max(rows, cols)
-            put(special.img_end, (p, p, p), target=False)
-            p += 1
-            patch_arrays.append(patches)
-            n_images += 1
+                inner = [special.patch] * (rows * cols)
+                flags = [True] * len(inner)
+                t_ids = [start] * len(inner)
+                h_ids = [start + r for r in range(rows) for _ in range(cols)]
+                w_ids = list(range(start, start + cols)) * rows
+                ids = (t_ids, h_ids, w_ids)
+                end = start + max(rows, cols)
+            else:  # a <row> after each row of patches, one running position
+                inner = ([special.patch] * cols + [special.row_sep]) * rows
+                flags = ([True] * cols + [False]) * rows
+                ids = (range(start, start + len(inner)),) * 3
+                end = start + len(inner)
+            put([special.img_start], ([p],) * 3, [False], [-1], [True])
+            put(inner, ids, flags, [image] * len(inner), [False] * len(inner))
+            put([special.img_end], ([end],) * 3, [False], [-1], [False])
+            p = end + 1
         else:
-            for tok in seg:
-                put(int(tok), (p, p, p))
-                p += 1
+            n = len(seg)
+            put(seg, (range(p, p + n),) * 3, [False] * n, [-1] * n, [True] * n)
+            p += n
     if eos:
-        put(special.eos, (p, p, p))
+        put([special.eos], ([p],) * 3, [False], [-1], [True])
     tokens_a = np.asarray(tokens, dtype=np.int64)
     targets = np.full(len(tokens), IGNORE, dtype=np.int64)
     next_is_target = np.asarray(is_target[1:], dtype=bool)
@@ -117,7 +121,7 @@ def layout_document(
     return LaidOut(
         tokens=tokens_a,
         is_patch=np.asarray(is_patch, dtype=bool),
-        positions=np.asarray(pos, dtype=np.int64).reshape(-1, 3),
+        positions=np.array([pt, ph, pw], dtype=np.int64).reshape(3, -1).T.copy(),
         image_index=np.asarray(img_idx, dtype=np.int64),
         targets=targets,
         patches=np.concatenate(patch_arrays) if patch_arrays else np.zeros((0, 0), dtype=np.float32),

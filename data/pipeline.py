@@ -16,6 +16,7 @@ batches an uninterrupted run would have produced next.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import os
 import signal
@@ -151,9 +152,15 @@ class SourceStream:
         self.seed, self.shuffle, self.repeat, self.counts = seed, shuffle, repeat, counts
         self.pos = {"epoch": 0, "shard": 0, "offset": 0, "base": 0}  # base: samples in earlier shards this epoch
         self._loaded: tuple | None = None  # (epoch, shard index, samples, order)
+        self._planned: tuple[int, list] | None = None  # (epoch, plan): asked for once per sample
 
     def _plan(self, epoch: int) -> list[tuple[str, bool]]:
         """(shard path, split-by-sample) for this stream in this epoch."""
+        if self._planned is None or self._planned[0] != epoch:
+            self._planned = (epoch, self._make_plan(epoch))
+        return self._planned[1]
+
+    def _make_plan(self, epoch: int) -> list[tuple[str, bool]]:
         n = len(self.shards)
         order = np.random.default_rng(_seed(self.seed, self.name, epoch)).permutation(n) if self.shuffle else range(n)
         order = list(order)
@@ -222,6 +229,8 @@ class StreamWorker:
         if weights.sum() <= 0:
             raise DataError("source weights sum to zero")
         self.weights = weights / weights.sum()
+        cdf = self.weights.cumsum()
+        self._cdf = (cdf / cdf[-1]).tolist()  # as Generator.choice(p=weights) builds it: see _draw_source
         self.rng = np.random.default_rng(_seed(cfg.seed, "mix", stream))
         self.repeat = repeat
         self.start = 0  # offset into the first document (a replayed row may begin mid-document)
@@ -239,11 +248,16 @@ class StreamWorker:
             "counts": dict(self.counts),
         }
 
+    def _draw_source(self) -> int:
+        """The next document's source: the draw `rng.choice(len(sources), p=weights)` makes (its cumulative
+        table, one uniform draw, a right-bisection), without the argument checks it repeats on every call."""
+        return bisect.bisect_right(self._cdf, self.rng.random()) if len(self.sources) > 1 else 0
+
     def documents(self) -> Iterator:
         while True:
             before = self.position()
             if self.repeat:
-                i = int(self.rng.choice(len(self.sources), p=self.weights)) if len(self.sources) > 1 else 0
+                i = self._draw_source()
                 sample = self.sources[i].next()
             else:  # one pass: sources in order
                 sample, i = None, 0

@@ -1,7 +1,9 @@
 """Grouped-query self-attention over packed multimodal rows, with interchangeable kernels.
 
 One rule, three kernels. Query i may attend key j when both lie in the same document and either j <= i (causal)
-or, with the bidirectional image mask, both are patches of the same image. Kernels:
+or, with the bidirectional image mask, both are patches of the same image. Documents and images are contiguous
+runs of a row (packing makes them so; the model's input check refuses anything else), so the rule is an interval
+per query: j from the first position of i's document to i, or to the last patch of i's image. Kernels:
   - flex:  `flex_attention` with a block mask built once per batch (sparse: skips cross-document blocks);
   - sdpa:  `scaled_dot_product_attention` with an explicit (B, 1, T, T) boolean mask, the portable fallback;
   - flash: flash-attn's varlen kernel over document segments (causal only: it cannot express image blocks).
@@ -50,14 +52,30 @@ def resolve_backend(cfg: ModelConfig, device: torch.device) -> str:
     return "flex" if flex_ok else "sdpa"
 
 
-def mask_rule(doc: torch.Tensor, img: torch.Tensor, bidirectional: bool):
-    """The rule, written once: query q of row b may attend key k."""
+def attention_spans(doc: torch.Tensor, img: torch.Tensor, bidirectional: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), each (B, T): query t attends keys lo[t]..hi[t]. lo is the first position of t's document, hi is t
+    itself or, with bidirectional images, the last position of t's image. Fixed-shape ops only (no host wait)."""
+    B, T = doc.shape
+    t = torch.arange(T, device=doc.device).expand(B, T)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    lo = torch.where(starts, t, 0).cummax(1).values
+    if not bidirectional:
+        return lo, t
+    inside = img >= 0
+    last = inside.clone()
+    last[:, :-1] &= img[:, :-1] != img[:, 1:]
+    image_end = torch.where(last, t, T).flip(1).cummin(1).values.flip(1)  # the next image end at or after t
+    return lo, torch.where(inside, image_end, t)
+
+
+def mask_rule(lo: torch.Tensor, hi: torch.Tensor):
+    """The rule, written once (as flex's mask_mod): query q of row b may attend key k. Two loads indexed by the
+    query only; comparing document and image ids of query and key instead made flex 13% slower on mixed rows
+    (`benchmarks/attention.py --pairwise`)."""
 
     def allowed(b, h, q, k):
-        ok = k <= q
-        if bidirectional:
-            ok = ok | ((img[b, q] >= 0) & (img[b, q] == img[b, k]))
-        return (doc[b, q] == doc[b, k]) & ok
+        return (k >= lo[b, q]) & (k <= hi[b, q])
 
     return allowed
 
@@ -68,8 +86,8 @@ class AttentionMask:
 
     backend: str
     doc_ids: torch.Tensor  # (B, T)
-    image_ids: torch.Tensor  # (B, T), -1 outside images
-    bidirectional_images: bool
+    lo: torch.Tensor  # (B, T): `attention_spans`
+    hi: torch.Tensor
     dense: torch.Tensor | None = None  # sdpa: (B, 1, T, T) bool
     block: object | None = None  # flex: BlockMask
     cu_seqlens: torch.Tensor | None = None  # flash: document boundaries over the flattened batch
@@ -77,12 +95,12 @@ class AttentionMask:
 
     @classmethod
     def build(cls, backend: str, doc_ids, image_ids, bidirectional_images: bool) -> AttentionMask:
-        mask = cls(backend, doc_ids, image_ids, bidirectional_images)
+        mask = cls(backend, doc_ids, *attention_spans(doc_ids, image_ids, bidirectional_images))
         if backend == "sdpa":
             mask.dense_mask()
         elif backend == "flex":
             flags = _compiled(_tile_flags) if doc_ids.is_cuda else _tile_flags
-            tiles = flags(doc_ids, image_ids, bidirectional_images, FLEX_BLOCK_SIZE)
+            tiles = flags(mask.lo, mask.hi, FLEX_BLOCK_SIZE)
             mask.block = _block_mask(mask.rule(), *tiles, doc_ids.shape[1])
         elif backend == "flash":
             flat = doc_ids.reshape(-1)
@@ -100,25 +118,25 @@ class AttentionMask:
 
     def rule(self):
         """The mask rule as a flex mask_mod; `dense_mask` and the flex block mask evaluate it on the full grid."""
-        return mask_rule(self.doc_ids, self.image_ids, self.bidirectional_images)
+        return mask_rule(self.lo, self.hi)
 
     def dense_mask(self) -> torch.Tensor:
         """(B, 1, T, T) bool, built once per batch (SDPA uses it; the logit telemetry of every layer reuses it)."""
         if self.dense is None:
             T = self.doc_ids.shape[1]
-            self.dense = _allowed_grid(self.doc_ids, self.image_ids, self.bidirectional_images, T).unsqueeze(1)
+            self.dense = _allowed_grid(self.lo, self.hi, T).unsqueeze(1)
         return self.dense
 
 
-def _allowed_grid(doc, img, bidirectional: bool, length: int) -> torch.Tensor:
+def _allowed_grid(lo, hi, length: int) -> torch.Tensor:
     """(B, length, length) bool: the rule on every (query, key) pair; positions past T (padding up to `length`)
     attend nothing and are attended by nothing."""
-    B, T = doc.shape
-    pos = torch.arange(length, device=doc.device)
+    B, T = lo.shape
+    pos = torch.arange(length, device=lo.device)
     inside = pos < T
     pos = pos.clamp(max=T - 1)
-    b = torch.arange(B, device=doc.device)[:, None, None]
-    allowed = mask_rule(doc, img, bidirectional)(b, 0, pos[None, :, None], pos[None, None, :])
+    b = torch.arange(B, device=lo.device)[:, None, None]
+    allowed = mask_rule(lo, hi)(b, 0, pos[None, :, None], pos[None, None, :])
     return allowed & inside[:, None] & inside[None, :]
 
 
@@ -129,12 +147,12 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def _tile_flags(doc, img, bidirectional: bool, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _tile_flags(lo, hi, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 1, n, n) bools over tiles of size x size: the tile has some allowed pair; it has only allowed pairs.
     T is padded up to whole tiles."""
-    B, T = doc.shape
+    B, T = lo.shape
     n = -(-T // size)
-    tiles = _allowed_grid(doc, img, bidirectional, n * size).view(B, n, size, n, size)
+    tiles = _allowed_grid(lo, hi, n * size).view(B, n, size, n, size)
     return tiles.any(4).any(2).unsqueeze(1), tiles.all(4).all(2).unsqueeze(1)
 
 

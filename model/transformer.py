@@ -5,8 +5,8 @@ A batch is a dict of tensors laid out by the data layer (see README, "Batch form
   patches    (P, C*p*p)    normalised pixel patches, in the order their positions appear in the batch
   patch_mask (B, T) bool   True where a patch embedding replaces the token embedding
   positions  (B, T, 3)     (t, h, w) rotary ids, restarting per document; (B, T) for 1-D RoPE
-  doc_ids    (B, T)        document of each position; attention never crosses documents
-  image_ids  (B, T)        image of each position (unique within a row), -1 outside images
+  doc_ids    (B, T)        document of each position, one contiguous run each; attention never crosses documents
+  image_ids  (B, T)        image of each position (unique within a row, contiguous, inside one document), -1 outside
   targets    (B, T) long   next-token targets, -100 where there is none (image positions never are targets)
 """
 
@@ -24,6 +24,18 @@ from model.config import ModelConfig
 from model.rope import Rotary
 
 IGNORE = -100
+
+
+def _scattered_runs(ids: torch.Tensor) -> torch.Tensor:
+    """How many more runs than distinct ids (>= 0) the rows of a (B, T) id tensor have: nonzero when an id comes
+    back after another; attention reads documents and images as contiguous spans (model.attention)."""
+    valid = ids >= 0
+    run_starts = valid.clone()
+    run_starts[:, 1:] &= ids[:, 1:] != ids[:, :-1]
+    ordered = ids.sort(1).values
+    distinct = ordered >= 0
+    distinct[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+    return run_starts.sum() - distinct.sum()
 
 
 class InputError(ValueError):
@@ -121,7 +133,7 @@ class FusionTransformer(nn.Module):
         return resolve_backend(self.cfg, device)
 
     # ----------------------------------------------------------------------------------------------- inputs
-    def _check(self, tokens, patches, patch_mask, image_ids):
+    def _check(self, tokens, patches, patch_mask, doc_ids, image_ids):
         cfg = self.cfg
         B, T = tokens.shape
         if cfg.max_seq_len < T:
@@ -131,23 +143,40 @@ class FusionTransformer(nn.Module):
                 f"patch tensor has {patches.shape[-1]} values per patch; the config expects "
                 f"channels * patch_size**2 = {cfg.channels} * {cfg.patch_size}**2 = {cfg.patch_dim}"
             )
+        zero = tokens.new_zeros(())
+        most = straddling = zero  # most patches in one image; image positions continuing into another document
+        if patch_mask is not None and image_ids is not None:
+            key = (torch.arange(B, device=tokens.device)[:, None] * (T + 1) + image_ids + 1)[patch_mask]
+            most = torch.bincount(key).max() if key.numel() else zero
+        if doc_ids is not None and image_ids is not None:
+            same_image = (image_ids[:, 1:] == image_ids[:, :-1]) & (image_ids[:, 1:] >= 0)
+            straddling = (same_image & (doc_ids[:, 1:] != doc_ids[:, :-1])).sum()
         stats = [
             tokens.min(),
             tokens.max(),
-            patch_mask.sum() if patch_mask is not None else tokens.new_zeros(()),
+            patch_mask.sum() if patch_mask is not None else zero,
+            most,
+            _scattered_runs(doc_ids) if doc_ids is not None else zero,
+            _scattered_runs(image_ids) if image_ids is not None else zero,
+            straddling,
         ]
-        if patch_mask is not None and image_ids is not None:
-            key = (torch.arange(B, device=tokens.device)[:, None] * (T + 1) + image_ids + 1)[patch_mask]
-            stats.append(torch.bincount(key).max() if key.numel() else key.new_zeros(()))
-        lo, hi, n_patch_pos, *most = torch.stack([s.long() for s in stats]).tolist()
+        lo, hi, n_patch_pos, most, split_docs, split_images, straddling = torch.stack(
+            [s.long() for s in stats]
+        ).tolist()
+        if split_docs or split_images or straddling:
+            what = "a document" if split_docs else "an image" if split_images else "an image crossing documents"
+            raise InputError(
+                f"{what} is not one contiguous run of its row: doc_ids and image_ids must mark contiguous spans "
+                "(as data.packing lays them out), and an image must lie inside one document"
+            )
         if lo < 0 or hi >= cfg.vocab_size:
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
         n_patches = 0 if patches is None else patches.shape[0]
         if n_patch_pos != n_patches:
             raise InputError(f"patch_mask marks {n_patch_pos} positions but {n_patches} patches were given")
-        if most and most[0] > cfg.max_image_patches:
-            raise InputError(f"an image has {most[0]} patches, more than max_image_patches={cfg.max_image_patches}")
+        if most > cfg.max_image_patches:
+            raise InputError(f"an image has {most} patches, more than max_image_patches={cfg.max_image_patches}")
 
     def embed(self, tokens, patches, patch_index):
         """patch_index: the patches' flat positions (`_patch_index`), None where the batch has no patches."""
@@ -174,7 +203,7 @@ class FusionTransformer(nn.Module):
         B, T = tokens.shape
         dev = tokens.device
         if self.check_inputs:
-            self._check(tokens, patches, patch_mask, image_ids)
+            self._check(tokens, patches, patch_mask, doc_ids, image_ids)
         if positions is None:
             positions = torch.arange(T, device=dev).expand(B, T)
         if doc_ids is None:

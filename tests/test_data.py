@@ -220,6 +220,18 @@ def test_mixture_follows_weights(embedded):
         assert abs(sources[i] / 1500 - src.weight) < 0.04, (src.name, sources[i])
 
 
+def test_mixture_draws_are_numpys_choice(embedded):
+    """The fast draw makes the choices `Generator.choice(p=weights)` makes from the same generator state, so runs
+    keep their data order across the change (and with numpy's documented sampling)."""
+    cfg = mixture(embedded)
+    worker = StreamWorker(cfg, Tokenizer(cfg.tokenizer), 3, 4, None)
+    reference = np.random.default_rng()
+    reference.bit_generator.state = worker.rng.bit_generator.state
+    ours = [worker._draw_source() for _ in range(5000)]
+    assert ours == [int(reference.choice(len(cfg.sources), p=worker.weights)) for _ in range(5000)]
+    assert len(set(ours)) == len(cfg.sources)
+
+
 def run_loader(cfg, rank, world, n, state=None):
     loader = StreamingLoader(cfg, rank, world, state)
     out = []

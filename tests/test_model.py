@@ -71,6 +71,48 @@ def test_flex_and_sdpa_compute_the_same_function(tiny_cfg, image_mask, scheme):
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("scheme", ["mrope", "rope1d"])
+def test_interval_rule_is_the_pairwise_rule_on_packed_rows(bidirectional, scheme):
+    """The kernels' rule (query t attends keys lo[t]..hi[t]) against its definition on every pair: same document,
+    and causal or, with bidirectional images, both in the same image."""
+    from model.attention import AttentionMask
+
+    batch = packed_batch(seed=3, n_docs=12, seq_len=64, scheme=scheme)
+    doc, img = batch["doc_ids"], batch["image_ids"]
+    assert (img >= 0).any() and (doc[:, -1] > 0).all()  # images, and several documents per row
+    q, k = doc[:, :, None], doc[:, None, :]
+    pos = torch.arange(doc.shape[1])
+    allowed = pos[None, None, :] <= pos[None, :, None]
+    if bidirectional:
+        allowed = allowed | ((img[:, :, None] >= 0) & (img[:, :, None] == img[:, None, :]))
+    expected = (q == k) & allowed
+    got = AttentionMask.build("sdpa", doc, img, bidirectional).dense[:, 0]
+    assert torch.equal(got, expected)
+
+
+def test_ids_that_are_not_contiguous_spans_are_refused(tiny_cfg):
+    """The interval rule assumes what packing guarantees; a batch that breaks it is refused, not mis-masked."""
+    model = build_model(tiny_cfg)
+    batch = packed_batch(seed=10)
+    model(**batch)  # packed rows pass
+    doc = batch["doc_ids"].clone()
+    doc[0, 0] = int(doc[0].max())  # the row's last document comes back at its start
+    with pytest.raises(InputError, match="a document is not one contiguous run"):
+        model(**dict(batch, doc_ids=doc))
+    img = batch["image_ids"]
+    row = next(r for r in range(len(img)) if len(img[r][img[r] >= 0].unique()) >= 2)
+    first, second = img[row][img[row] >= 0].unique()[:2].tolist()
+    relabelled = img.clone()
+    relabelled[row, torch.nonzero(img[row] == first)[0, 0]] = second  # one patch of the first image joins the second
+    with pytest.raises(InputError, match="an image is not one contiguous run"):
+        model(**dict(batch, image_ids=relabelled))
+    doc = batch["doc_ids"].clone()
+    doc[row, torch.nonzero(img[row] == first)[-1, 0] :] += 1  # a new document from the image's last patch on
+    with pytest.raises(InputError, match="an image crossing documents"):
+        model(**dict(batch, doc_ids=doc))
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("T", [48, 44])
 def test_flex_block_mask_matches_torchs_create_block_mask(bidirectional, T):
     """The block mask built without a sort (no host wait) lists the same partial and full tiles, per query row and
