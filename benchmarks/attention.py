@@ -15,6 +15,7 @@ query and key, as the rule is defined) instead of the model's interval form, on 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 
@@ -55,8 +56,7 @@ def varlen(q, k, v, mask: AttentionMask):
 
 
 def pairwise(block, doc, img, bidirectional: bool):
-    """`block` with the rule as defined on (query, key) pairs: the form model.attention replaced."""
-    from torch.nn.attention.flex_attention import BlockMask
+    """`block` with the rule as defined on (query, key) pairs, the form model.attention replaced; same tiles."""
 
     def allowed(b, h, q, k):
         ok = k <= q
@@ -64,10 +64,9 @@ def pairwise(block, doc, img, bidirectional: bool):
             ok = ok | ((img[b, q] >= 0) & (img[b, q] == img[b, k]))
         return (doc[b, q] == doc[b, k]) & ok
 
-    fields = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
-    fields += ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
-    kw = {f: getattr(block, f) for f in fields}
-    return BlockMask(seq_lengths=block.seq_lengths, BLOCK_SIZE=block.BLOCK_SIZE, mask_mod=allowed, **kw)
+    out = copy.copy(block)
+    out.mask_mod = allowed
+    return out
 
 
 def main(argv=None):

@@ -117,43 +117,44 @@ class AttentionMask:
         return mask
 
     def rule(self):
-        """The mask rule as a flex mask_mod; `dense_mask` and the flex block mask evaluate it on the full grid."""
+        """The mask rule as a flex mask_mod; `dense_mask` evaluates it on the full grid."""
         return mask_rule(self.lo, self.hi)
 
     def dense_mask(self) -> torch.Tensor:
         """(B, 1, T, T) bool, built once per batch (SDPA uses it; the logit telemetry of every layer reuses it)."""
         if self.dense is None:
-            T = self.doc_ids.shape[1]
-            self.dense = _allowed_grid(self.lo, self.hi, T).unsqueeze(1)
+            self.dense = _allowed_grid(self.lo, self.hi).unsqueeze(1)
         return self.dense
 
 
-def _allowed_grid(lo, hi, length: int) -> torch.Tensor:
-    """(B, length, length) bool: the rule on every (query, key) pair; positions past T (padding up to `length`)
-    attend nothing and are attended by nothing."""
+def _allowed_grid(lo, hi) -> torch.Tensor:
+    """(B, T, T) bool: the rule on every (query, key) pair."""
     B, T = lo.shape
-    pos = torch.arange(length, device=lo.device)
-    inside = pos < T
-    pos = pos.clamp(max=T - 1)
+    pos = torch.arange(T, device=lo.device)
     b = torch.arange(B, device=lo.device)[:, None, None]
-    allowed = mask_rule(lo, hi)(b, 0, pos[None, :, None], pos[None, None, :])
-    return allowed & inside[:, None] & inside[None, :]
+    return mask_rule(lo, hi)(b, 0, pos[None, :, None], pos[None, None, :])
 
 
 @functools.cache
 def _compiled(fn):
     """`fn` compiled once, for CUDA tensors: flex attention is only fast compiled, and the tile flags become one
-    fused pass over the B x T x T grid instead of a dozen eager ones."""
+    fused pass instead of a dozen eager ones."""
     return torch.compile(fn, dynamic=False)
 
 
 def _tile_flags(lo, hi, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 1, n, n) bools over tiles of size x size: the tile has some allowed pair; it has only allowed pairs.
-    T is padded up to whole tiles."""
+    From the intervals directly, per (query, key tile), without the T x T grid. T is padded up to whole tiles;
+    padded positions attend nothing and are attended by nothing."""
     B, T = lo.shape
     n = -(-T // size)
-    tiles = _allowed_grid(lo, hi, n * size).view(B, n, size, n, size)
-    return tiles.any(4).any(2).unsqueeze(1), tiles.all(4).all(2).unsqueeze(1)
+    first = torch.arange(n, device=lo.device) * size  # each key tile's first key
+    last = first + size - 1  # and its last, which is padding when past T
+    lo = F.pad(lo, (0, n * size - T), value=T).view(B, n, size, 1)  # a padded query's interval is empty
+    hi = F.pad(hi, (0, n * size - T), value=-1).view(B, n, size, 1)
+    some = ((lo <= last.clamp(max=T - 1)) & (hi >= first)).any(2)
+    every = ((lo <= first) & (hi >= last)).all(2) & (last < T)
+    return some.unsqueeze(1), every.unsqueeze(1)
 
 
 def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

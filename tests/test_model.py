@@ -143,6 +143,25 @@ def test_flex_block_mask_matches_torchs_create_block_mask(bidirectional, T):
     assert mask.block.kv_indices.dtype == torch.int32 and int(mask.block.full_kv_num_blocks.sum()) > 0
 
 
+def test_flex_block_mask_keeps_a_key_tile_with_padding_partial():
+    """The corner the tile flags must get right: queries of a whole tile attend every real key of the last,
+    padded key tile (one image filling the row, T = 14 in tiles of 8), which is still not a full tile."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from model import attention
+
+    doc, img = torch.zeros(1, 14, dtype=torch.long), torch.zeros(1, 14, dtype=torch.long)
+    old = attention.FLEX_BLOCK_SIZE
+    attention.FLEX_BLOCK_SIZE = 8
+    try:
+        mask = attention.AttentionMask.build("flex", doc, img, True)
+    finally:
+        attention.FLEX_BLOCK_SIZE = old
+    ref = create_block_mask(mask.rule(), 1, None, 14, 14, device="cpu", BLOCK_SIZE=8)
+    assert mask.block.full_kv_num_blocks.tolist() == ref.full_kv_num_blocks.tolist() == [[[1, 0]]]
+    assert mask.block.kv_num_blocks.tolist() == ref.kv_num_blocks.tolist() == [[[1, 2]]]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs a CUDA device")
 @pytest.mark.parametrize("image_mask", ["bidirectional", "causal"])
 def test_flex_and_sdpa_gradients_agree_on_cuda(tiny_cfg, image_mask):
