@@ -10,6 +10,8 @@ the mask is causal within documents): milliseconds per layer and the useful TFLO
 
 --pairwise adds each flex kernel run with the mask rule written pairwise (same document id and image id for
 query and key, as the rule is defined) instead of the model's interval form, on the same block mask.
+--check adds each kernel's largest absolute error in the output and in dq, dk, dv against fp32 math attention
+under the dense mask (a fast kernel that computes something else is no option).
 """
 
 from __future__ import annotations
@@ -55,6 +57,31 @@ def varlen(q, k, v, mask: AttentionMask):
     return out.view(B, T, H, D).transpose(1, 2)
 
 
+def varlen_cudnn(q, k, v, mask: AttentionMask):
+    """cuDNN's ragged (packed-sequence) attention, causal within each document."""
+    B, H, T, D = q.shape
+    flat = [t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v)]
+    cu, n = mask.cu_seqlens, mask.max_seqlen
+    out = torch.ops.aten._cudnn_attention_forward(*flat, None, cu, cu, n, n, True, 0.0, True, False)[0]
+    return out.view(B, T, H, D).transpose(1, 2)
+
+
+def fwd_bwd(fn, q, k, v, grad) -> list[torch.Tensor]:
+    """Output and input gradients of one call, in fp32."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(grad.to(out.dtype))
+    return [t.float() for t in (out.detach(), q.grad, k.grad, v.grad)]
+
+
+def math_reference(q, k, v, dense: torch.Tensor, grad) -> list[torch.Tensor]:
+    def fn(q, k, v):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+
+    return fwd_bwd(fn, q.float(), k.float(), v.float(), grad.float())
+
+
 def pairwise(block, doc, img, bidirectional: bool):
     """`block` with the rule as defined on (query, key) pairs, the form model.attention replaced; same tiles."""
 
@@ -79,6 +106,7 @@ def main(argv=None):
     ap.add_argument("--kernels", help="comma-separated kernel names to run (default: all)")
     ap.add_argument("--masks", default="causal,text,mixed")
     ap.add_argument("--pairwise", action="store_true", help="also run flex with the pairwise form of the rule")
+    ap.add_argument("--check", action="store_true", help="each kernel's error against fp32 math attention")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     attention.FLEX_BLOCK_SIZE = args.mask_block
@@ -132,22 +160,30 @@ def main(argv=None):
         if not bidirectional:
             flat = AttentionMask.build("flash", doc, img, False)
             kernels["varlen"] = lambda q, k, v, flat=flat: varlen(q, k, v, flat)
+            kernels["varlen-cudnn"] = lambda q, k, v, flat=flat: varlen_cudnn(q, k, v, flat)
+        grad = torch.randn_like(q)
+        reference = math_reference(q, k, v, dense.dense, grad) if args.check else None
         for name, fn in kernels.items():
             if args.kernels and name not in args.kernels.split(","):
                 continue
             try:
                 dt = time_fwd_bwd(fn, q, k, v)
                 row = {"mask": kind, "kernel": name, "ms": 1000 * dt, "useful_tflops": 10 * D * pairs / dt / 1e12}
+                if reference:
+                    got = fwd_bwd(fn, q, k, v, grad)
+                    errors = [(a - b).abs().max().item() for a, b in zip(got, reference, strict=True)]
+                    row["max_error"] = dict(zip(("out", "dq", "dk", "dv"), errors, strict=True))
             except Exception as e:  # a kernel that cannot run this mask or tile: report why and go on
                 row = {"mask": kind, "kernel": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             row["density"] = pairs / (B * H * T * T)
             row["mask_block"] = args.mask_block
             results.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{'mask':<7} {'kernel':<22} {'ms fwd+bwd':>10} {'useful TFLOP/s':>15}")
+    print(f"\n{'mask':<7} {'kernel':<22} {'ms fwd+bwd':>10} {'useful TFLOP/s':>15}  max error out/dq/dk/dv")
     for r in results:
         if "ms" in r:
-            print(f"{r['mask']:<7} {r['kernel']:<22} {r['ms']:>10.3f} {r['useful_tflops']:>15.1f}")
+            err = " / ".join(f"{e:.3g}" for e in r["max_error"].values()) if "max_error" in r else ""
+            print(f"{r['mask']:<7} {r['kernel']:<22} {r['ms']:>10.3f} {r['useful_tflops']:>15.1f}  {err}")
         else:
             print(f"{r['mask']:<7} {r['kernel']:<22} {r['error'][:60]}")
     if args.json:

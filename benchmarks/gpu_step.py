@@ -16,12 +16,16 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
   plain      our model with fused AdamW and autocast but no DeepSpeed (to measure the engine's own cost)
   whole      compile the whole model as one graph instead of block by block
   waits      DeepSpeed's ZeRO-1/2 step as shipped, with its host waits (train.zero_waits not applied)
+  gradloss   the loss's logits gradient made in the forward pass (benchmarks/grad_loss.py; tried, not taken)
   rows=N     packed rows per micro-batch                          [the config's data.batch_size]
   amp        fp32 weights under torch.autocast (DeepSpeed's torch_autocast) instead of bf16 weights
-  tiles=MxN[/M1xN1xM2xN2]  flex kernel tiles, forward [and backward] (tiles=torch: torch's defaults);
+  tiles=MxN[/M1xN1xM2xN2]  flex kernel tiles for the config's head dim, forward [and backward] (tiles=torch:
+                           torch's defaults);
                                                                   mask=N: block-mask granularity
                                                                   [model.attention's]
   @KEY=VALUE any config override, e.g. @deepspeed.grad_clip=0
+
+--set KEY=VALUE[,KEY=VALUE] applies overrides to every variant and to the reference (e.g. model.head_dim=128).
 
 Per variant: tokens/s (per GPU), MFU (6N + attention FLOPs over the GPU's dense bf16 peak) and peak memory.
 Per config and row count, a plain reference GPT of the same width, depth and vocabulary (RMSNorm, GELU MLP, causal
@@ -68,7 +72,7 @@ def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **e
 
 def parse_variant(text: str) -> dict:
     v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
-    v.update(fd=False, plain=False, whole=False, waits=False, rows=None, name=text, overrides=[])
+    v.update(fd=False, plain=False, whole=False, waits=False, gradloss=False, rows=None, name=text, overrides=[])
     v["tiles"], v["mask_block"] = FLEX_DEFAULTS
     for word in text.split(":"):
         if word in ATTENTION:
@@ -79,7 +83,7 @@ def parse_variant(text: str) -> dict:
             v["batch"] = word
         elif word in ("z0", "z1", "z2", "z3"):
             v["zero"] = int(word[1])
-        elif word in ("ac", "plain", "whole", "waits"):
+        elif word in ("ac", "plain", "whole", "waits", "gradloss"):
             v[word] = True
         elif word == "fd":  # workers pass tensors by file descriptor (torch's default) instead of the trainer's way
             v["fd"] = True
@@ -190,6 +194,7 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str):
 
 
 def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str, profile: bool, sync_sites: bool):
+    from benchmarks import grad_loss
     from train import zero_waits
     from train.engine import apply_activation_checkpointing, apply_compile, build_engine, param_groups, step_clip
     from train.step import TrainStep
@@ -204,7 +209,9 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
     if v["rows"]:
         overrides.append(f"data.batch_size={v['rows']}")
     cfg = load_config(cfg_path, overrides + v["overrides"])
-    attention.FLEX_KERNEL_OPTIONS, attention.FLEX_BLOCK_SIZE = v["tiles"], v["mask_block"]
+    grad_loss.install(v["gradloss"])
+    attention.FLEX_BLOCK_SIZE = v["mask_block"]
+    attention.FLEX_KERNEL_OPTIONS = v["tiles"] if v["tiles"] is FLEX_DEFAULTS[0] else {cfg.model.head_dim: v["tiles"]}
     rows, T = cfg.data.batch_size, cfg.data.seq_len
     torch.manual_seed(0)
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -343,6 +350,7 @@ def main(argv=None):
     ap.add_argument("--variants", default="flex:text,flex:mixed,sdpa:mixed,flex:mixed:eager")
     ap.add_argument("--data", default="artifacts/data", help="embedded-format shards for the loader variants")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--set", default="", help="config overrides for every variant and the reference, comma-separated")
     ap.add_argument("--json")
     ap.add_argument("--profile", action="store_true", help="GPU busy share and top kernels per variant")
     ap.add_argument("--syncs", action="store_true", help="the call sites that make one step wait for the GPU")
@@ -366,6 +374,7 @@ def main(argv=None):
         references = set()
         for text in args.variants.split(","):
             v = parse_variant(text)
+            v["overrides"] = [o for o in args.set.split(",") if o] + v["overrides"]
             r, cfg = bench_variant(CONFIGS[name], v, args.steps, args.vocab, args.data, args.profile, args.syncs)
             torch._dynamo.reset()
             gc.collect()  # DeepSpeed engines hold reference cycles: free the last one before the next peak

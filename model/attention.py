@@ -25,11 +25,11 @@ from model.config import ConfigError, ModelConfig
 from model.rope import apply_rotary
 
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
-# flex tiles: the block mask's granularity and the forward kernel's tiles. 64 x 64 tiles waste less work on the
-# partial blocks of short packed documents than torch's defaults: +8% tokens/s for a 125M step on an H100
-# (benchmarks/attention.py and gpu_step.py; docs/PERFORMANCE.md).
+# flex tiles: the block mask's granularity, and the forward kernel's tiles per head dim. With heads of 64, 64 x 64
+# tiles waste less work on the partial blocks of short packed documents than torch's defaults (+8% tokens/s for a
+# 125M step on an H100); with heads of 128 torch's defaults are best (benchmarks/attention.py; PERFORMANCE.md).
 FLEX_BLOCK_SIZE = 128
-FLEX_KERNEL_OPTIONS: dict | None = {"BLOCK_M": 64, "BLOCK_N": 64}
+FLEX_KERNEL_OPTIONS: dict[int, dict | None] = {64: {"BLOCK_M": 64, "BLOCK_N": 64}}  # head dims not listed: torch's
 
 
 def resolve_backend(cfg: ModelConfig, device: torch.device) -> str:
@@ -198,7 +198,8 @@ def _flex(q, k, v, block, gqa: bool):
 
     if q.device.type != "cuda":
         return flex_attention(q, k, v, block_mask=block, enable_gqa=gqa)
-    return _compiled(flex_attention)(q, k, v, block_mask=block, enable_gqa=gqa, kernel_options=FLEX_KERNEL_OPTIONS)
+    options = FLEX_KERNEL_OPTIONS.get(q.shape[-1])
+    return _compiled(flex_attention)(q, k, v, block_mask=block, enable_gqa=gqa, kernel_options=options)
 
 
 def attend(q, k, v, mask: AttentionMask | None) -> torch.Tensor:

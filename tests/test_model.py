@@ -271,6 +271,35 @@ def test_loss_is_text_cross_entropy_plus_z_loss(tiny_cfg):
     assert out.image_loss == 0
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_gradient_made_in_forward_equals_autograd(tied):
+    """benchmarks/grad_loss.py (a variant gpu_step.py measures) makes the logits' gradient in the forward pass;
+    the hidden states' and the head's gradients must equal autograd's through the plain definition (cross-entropy
+    + z-loss over the targets that are not IGNORE), for an upstream gradient other than one too, and with the head
+    tied to the embedding table."""
+    from benchmarks.grad_loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (2, 9))
+    targets[0, :3] = IGNORE
+    loss, text, z = linear_cross_entropy(h, w, targets, 0.01)
+    extra = w[targets.clamp(min=0)].sum() if tied else 0  # the embedding lookup's gradient adds to the head's
+    (2.5 * loss + extra).backward()
+    assert not text.requires_grad and not z.requires_grad  # for the logs: the gradient flows through `loss`
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    logits, valid = h2 @ w2.T, targets != IGNORE
+    ce = F.cross_entropy(logits[valid], targets[valid])
+    zl = 0.01 * torch.logsumexp(logits[valid], -1).square().mean()
+    (2.5 * (ce + zl) + (w2[targets.clamp(min=0)].sum() if tied else 0)).backward()
+    torch.testing.assert_close((text, z, loss), (ce, zl, ce + zl))
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    with torch.no_grad():  # evaluation: no gradient made at all, the same values
+        torch.testing.assert_close(linear_cross_entropy(h, w, targets, 0.01), (loss, text, z))
+
+
 def test_every_parameter_gets_a_gradient_without_images(tiny_cfg):
     """Data-parallel ranks must reduce the same gradients whether or not their batch holds an image."""
     model = build_model(with_(tiny_cfg, image_mask="causal", image_loss_weight=1.0))
