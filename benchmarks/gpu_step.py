@@ -28,10 +28,10 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
 --set KEY=VALUE[,KEY=VALUE] applies overrides to every variant and to the reference (e.g. model.head_dim=128).
 
 Per variant: tokens/s (per GPU), MFU (6N + attention FLOPs over the GPU's dense bf16 peak) and peak memory.
-Per config and row count, a plain reference GPT of the same width, depth and vocabulary (RMSNorm, GELU MLP, causal
-SDPA, compiled, fused AdamW, bf16 autocast, no DeepSpeed) on the same number of tokens, so every figure has a ratio
-next to it. --profile adds, per variant, the GPU's busy share of the step and the top kernels; --syncs, the call
-sites where one step makes the host wait for the GPU.
+Per config and row count, a plain reference GPT of the same width, depth, heads and vocabulary (RMSNorm, GELU MLP,
+causal SDPA, compiled, fused AdamW, bf16 autocast, no DeepSpeed) on the same number of tokens, so every figure has
+a ratio next to it. --profile adds, per variant, the GPU's busy share of the step and the top kernels; --syncs, the
+call sites where one step makes the host wait for the GPU.
 """
 
 from __future__ import annotations
