@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from model import IGNORE, FusionTransformer
+from model.transformer import pick_targets
 
 
 def _losses(logits: torch.Tensor, targets: torch.Tensor, z_weight: float, with_grad: bool):
@@ -19,15 +20,7 @@ def _losses(logits: torch.Tensor, targets: torch.Tensor, z_weight: float, with_g
     valid = targets != IGNORE
     n = valid.sum().clamp(min=1)
     lse = torch.logsumexp(logits, dim=-1)
-    if torch.compiler.is_compiling():
-        # The target picked by comparison with the vocabulary index instead of `gather`: it shares the log-sum-exp's
-        # read of the logits, and the one-hot below stays inside the fused kernel. Eagerly it would materialise a
-        # B x T x V tensor, hence only when compiled.
-        hit = torch.arange(logits.shape[-1], device=logits.device) == targets.unsqueeze(-1)
-        target_logit = torch.where(hit, logits, 0.0).sum(-1)
-    else:
-        hit = None
-        target_logit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    target_logit, hit = pick_targets(logits, targets)  # compiled, the one-hot stays inside the fused kernel
     text = ((lse - target_logit) * valid).sum() / n
     z = z_weight * (lse.square() * valid).sum() / n
     if not with_grad:

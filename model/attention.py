@@ -85,7 +85,6 @@ class AttentionMask:
     """Everything a kernel needs to apply the mask rule to one batch; built once, shared by all layers."""
 
     backend: str
-    doc_ids: torch.Tensor  # (B, T)
     lo: torch.Tensor  # (B, T): `attention_spans`
     hi: torch.Tensor
     dense: torch.Tensor | None = None  # sdpa: (B, 1, T, T) bool
@@ -95,7 +94,7 @@ class AttentionMask:
 
     @classmethod
     def build(cls, backend: str, doc_ids, image_ids, bidirectional_images: bool) -> AttentionMask:
-        mask = cls(backend, doc_ids, *attention_spans(doc_ids, image_ids, bidirectional_images))
+        mask = cls(backend, *attention_spans(doc_ids, image_ids, bidirectional_images))
         if backend == "sdpa":
             mask.dense_mask()
         elif backend == "flex":

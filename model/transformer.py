@@ -59,6 +59,19 @@ def _patch_index(patch_mask: torch.Tensor, n_patches: int) -> torch.Tensor:
     return torch.nonzero_static(patch_mask.flatten(), size=n_patches).squeeze(-1)
 
 
+def pick_targets(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(each position's target logit, the B x T x V one-hot of the targets when compiled, else None).
+
+    Compiled, the target is picked by comparison with the vocabulary index instead of `gather`: the backward is
+    then one element-wise kernel (softmax minus one-hot) instead of a scatter into a zeroed B x T x V fp32 tensor
+    plus a second pass, and the forward shares the log-sum-exp's read of the logits: -2.6 ms of GPU time per 125M
+    step on an H100 (docs/PERFORMANCE.md). Eagerly the one-hot would be materialised, hence `gather` there."""
+    if torch.compiler.is_compiling():
+        hit = torch.arange(logits.shape[-1], device=logits.device) == targets.unsqueeze(-1)
+        return torch.where(hit, logits, 0.0).sum(-1), hit
+    return logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1), None
+
+
 def _zero_touch(linear: nn.Linear) -> torch.Tensor:
     """A zero that depends on every parameter of a layer the batch did not use: its gradients are zeros, not
     None, so data-parallel ranks reduce the same gradients whether or not their batch held an image. It runs
@@ -249,16 +262,7 @@ class FusionTransformer(nn.Module):
         valid = targets != IGNORE
         n = valid.sum().clamp(min=1)
         lse = torch.logsumexp(logits, dim=-1)
-        if torch.compiler.is_compiling():
-            # The target logit picked by comparing with the vocabulary index instead of `gather`: the backward is
-            # then one element-wise kernel (softmax minus one-hot) instead of a scatter into a zeroed B x T x V
-            # fp32 tensor plus a second pass, and the forward shares the log-sum-exp's read of the logits.
-            # -2.6 ms of GPU time per 125M step on an H100 (docs/PERFORMANCE.md). Eagerly it would materialise
-            # a B x T x V one-hot, hence only when compiled.
-            hit = torch.arange(logits.shape[-1], device=logits.device) == targets.unsqueeze(-1)
-            target_logit = torch.where(hit, logits, 0.0).sum(-1)
-        else:
-            target_logit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        target_logit, _ = pick_targets(logits, targets)
         return ((lse - target_logit) * valid).sum() / n, self.cfg.z_loss * (lse.square() * valid).sum() / n
 
     def _image_loss(self, h, patches, patch_index, image_ids) -> torch.Tensor:

@@ -114,7 +114,7 @@ def test_ids_that_are_not_contiguous_spans_are_refused(tiny_cfg):
 
 @pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("T", [48, 44])
-def test_flex_block_mask_matches_torchs_create_block_mask(bidirectional, T):
+def test_flex_block_mask_matches_torchs_create_block_mask(bidirectional, T, monkeypatch):
     """The block mask built without a sort (no host wait) lists the same partial and full tiles, per query row and
     per key column, as torch's create_block_mask; T = 44 leaves a padded, partial last tile."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -124,12 +124,8 @@ def test_flex_block_mask_matches_torchs_create_block_mask(bidirectional, T):
     batch = packed_batch(seed=2)
     assert batch["doc_ids"].shape[1] == 48
     doc, img = batch["doc_ids"][:, :T], batch["image_ids"][:, :T]
-    old = attention.FLEX_BLOCK_SIZE
-    attention.FLEX_BLOCK_SIZE = 8
-    try:
-        mask = attention.AttentionMask.build("flex", doc, img, bidirectional)
-    finally:
-        attention.FLEX_BLOCK_SIZE = old
+    monkeypatch.setattr(attention, "FLEX_BLOCK_SIZE", 8)
+    mask = attention.AttentionMask.build("flex", doc, img, bidirectional)
     ref = create_block_mask(mask.rule(), doc.shape[0], None, T, T, device="cpu", BLOCK_SIZE=8)
     for count, index in [("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")] + [
         ("q_num_blocks", "q_indices"),
@@ -143,7 +139,7 @@ def test_flex_block_mask_matches_torchs_create_block_mask(bidirectional, T):
     assert mask.block.kv_indices.dtype == torch.int32 and int(mask.block.full_kv_num_blocks.sum()) > 0
 
 
-def test_flex_block_mask_keeps_a_key_tile_with_padding_partial():
+def test_flex_block_mask_keeps_a_key_tile_with_padding_partial(monkeypatch):
     """The corner the tile flags must get right: queries of a whole tile attend every real key of the last,
     padded key tile (one image filling the row, T = 14 in tiles of 8), which is still not a full tile."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -151,12 +147,8 @@ def test_flex_block_mask_keeps_a_key_tile_with_padding_partial():
     from model import attention
 
     doc, img = torch.zeros(1, 14, dtype=torch.long), torch.zeros(1, 14, dtype=torch.long)
-    old = attention.FLEX_BLOCK_SIZE
-    attention.FLEX_BLOCK_SIZE = 8
-    try:
-        mask = attention.AttentionMask.build("flex", doc, img, True)
-    finally:
-        attention.FLEX_BLOCK_SIZE = old
+    monkeypatch.setattr(attention, "FLEX_BLOCK_SIZE", 8)
+    mask = attention.AttentionMask.build("flex", doc, img, True)
     ref = create_block_mask(mask.rule(), 1, None, 14, 14, device="cpu", BLOCK_SIZE=8)
     assert mask.block.full_kv_num_blocks.tolist() == ref.full_kv_num_blocks.tolist() == [[[1, 0]]]
     assert mask.block.kv_num_blocks.tolist() == ref.kv_num_blocks.tolist() == [[[1, 2]]]
