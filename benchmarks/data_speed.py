@@ -8,8 +8,8 @@ same), then times one StreamWorker (one dataloader worker's work) for each patch
 and tokens/s (sequence positions, patches included). Target: 500 images/s per worker.
 
 --scaling DIR measures what the host can feed: packed rows/s of the real StreamingLoader over the embedded
-mixture in DIR (batches of 32 rows of 2048) for each worker count in --workers, the trainer side only
-taking batches (no GPU); 0 workers is one StreamWorker in this process.
+mixture in DIR, raw or prepared (`python -m data.prepared`), in batches of 32 rows of 2048, for each worker count
+in --workers, the trainer side only taking batches (no GPU); 0 workers is one StreamWorker in this process.
 
 --handoff DIR times the other side: how long the trainer's `next(loader)` takes for a batch that a worker has
 already made (32 rows of 2048 from the embedded mixture in DIR), with torch's two ways of sharing tensors

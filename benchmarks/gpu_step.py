@@ -117,7 +117,7 @@ def synthetic_batch(rows: int, seq: int, vocab: int, patch: int, mixed: bool, se
         segments = [text]
         if mixed:
             side = patch * int(rng.integers(8, 17))  # 64 to 256 patches per image
-            segments = [rng.standard_normal((3, side, side)).astype(np.float32), text[:40]]
+            segments = [rng.integers(0, 256, (3, side, side), dtype=np.uint8), text[:40]]  # pixels, as loaded
         out += packer.add(layout_document(segments, SPECIAL, patch, "mrope"))
     return collate(out[:rows])
 
@@ -295,30 +295,52 @@ def profile_steps(step, n: int = 3) -> dict:
 
 
 def find_syncs(step) -> dict:
-    """Call sites of the operations that made the host wait for the GPU during one step (CUDA sync debug mode)."""
+    """Call sites of the operations that made the host wait for the GPU during one step: those CUDA's sync debug
+    mode reports (a value read back, a copy from pageable memory), and explicit waits, which it does not report
+    (torch.cuda.synchronize, Stream/Event.synchronize: DeepSpeed's throughput timer called the first twice a step)."""
     import traceback
     import warnings
 
     sites: dict[str, int] = {}
 
-    def record(message, *_args, **_kwargs):
-        if "synchronizing CUDA operation" not in str(message):  # another warning raised meanwhile
-            return
+    def note(skip: int = 1):
         frames = [
-            f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename
+            f for f in traceback.extract_stack()[:-skip] if "/torch/" not in f.filename and "warnings" not in f.filename
         ]
         key = " <- ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in reversed(frames[-5:]))
         sites[key] = sites.get(key, 0) + 1
 
+    def record(message, *_args, **_kwargs):
+        if "synchronizing CUDA operation" in str(message):  # not another warning raised meanwhile
+            note(2)
+
+    def counted(owner, name):
+        original = getattr(owner, name)
+
+        def wait(*args, **kwargs):
+            note(2)
+            return original(*args, **kwargs)
+
+        return owner, name, original, wait
+
+    explicit = [
+        counted(torch.cuda, "synchronize"),
+        counted(torch.cuda.Stream, "synchronize"),
+        counted(torch.cuda.Event, "synchronize"),
+    ]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")  # before recording: it warns about itself ("...synchronizing operations")
     with warnings.catch_warnings():  # restores showwarning on exit
         warnings.simplefilter("always")
         warnings.showwarning = record
+        for owner, name, _, wait in explicit:
+            setattr(owner, name, wait)
         try:
             step()
         finally:
             torch.cuda.set_sync_debug_mode(0)
+            for owner, name, original, _ in explicit:
+                setattr(owner, name, original)
     return sites
 
 

@@ -1,7 +1,8 @@
 """Lay out one multimodal document as a flat sequence the model reads: tokens, patches, positions, targets.
 
 A document is a list of segments, each a list of text token ids or an image array (C, H, W) whose sides are
-multiples of the patch size. Each image becomes <img> patches... </img>, its patches row by row:
+multiples of the patch size: uint8 pixels as the loader decodes them, or floats already normalised (the model takes
+either). Each image becomes <img> patches... </img>, its patches row by row:
   - "mrope":  patch (r, c) gets position ids (p, p + r, p + c) where p is the image's start; text after the image
               resumes at p + max(rows, cols), one past the image's largest id. Text gets equal (t, t, t) ids.
   - "rope1d": Fuyu's layout: a <row> token after each patch row and one running 1-D position for everything.
@@ -37,7 +38,7 @@ class LaidOut:
     positions: np.ndarray  # (T, 3) int64
     image_index: np.ndarray  # (T,) int64, image number within the document or -1
     targets: np.ndarray  # (T,) int64, IGNORE where no target
-    patches: np.ndarray  # (P, C * p * p) float32
+    patches: np.ndarray  # (P, C * p * p), the images' dtype (uint8 pixels from the loader)
     meta: dict = field(default_factory=dict)  # provenance the pipeline attaches (sample key, stream state)
 
     def __len__(self) -> int:
@@ -55,7 +56,7 @@ def patchify(image: np.ndarray, patch_size: int) -> np.ndarray:
     if h % p or w % p:
         raise ValueError(f"image of {h}x{w} pixels is not a multiple of patch_size={p}")
     x = image.reshape(c, h // p, p, w // p, p).transpose(1, 3, 0, 2, 4)
-    return np.ascontiguousarray(x.reshape((h // p) * (w // p), c * p * p), dtype=np.float32)
+    return np.ascontiguousarray(x.reshape((h // p) * (w // p), c * p * p))
 
 
 def layout_document(
@@ -124,5 +125,5 @@ def layout_document(
         positions=np.array([pt, ph, pw], dtype=np.int64).reshape(3, -1).T.copy(),
         image_index=np.asarray(img_idx, dtype=np.int64),
         targets=targets,
-        patches=np.concatenate(patch_arrays) if patch_arrays else np.zeros((0, 0), dtype=np.float32),
+        patches=np.concatenate(patch_arrays) if patch_arrays else np.zeros((0, 0), dtype=np.uint8),
     )

@@ -78,7 +78,7 @@ class Row:
                 prior = int(doc.is_patch[:s].sum())  # patches before this piece, in sequence order
                 patches.append(doc.patches[prior : prior + int(doc.is_patch[s:e].sum())])
             at += n
-        out["patches"] = np.concatenate(patches) if patches else np.zeros((0, patch_dim), dtype=np.float32)
+        out["patches"] = np.concatenate(patches) if patches else np.zeros((0, patch_dim), dtype=np.uint8)
         out["pieces"] = [(doc.meta.get("key", ""), s, e) for doc, s, e in self.pieces]
         return out
 

@@ -35,6 +35,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 from data.images import ImageSpec
 from data.layout import layout_document
 from data.packing import ImageTooLong, Packer, collate
+from data.prepared import PreparedMismatch, fingerprint
 from data.samples import Skip, to_segments
 from data.shards import resolve_shards
 from data.tokenizer import Tokenizer
@@ -171,7 +172,8 @@ class SourceStream:
     def _load(self, epoch: int, index: int, path: str, by_sample: bool, base: int):
         samples = read_shard(path, self.counts)
         n = len(samples)
-        rng = np.random.default_rng(_seed(self.seed, self.name, epoch, path))
+        # by file name, not path: a moved (or prepared, `data.prepared`) copy of a dataset is read in the same order
+        rng = np.random.default_rng(_seed(self.seed, self.name, epoch, os.path.basename(path)))
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         if by_sample:  # the epoch's k-th sample (counting across shards from `base`) goes to stream k % S
             order = order[(self.stream - base) % self.n_streams :: self.n_streams]
@@ -218,6 +220,7 @@ class StreamWorker:
         repeat: bool = True,
     ):
         self.cfg, self.tok = cfg, tokenizer
+        self.fingerprint = fingerprint(tokenizer.model_bytes, cfg.image_spec)  # what prepared samples must match
         self.counts: Counter = Counter()
         sources = cfg.sources if sources is None else sources
         if not sources:
@@ -269,11 +272,13 @@ class StreamWorker:
                     return
             self.counts["samples"] += 1
             try:
-                kind, segments = to_segments(sample, self.tok.encode, self.cfg.image_spec)
+                kind, segments = to_segments(sample, self.tok.encode, self.cfg.image_spec, fingerprint=self.fingerprint)
                 doc = layout_document(segments, self.tok.special, self.cfg.patch_size, self.cfg.position_scheme)
             except Skip as e:
                 self._skip(e.reason)
                 continue
+            except PreparedMismatch as e:
+                raise DataError(f"source '{self.sources[i].name}': {e}") from e
             except Exception as e:  # never let one sample kill a worker: count it under its type
                 self._skip(f"error_{type(e).__name__}")
                 continue
@@ -366,6 +371,12 @@ class PackedDataset(IterableDataset):
         yield from worker.batches(logical)
 
 
+def _as_made(batch: dict) -> dict:
+    """The batch as the worker made it: torch's default_convert would walk every row's piece list (~1k tuples)
+    looking for numpy arrays that are not there."""
+    return batch
+
+
 def _ignore_job_signals(_worker_id: int) -> None:
     """USR1 (SLURM's warning before preemption) and USR2 are the trainer's business, but SLURM delivers them to
     every process of a job step. Ignored here, they are also ignored by the torch_shm_manager a worker launches
@@ -407,6 +418,7 @@ class StreamingLoader:
             prefetch_factor=4 if cfg.workers else None,
             persistent_workers=False,
             pin_memory=pin_memory,
+            collate_fn=_as_made,
             worker_init_fn=_ignore_job_signals,
         )
         self._it = None

@@ -6,6 +6,7 @@ Members of one sample share a key (webdataset groups `KEY.ext` files). Three kin
                                                           (its KEY.json is metadata and is ignored)
   interleaved  KEY.json {"segments": [{"text": "..."}, {"image": "0.jpg"}, ...]} + KEY.0.jpg, KEY.1.png, ...
                each image segment names a member of the same sample by its extension
+  prepared     KEY.seg: any of the three, tokenised and decoded by `python -m data.prepared`
 A sample that cannot be used raises `Skip` with a counter name; the pipeline counts it and goes on.
 """
 
@@ -15,11 +16,14 @@ import json
 from collections.abc import Callable
 
 from data.images import ImageSpec, Skip, load_image
+from data.prepared import decode_sample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 
 
 def sample_kind(sample: dict) -> str:
+    if "seg" in sample:
+        return "prepared"
     meta = sample.get("json")
     if meta is not None and b'"segments"' in meta:
         return "interleaved"
@@ -41,9 +45,17 @@ def _text(data: bytes | None, what: str) -> str:
         raise Skip("bad_utf8", f"{what}: {e}") from e
 
 
-def to_segments(sample: dict, encode: Callable[[str], list[int]], spec: ImageSpec) -> tuple[str, list]:
-    """(kind, segments): segments are token-id lists and (3, H, W) image arrays, in reading order."""
+def to_segments(
+    sample: dict,
+    encode: Callable[[str], list[int]],
+    spec: ImageSpec,
+    fingerprint: int | None = None,
+) -> tuple[str, list]:
+    """(kind, segments): segments are token-id lists and (3, H, W) uint8 images, in reading order.
+    fingerprint: what prepared samples must have been made with (`data.prepared.fingerprint`); None accepts any."""
     kind = sample_kind(sample)
+    if kind == "prepared":
+        return decode_sample(sample["seg"], fingerprint)
     if kind == "text":
         return kind, [encode(_text(sample["txt"], "text"))]
     if kind == "caption":

@@ -65,21 +65,27 @@ class DatasetWriter:
 
     def close(self) -> dict:
         self.writer.close()
-        manifest = {
-            "shards": self.shards,
-            "samples": sum(s["samples"] for s in self.shards),
-            "bytes": sum(s["bytes"] for s in self.shards),
-        }
-        tmp = self.out / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(self.out / "manifest.json")
-        return manifest
+        return write_manifest(self.out, self.shards)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def write_manifest(out: Path, shards: list[dict], **extra) -> dict:
+    """manifest.json for the shards in `out`, written atomically: its presence means a complete set."""
+    manifest = {
+        "shards": shards,
+        "samples": sum(s["samples"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        **extra,
+    }
+    tmp = Path(out) / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(Path(out) / "manifest.json")
+    return manifest
 
 
 def resolve_shards(spec: str | list[str]) -> list[str]:

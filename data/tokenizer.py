@@ -44,6 +44,11 @@ class Tokenizer:
         )
 
     @property
+    def model_bytes(self) -> bytes:
+        """The serialised model: what prepared shards are checked against (`data.prepared.fingerprint`)."""
+        return self.sp.serialized_model_proto()
+
+    @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 

@@ -2,7 +2,8 @@
 
 A batch is a dict of tensors laid out by the data layer (see README, "Batch format"):
   tokens     (B, T) long   token ids; at patch positions any valid id (ignored)
-  patches    (P, C*p*p)    normalised pixel patches, in the order their positions appear in the batch
+  patches    (P, C*p*p)    uint8 pixel patches (mapped to [-1, 1] here), or floats already normalised, in the order
+                           their positions appear in the batch
   patch_mask (B, T) bool   True where a patch embedding replaces the token embedding
   positions  (B, T, 3)     (t, h, w) rotary ids, restarting per document; (B, T) for 1-D RoPE
   doc_ids    (B, T)        document of each position, one contiguous run each; attention never crosses documents
@@ -24,6 +25,12 @@ from model.config import ModelConfig
 from model.rope import Rotary
 
 IGNORE = -100
+
+
+def unit_pixels(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1], on the device: the loader hands over a quarter of the bytes floats take.
+    Float patches are taken as already normalised (synthetic inputs, tests)."""
+    return patches.float() * (2.0 / 255.0) - 1.0 if patches.dtype == torch.uint8 else patches
 
 
 def _scattered_runs(ids: torch.Tensor) -> torch.Tensor:
@@ -197,7 +204,7 @@ class FusionTransformer(nn.Module):
         if patch_index is None:
             return x + _zero_touch(self.patch_emb)
         # .to(x.dtype): under autocast the projection comes out in bf16 while the table lookup stays fp32
-        projected = self.patch_emb(patches.to(x.dtype)).to(x.dtype)
+        projected = self.patch_emb(unit_pixels(patches).to(x.dtype)).to(x.dtype)
         return x.flatten(0, 1).index_copy(0, patch_index, projected).view_as(x)
 
     # ---------------------------------------------------------------------------------------------- forward
@@ -279,7 +286,7 @@ class FusionTransformer(nn.Module):
         key = (rows + image_ids).flatten()[patch_index]
         same_image = (key[1:] == key[:-1]).float()
         pred = self.patch_head(h.flatten(0, 1)[patch_index[:-1]]).float()
-        target = patches[1:].float()
+        target = unit_pixels(patches[1:]).float()
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
         err = (pred - target).square().mean(-1)
         return (err * same_image).sum() / same_image.sum().clamp(min=1)

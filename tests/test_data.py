@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from conftest import SPECIAL, mixture
 from PIL import Image
 
@@ -16,7 +17,15 @@ from data.check import check
 from data.images import ImageSpec, Skip, load_image
 from data.layout import layout_document
 from data.packing import ImageTooLong, Packer
-from data.pipeline import DataError, SourceConfig, SourceStream, StreamingLoader, StreamWorker, eval_batches
+from data.pipeline import (
+    DataError,
+    SourceConfig,
+    SourceStream,
+    StreamingLoader,
+    StreamWorker,
+    eval_batches,
+    read_shard,
+)
 from data.shards import DatasetWriter, resolve_shards
 from data.tokenizer import CONTROL_SYMBOLS, Tokenizer, iter_texts
 from data.tokenizer import main as tokenizer_cli
@@ -127,7 +136,7 @@ def test_every_mode_decodes_to_rgb(mode):
     fmt = "TIFF" if mode in ("CMYK", "I;16", "I") else "PNG"
     arr = load_image(image_bytes(img, fmt), ImageSpec(patch_size=8, max_patches=64))
     assert arr.shape[0] == 3 and arr.shape[1] % 8 == 0 and arr.shape[2] % 8 == 0
-    assert arr.dtype == np.float32 and arr.min() >= -1.0 and arr.max() <= 1.0 and arr.std() > 0.05
+    assert arr.dtype == np.uint8 and arr.std() > 12  # pixels, not a flat image
 
 
 def test_exif_orientation_is_applied():
@@ -363,3 +372,66 @@ def test_skip_rate_over_threshold_stops_with_a_clear_error(bad_shards, embedded)
     with pytest.raises(DataError, match="over max_skip_rate=5.0%"):
         for _ in range(50):
             next(loader)
+
+
+# ------------------------------------------------------------------------------------------ prepared shards
+@pytest.fixture(scope="module")
+def prepared(embedded, tmp_path_factory):
+    """The embedded build prepared for patches of 8 (the mixture's), by the CLI, two processes."""
+    from data.prepared import main as prepare_cli
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare_cli([str(embedded), str(out), "--tokenizer", str(embedded / "tokenizer.model"), "--patch-size", "8",
+                 "--workers", "2"])  # fmt: skip
+    return out
+
+
+def test_prepared_shards_feed_the_same_batches(embedded, prepared):
+    """Read from prepared shards, the loader makes the batches it makes from the raw ones, bit for bit, and its
+    state resumes either: the same shard names, sample order and keys, only tokenised and decoded already."""
+    assert (prepared / "tokenizer.model").read_bytes() == (embedded / "tokenizer.model").read_bytes()
+    manifest = json.loads((prepared / "scenes-qa" / "train" / "manifest.json").read_text())
+    assert manifest["prepared"]["counts"]["written"] == manifest["samples"] > 0
+    with tarfile.open(prepared / "scenes-qa" / "train" / manifest["shards"][0]["path"]) as tar:
+        assert {m.name.split(".", 1)[1] for m in tar} == {"seg"}  # one member per sample
+    raw, _ = run_loader(mixture(embedded, workers=2), 0, 1, 6)
+    ours, state = run_loader(mixture(prepared, workers=2), 0, 1, 6)
+    assert [p for p, _, _ in ours] == [p for p, _, _ in raw]
+    for (_, t1, p1), (_, t2, p2) in zip(ours, raw):
+        assert (t1 == t2).all() and p1.dtype == torch.uint8 and (p1 == p2).all()
+    tail, _ = run_loader(mixture(embedded, workers=2), 0, 1, 2, state)  # a prepared run resumed on raw shards
+    full, _ = run_loader(mixture(embedded, workers=2), 0, 1, 8)
+    assert [p for p, _, _ in tail] == [p for p, _, _ in full[6:]]
+
+
+def test_prepared_shards_refuse_another_tokenizer_or_patch(embedded, prepared):
+    cfg = mixture(prepared, patch_size=16, workers=0)
+    worker = StreamWorker(cfg, Tokenizer(cfg.tokenizer), 0, 1, None)
+    with pytest.raises(DataError, match="another tokenizer, patch size or max_image_patches"):
+        next(worker.batches(0))
+    from data.prepared import prepare
+
+    with pytest.raises(ValueError, match="must not be"):
+        prepare(embedded, embedded / "inside", str(embedded / "tokenizer.model"), ImageSpec(8))
+
+
+def test_a_damaged_prepared_sample_is_a_counted_skip(prepared, tmp_path):
+    from data.prepared import decode_sample
+
+    src = prepared / "scenes-caption" / "train" / "shard-00000.tar"
+    with tarfile.open(src) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(tmp_path / "cut.tar", "w") as tar:
+        for i, (m, data) in enumerate(members):
+            data = data[:-5] if i == 1 else data[:3] if i == 2 else data  # short of its pixels; not even a header
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    counts: Counter = Counter()
+    samples = read_shard(str(tmp_path / "cut.tar"), counts)
+    outcomes = []
+    for s in samples:
+        try:
+            outcomes.append(decode_sample(s["seg"], None)[0])
+        except Skip as e:
+            outcomes.append(e.reason)
+    assert outcomes[:3] == ["caption", "bad_prepared", "bad_prepared"] and len(outcomes) == len(members)

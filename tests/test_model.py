@@ -464,3 +464,20 @@ def test_telemetry_max_attention_logit(tiny_cfg):
     value = model.max_attention_logit()
     assert value is not None and torch.isfinite(value) and value > 0
     assert out.logit_norm > 0
+
+
+def test_uint8_pixels_are_the_normalised_floats(tiny_cfg):
+    """The loader hands over uint8 pixels; the model maps them to [-1, 1] itself, as floats given already
+    normalised: same logits, same text and image losses."""
+    rng = np.random.default_rng(5)
+    pixels = [rng.integers(0, 256, (3, 8, 12), dtype=np.uint8), rng.integers(0, 256, (3, 4, 4), dtype=np.uint8)]
+    text = rng.integers(7, VOCAB, 6).tolist()
+    as_uint8 = single_doc_batch([pixels[0], text, pixels[1], text])
+    as_float = single_doc_batch([(p / 127.5 - 1).astype(np.float32) for p in pixels[:1]] + [text] +
+                                [(pixels[1] / 127.5 - 1).astype(np.float32), text])  # fmt: skip
+    assert as_uint8["patches"].dtype == torch.uint8 and as_float["patches"].dtype == torch.float32
+    model = build_model(with_(tiny_cfg, image_loss_weight=1.0, image_mask="causal")).eval()
+    a, b = model(**as_uint8, return_logits=True), model(**as_float, return_logits=True)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.image_loss, b.image_loss, atol=1e-5, rtol=1e-5)
+    assert a.image_loss > 0

@@ -62,6 +62,9 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed calls any client optimizer "untested"
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # Its throughput timer calls torch.cuda.synchronize() at the start and the end of every step, for a
+        # samples/s log line this trainer never prints: the GPU's queue ran dry each step (PERFORMANCE.md, round 6).
+        "timers": {"throughput": {"enabled": False}},
     }
     if ds.autocast:
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}

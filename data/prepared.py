@@ -1,0 +1,185 @@
+"""Prepared shards: samples stored tokenised and decoded, so that a loader worker only reads and packs.
+
+    python -m data.prepared SRC OUT --tokenizer tok.model --patch-size 16 [--max-image-patches 256] [--workers N]
+
+Why: on small documents a worker's time goes to per-sample work that is the same every epoch: SentencePiece,
+Pillow decoding and resizing, and tar headers for each member (`benchmarks/data_speed.py --prepared`). Preparing
+does it once, as Megatron's and OLMo's pre-tokenised datasets do for text.
+
+OUT mirrors SRC: each dataset directory below SRC (one holding a manifest.json or *.tar) is written shard by
+shard under the same names, samples in the same order with the same keys, so the loader's plan and shuffles are
+the same and its batches are identical to those read from SRC; other files (the tokenizer, dataset.json) are
+copied. A sample that cannot be used is dropped and counted in the new manifest's "prepared" entry, as the
+loader would have skipped it. Each shard is written to a temporary name and renamed, and the manifest last.
+
+A prepared sample is one member, KEY.seg, little-endian:
+    b"FSG1", uint32 fingerprint, int32 kind (0 text, 1 caption, 2 interleaved), int32 number of segments,
+    then per segment int32 (type, a, b) and its payload:
+      type 0, text:  a token ids as int32
+      type 1, image: 3 x a x b uint8 RGB pixels (channels first), resized to the patch budget, padded to 4 bytes
+The fingerprint names the tokenizer model and the image budget (patch size, patches per image) it was made
+with; a run whose tokenizer or budget differs stops with `PreparedMismatch` instead of training on wrong ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import struct
+import zlib
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from data.images import ImageSpec, Skip
+
+MAGIC = b"FSG1"
+KINDS = ("text", "caption", "interleaved")
+_HEAD = struct.Struct("<4sIii")
+_SEG = struct.Struct("<iii")
+
+
+class PreparedMismatch(RuntimeError):
+    """Prepared samples made with another tokenizer or image budget than the run's: a config error, not a skip."""
+
+
+def fingerprint(tokenizer_model: bytes, spec: ImageSpec) -> int:
+    """What a prepared sample depends on: the tokenizer model's bytes, the patch size and the patches per image."""
+    return zlib.crc32(f"{spec.patch_size}/{spec.max_patches}".encode(), zlib.crc32(tokenizer_model))
+
+
+def encode_sample(kind: str, segments: list, fp: int) -> bytes:
+    """segments: token-id lists and (3, H, W) uint8 images, in reading order."""
+    parts = [_HEAD.pack(MAGIC, fp, KINDS.index(kind), len(segments))]
+    for seg in segments:
+        if isinstance(seg, np.ndarray):
+            _, h, w = seg.shape
+            pixels = np.ascontiguousarray(seg, dtype=np.uint8).tobytes()
+            parts += [_SEG.pack(1, h, w), pixels, b"\0" * (-len(pixels) % 4)]
+        else:
+            parts += [_SEG.pack(0, len(seg), 0), np.asarray(seg, dtype="<i4").tobytes()]
+    return b"".join(parts)
+
+
+def decode_sample(data: bytes, fp: int | None) -> tuple[str, list]:
+    """(kind, segments) as `data.samples.to_segments` gives them; fp=None accepts any fingerprint."""
+    try:
+        magic, got, kind, n = _HEAD.unpack_from(data, 0)
+        if magic != MAGIC:
+            raise ValueError(f"magic {magic!r} is not {MAGIC!r}")
+        if fp is not None and got != fp:
+            raise PreparedMismatch(
+                f"a prepared sample has fingerprint {got:08x}, this run expects {fp:08x}: it was prepared with "
+                "another tokenizer, patch size or max_image_patches (the dataset's manifest.json says which)"
+            )
+        at, segments = _HEAD.size, []
+        for _ in range(n):
+            typ, a, b = _SEG.unpack_from(data, at)
+            at += _SEG.size
+            if typ == 0:
+                segments.append(np.frombuffer(data, "<i4", a, at).tolist())
+                at += 4 * a
+            elif typ == 1:
+                segments.append(np.frombuffer(data, np.uint8, a * b * 3, at).reshape(3, a, b))
+                at += a * b * 3 + (-(a * b * 3) % 4)
+            else:
+                raise ValueError(f"segment type {typ}")
+        if at != len(data):
+            raise ValueError(f"{len(data) - at} bytes after the last segment")
+        return KINDS[kind], segments
+    except PreparedMismatch:
+        raise
+    except (ValueError, IndexError, struct.error) as e:
+        raise Skip("bad_prepared", str(e)) from e
+
+
+def _dataset_dirs(src: Path) -> list[Path]:
+    candidates = [src, *src.rglob("*")]
+    return sorted(d for d in candidates if d.is_dir() and ((d / "manifest.json").exists() or any(d.glob("*.tar"))))
+
+
+def _prepare_shard(job: tuple) -> tuple[dict, dict]:
+    """One shard of SRC into OUT under the same name; returns its manifest entry and its counts."""
+    from data.pipeline import read_shard
+    from data.samples import to_segments
+    from data.tokenizer import Tokenizer
+
+    src, out, tokenizer, spec = job
+    tok = Tokenizer(tokenizer)
+    fp = fingerprint(tok.model_bytes, spec)
+    counts: Counter = Counter()
+    tmp = out.with_name(out.name + ".tmp")
+    with wds.TarWriter(str(tmp), encoder=False, mtime=0) as writer:
+        for sample in read_shard(str(src), counts):
+            counts["samples"] += 1
+            try:
+                kind, segments = to_segments(sample, tok.encode, spec, fp)
+            except Skip as e:
+                counts[f"skip/{e.reason}"] += 1
+                continue
+            writer.write({"__key__": sample["__key__"], "seg": encode_sample(kind, segments, fp)})
+            counts["written"] += 1
+    tmp.replace(out)
+    return {"path": out.name, "samples": counts["written"], "bytes": out.stat().st_size}, dict(counts)
+
+
+def prepare(src: Path, out: Path, tokenizer: str, spec: ImageSpec, workers: int | None = None) -> dict:
+    """Prepare every dataset directory below src into out; returns {relative dir: its counts}."""
+    from data.shards import resolve_shards, write_manifest
+    from data.tokenizer import Tokenizer
+
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ValueError(f"{out} must not be {src} or inside it")
+    fp = fingerprint(Tokenizer(tokenizer).model_bytes, spec)
+    dirs = _dataset_dirs(src)
+    if not dirs:
+        raise ValueError(f"{src} holds no dataset directory (manifest.json or *.tar)")
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        if path.suffix != ".tar" and path.name != "manifest.json":  # the tokenizer, dataset.json, notes
+            (out / path.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, out / path.relative_to(src))
+    report = {}
+    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        for d in dirs:
+            target = out / d.relative_to(src)
+            target.mkdir(parents=True, exist_ok=True)
+            jobs = [(Path(p), target / Path(p).name, tokenizer, spec) for p in resolve_shards(str(d))]
+            results = list(pool.map(_prepare_shard, jobs))
+            counts = sum((Counter(c) for _, c in results), Counter())
+            info = {
+                "tokenizer": str(tokenizer),
+                "fingerprint": f"{fp:08x}",
+                "patch_size": spec.patch_size,
+                "max_image_patches": spec.max_patches,
+                "counts": dict(sorted(counts.items())),
+            }
+            write_manifest(target, [entry for entry, _ in results], prepared=info)
+            report[str(d.relative_to(src))] = info["counts"]
+    return report
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--patch-size", type=int, required=True)
+    ap.add_argument("--max-image-patches", type=int, default=256)
+    ap.add_argument("--max-image-pixels", type=int, default=64_000_000)
+    ap.add_argument("--workers", type=int, help="processes (default: every core)")
+    args = ap.parse_args(argv)
+    spec = ImageSpec(args.patch_size, args.max_image_patches, args.max_image_pixels)
+    report = prepare(args.src, args.out, args.tokenizer, spec, args.workers)
+    for d, counts in report.items():
+        skips = {k: v for k, v in counts.items() if k.startswith("skip/")}
+        print(f"{d or '.'}: {counts.get('written', 0)} of {counts.get('samples', 0)} samples prepared", end="")
+        print(f", skipped {skips}" if skips else "")
+
+
+if __name__ == "__main__":
+    main()
