@@ -10,7 +10,8 @@ OUT mirrors SRC: each dataset directory below SRC (one holding a manifest.json o
 shard under the same names, samples in the same order with the same keys, so the loader's plan and shuffles are
 the same and its batches are identical to those read from SRC; other files (the tokenizer, dataset.json) are
 copied. A sample that cannot be used is dropped and counted in the new manifest's "prepared" entry, as the
-loader would have skipped it. Each shard is written to a temporary name and renamed, and the manifest last.
+loader would have skipped it. A directory's shards are written under temporary names and renamed only when all of
+them are done, then its manifest: a prepare killed midway leaves no set that reads as complete (or as shards).
 
 A prepared sample is one member, KEY.seg, little-endian:
     b"FSG1", uint32 fingerprint, int32 kind (0 text, 1 caption, 2 interleaved), int32 number of segments,
@@ -102,8 +103,8 @@ def _dataset_dirs(src: Path) -> list[Path]:
     return sorted(d for d in candidates if d.is_dir() and ((d / "manifest.json").exists() or any(d.glob("*.tar"))))
 
 
-def _prepare_shard(job: tuple) -> tuple[dict, dict]:
-    """One shard of SRC into OUT under the same name; returns its manifest entry and its counts."""
+def _prepare_shard(job: tuple) -> dict:
+    """One shard of SRC into OUT's `NAME.tmp`; returns its counts."""
     from data.pipeline import read_shard
     from data.samples import to_segments
     from data.tokenizer import Tokenizer
@@ -112,8 +113,7 @@ def _prepare_shard(job: tuple) -> tuple[dict, dict]:
     tok = Tokenizer(tokenizer)
     fp = fingerprint(tok.model_bytes, spec)
     counts: Counter = Counter()
-    tmp = out.with_name(out.name + ".tmp")
-    with wds.TarWriter(str(tmp), encoder=False, mtime=0) as writer:
+    with wds.TarWriter(str(out) + ".tmp", encoder=False, mtime=0) as writer:
         for sample in read_shard(str(src), counts):
             counts["samples"] += 1
             try:
@@ -123,8 +123,7 @@ def _prepare_shard(job: tuple) -> tuple[dict, dict]:
                 continue
             writer.write({"__key__": sample["__key__"], "seg": encode_sample(kind, segments, fp)})
             counts["written"] += 1
-    tmp.replace(out)
-    return {"path": out.name, "samples": counts["written"], "bytes": out.stat().st_size}, dict(counts)
+    return dict(counts)
 
 
 def prepare(src: Path, out: Path, tokenizer: str, spec: ImageSpec, workers: int | None = None) -> dict:
@@ -150,7 +149,11 @@ def prepare(src: Path, out: Path, tokenizer: str, spec: ImageSpec, workers: int 
             target.mkdir(parents=True, exist_ok=True)
             jobs = [(Path(p), target / Path(p).name, tokenizer, spec) for p in resolve_shards(str(d))]
             results = list(pool.map(_prepare_shard, jobs))
-            counts = sum((Counter(c) for _, c in results), Counter())
+            entries = []
+            for (_, shard, _, _), c in zip(jobs, results):
+                Path(str(shard) + ".tmp").replace(shard)
+                entries.append({"path": shard.name, "samples": c.get("written", 0), "bytes": shard.stat().st_size})
+            counts = sum((Counter(c) for c in results), Counter())
             info = {
                 "tokenizer": str(tokenizer),
                 "fingerprint": f"{fp:08x}",
@@ -158,7 +161,7 @@ def prepare(src: Path, out: Path, tokenizer: str, spec: ImageSpec, workers: int 
                 "max_image_patches": spec.max_patches,
                 "counts": dict(sorted(counts.items())),
             }
-            write_manifest(target, [entry for entry, _ in results], prepared=info)
+            write_manifest(target, entries, prepared=info)
             report[str(d.relative_to(src))] = info["counts"]
     return report
 

@@ -392,6 +392,7 @@ def test_prepared_shards_feed_the_same_batches(embedded, prepared):
     assert (prepared / "tokenizer.model").read_bytes() == (embedded / "tokenizer.model").read_bytes()
     manifest = json.loads((prepared / "scenes-qa" / "train" / "manifest.json").read_text())
     assert manifest["prepared"]["counts"]["written"] == manifest["samples"] > 0
+    assert not list(prepared.rglob("*.tmp"))  # shards are renamed into place once a directory is done
     with tarfile.open(prepared / "scenes-qa" / "train" / manifest["shards"][0]["path"]) as tar:
         assert {m.name.split(".", 1)[1] for m in tar} == {"seg"}  # one member per sample
     raw, _ = run_loader(mixture(embedded, workers=2), 0, 1, 6)
