@@ -135,12 +135,22 @@ def scaling(data_dir: str, workers: int, seconds: float) -> dict:
     loader = StreamingLoader(_mixture(data_dir, workers))
     for _ in range(max(1, workers)):
         next(loader)
-    rows, t0 = 0, time.perf_counter()
+    batches, rows, pieces, nbytes, t0 = 0, 0, 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        rows += len(next(loader)["tokens"])
+        batch = next(loader)
+        batches += 1
+        rows += len(batch["tokens"])
+        pieces += sum(len(row) for row in loader.last_pieces)
+        nbytes += sum(t.nbytes for t in batch.values())
     dt = time.perf_counter() - t0
     del loader
-    return {"workers": workers, "rows_per_s": round(rows / dt, 1), "per_worker": round(rows / dt / max(1, workers), 1)}
+    return {
+        "workers": workers,
+        "rows_per_s": round(rows / dt, 1),
+        "per_worker": round(rows / dt / max(1, workers), 1),
+        "documents_per_row": round(pieces / rows, 1),  # pieces: a document cut across rows counts in each
+        "mb_per_batch": round(nbytes / 1e6 / batches, 2),
+    }
 
 
 def main(argv=None):
@@ -156,7 +166,11 @@ def main(argv=None):
     if args.scaling:
         results = [scaling(args.scaling, int(n), args.seconds) for n in args.workers.split(",")]
         for r in results:
-            print(f"{r['workers']:>3} workers: {r['rows_per_s']:>7} rows/s ({r['per_worker']} per worker)", flush=True)
+            print(
+                f"{r['workers']:>3} workers: {r['rows_per_s']:>7} rows/s ({r['per_worker']} per worker), "
+                f"{r['documents_per_row']} documents a row, {r['mb_per_batch']} MB a batch of 32 rows",
+                flush=True,
+            )
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
         return

@@ -25,6 +25,7 @@ with; a run whose tokenizer or budget differs stops with `PreparedMismatch` inst
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import struct
@@ -98,20 +99,21 @@ def decode_sample(data: bytes, fp: int | None) -> tuple[str, list]:
         raise Skip("bad_prepared", str(e)) from e
 
 
-def _dataset_dirs(src: Path) -> list[Path]:
-    candidates = [src, *src.rglob("*")]
-    return sorted(d for d in candidates if d.is_dir() and ((d / "manifest.json").exists() or any(d.glob("*.tar"))))
+@functools.cache
+def _tokenizer(path: str):
+    """One per process of the pool, whatever the number of shards it prepares."""
+    from data.tokenizer import Tokenizer
+
+    return Tokenizer(path)
 
 
 def _prepare_shard(job: tuple) -> dict:
     """One shard of SRC into OUT's `NAME.tmp`; returns its counts."""
     from data.pipeline import read_shard
     from data.samples import to_segments
-    from data.tokenizer import Tokenizer
 
-    src, out, tokenizer, spec = job
-    tok = Tokenizer(tokenizer)
-    fp = fingerprint(tok.model_bytes, spec)
+    src, out, tokenizer, spec, fp = job
+    tok = _tokenizer(tokenizer)
     counts: Counter = Counter()
     with wds.TarWriter(str(out) + ".tmp", encoder=False, mtime=0) as writer:
         for sample in read_shard(str(src), counts):
@@ -129,28 +131,28 @@ def _prepare_shard(job: tuple) -> dict:
 def prepare(src: Path, out: Path, tokenizer: str, spec: ImageSpec, workers: int | None = None) -> dict:
     """Prepare every dataset directory below src into out; returns {relative dir: its counts}."""
     from data.shards import resolve_shards, write_manifest
-    from data.tokenizer import Tokenizer
 
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise ValueError(f"{out} must not be {src} or inside it")
-    fp = fingerprint(Tokenizer(tokenizer).model_bytes, spec)
-    dirs = _dataset_dirs(src)
+    fp = fingerprint(_tokenizer(str(tokenizer)).model_bytes, spec)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    dirs = sorted({p.parent for p in files if p.suffix == ".tar" or p.name == "manifest.json"})
     if not dirs:
         raise ValueError(f"{src} holds no dataset directory (manifest.json or *.tar)")
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        if path.suffix != ".tar" and path.name != "manifest.json":  # the tokenizer, dataset.json, notes
-            (out / path.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        if path.suffix != ".tar" and path.name != "manifest.json":
+            (out / path.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)  # the tokenizer, dataset.json
             shutil.copy2(path, out / path.relative_to(src))
     report = {}
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
         for d in dirs:
             target = out / d.relative_to(src)
             target.mkdir(parents=True, exist_ok=True)
-            jobs = [(Path(p), target / Path(p).name, tokenizer, spec) for p in resolve_shards(str(d))]
+            jobs = [(Path(p), target / Path(p).name, str(tokenizer), spec, fp) for p in resolve_shards(str(d))]
             results = list(pool.map(_prepare_shard, jobs))
             entries = []
-            for (_, shard, _, _), c in zip(jobs, results):
+            for (_, shard, *_), c in zip(jobs, results):
                 Path(str(shard) + ".tmp").replace(shard)
                 entries.append({"path": shard.name, "samples": c.get("written", 0), "bytes": shard.stat().st_size})
             counts = sum((Counter(c) for c in results), Counter())

@@ -406,6 +406,13 @@ def test_prepared_shards_feed_the_same_batches(embedded, prepared):
 
 
 def test_prepared_shards_refuse_another_tokenizer_or_patch(embedded, prepared):
+    from data.prepared import fingerprint
+
+    model = Tokenizer(embedded / "tokenizer.model").model_bytes
+    assert fingerprint(model, ImageSpec(8)) != fingerprint(
+        model[:-1] + bytes([model[-1] ^ 1]), ImageSpec(8)
+    )  # the model's bytes count
+    assert fingerprint(model, ImageSpec(8)) != fingerprint(model, ImageSpec(8, max_patches=64))
     cfg = mixture(prepared, patch_size=16, workers=0)
     worker = StreamWorker(cfg, Tokenizer(cfg.tokenizer), 0, 1, None)
     with pytest.raises(DataError, match="another tokenizer, patch size or max_image_patches"):
@@ -416,7 +423,7 @@ def test_prepared_shards_refuse_another_tokenizer_or_patch(embedded, prepared):
         prepare(embedded, embedded / "inside", str(embedded / "tokenizer.model"), ImageSpec(8))
 
 
-def test_a_damaged_prepared_sample_is_a_counted_skip(prepared, tmp_path):
+def test_a_damaged_prepared_sample_is_skipped_with_its_reason(prepared, tmp_path):
     from data.prepared import decode_sample
 
     src = prepared / "scenes-caption" / "train" / "shard-00000.tar"
