@@ -17,6 +17,7 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
   whole      compile the whole model as one graph instead of block by block
   waits      DeepSpeed's ZeRO-1/2 step as shipped, with its host waits (train.zero_waits not applied)
   gradloss   the loss's logits gradient made in the forward pass (benchmarks/grad_loss.py; tried, not taken)
+  allpositions  the output head and loss at every position, as before round 7 (batches without target_index)
   rows=N     packed rows per micro-batch                          [the config's data.batch_size]
   amp        fp32 weights under torch.autocast (DeepSpeed's torch_autocast) instead of bf16 weights
   tiles=MxN[/M1xN1xM2xN2]  flex kernel tiles for the config's head dim, forward [and backward] (tiles=torch:
@@ -27,7 +28,9 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
 
 --set KEY=VALUE[,KEY=VALUE] applies overrides to every variant and to the reference (e.g. model.head_dim=128).
 
-Per variant: tokens/s (per GPU), MFU (6N + attention FLOPs over the GPU's dense bf16 peak) and peak memory.
+Per variant: tokens/s (per GPU), MFU (6N + attention FLOPs over the GPU's dense bf16 peak, the output head counted
+at every position), MFU run (the same with the head counted only at the positions where it runs: those with a text
+target, unless `allpositions`) and peak memory.
 Per config and row count, a plain reference GPT of the same width, depth, heads and vocabulary (RMSNorm, GELU MLP,
 causal SDPA, compiled, fused AdamW, bf16 autocast, no DeepSpeed) on the same number of tokens, so every figure has
 a ratio next to it. --profile adds, per variant, the GPU's busy share of the step and the top kernels; --syncs, the
@@ -72,7 +75,8 @@ def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **e
 
 def parse_variant(text: str) -> dict:
     v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
-    v.update(fd=False, plain=False, whole=False, waits=False, gradloss=False, rows=None, name=text, overrides=[])
+    v.update(fd=False, plain=False, whole=False, waits=False, gradloss=False, allpositions=False, rows=None)
+    v.update(name=text, overrides=[])
     v["tiles"], v["mask_block"] = FLEX_DEFAULTS
     for word in text.split(":"):
         if word in ATTENTION:
@@ -83,7 +87,7 @@ def parse_variant(text: str) -> dict:
             v["batch"] = word
         elif word in ("z0", "z1", "z2", "z3"):
             v["zero"] = int(word[1])
-        elif word in ("ac", "plain", "whole", "waits", "gradloss"):
+        elif word in ("ac", "plain", "whole", "waits", "gradloss", "allpositions"):
             v[word] = True
         elif word == "fd":  # workers pass tensors by file descriptor (torch's default) instead of the trainer's way
             v["fd"] = True
@@ -170,17 +174,26 @@ def sdpa_context(attention: str):
     return sdpa_kernel([kernels[attention]]) if attention in kernels else contextlib.nullcontext()
 
 
-def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str):
-    """An endless iterator of device batches for the variant."""
+def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[float]):
+    """An endless iterator of device batches for the variant. `heads` collects, per batch made, the share of its
+    positions where the output head runs."""
     dev = torch.device("cuda", torch.cuda.current_device())
+
+    def to_device(b: dict, non_blocking: bool = False) -> dict:
+        if v["allpositions"]:
+            b = {k: t for k, t in b.items() if k != "target_index"}
+        # the rows the head runs at are target_index's length, padding included: read from its shape, for a CPU
+        # op here (counting its entries) would cost the loader variants (train.engine.quiet_host_threads)
+        heads.append(1.0 if v["allpositions"] else len(b["target_index"]) / b["tokens"].numel())
+        return {k: t.to(dev, non_blocking=non_blocking) for k, t in b.items()}
+
     if v["data"] == "synthetic":
         seeds = range(dist.get_rank() * 4, dist.get_rank() * 4 + 4)
         cached = [
             synthetic_batch(rows, cfg.data.seq_len, vocab, cfg.model.patch_size, v["batch"] == "mixed", s)
             for s in seeds
         ]
-        cached = [{k: t.to(dev) for k, t in b.items()} for b in cached]
-        return itertools.cycle(cached)
+        return itertools.cycle([to_device(b) for b in cached])
     from data.pipeline import StreamingLoader
 
     # The config's own mixture (caption / interleaved / text), read from data_dir.
@@ -189,8 +202,8 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str):
     sharing = "file_descriptor" if v["fd"] else "file_system"
     loader = StreamingLoader(data_cfg, dist.get_rank(), dist.get_world_size(), pin_memory=True, sharing=sharing)
     if v["data"] == "cached":
-        return itertools.cycle([{k: t.to(dev) for k, t in next(loader).items()} for _ in range(8)])
-    return ({k: t.to(dev, non_blocking=True) for k, t in b.items()} for b in loader)
+        return itertools.cycle([to_device(next(loader)) for _ in range(8)])
+    return (to_device(b, non_blocking=True) for b in loader)
 
 
 def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str, profile: bool, sync_sites: bool):
@@ -215,7 +228,8 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
     rows, T = cfg.data.batch_size, cfg.data.seq_len
     torch.manual_seed(0)
     dev = torch.device("cuda", torch.cuda.current_device())
-    batches = batches_for(v, cfg, rows, vocab, data_dir)
+    heads: list[float] = []
+    batches = batches_for(v, cfg, rows, vocab, data_dir, heads)
     if v["plain"]:
         from model import build_model
 
@@ -253,9 +267,14 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
         report = profile_steps(step) if profile else None
         syncs = find_syncs(step) if sync_sites else None
     tps = steps * rows * T / dt
+    flops = flops_per_token(cfg.model, T)
+    head_share = float(np.mean(heads))  # of the batches made; the cached ones cycle, each equally often
+    flops_run = flops - 6 * cfg.model.vocab_size * cfg.model.d_model * (1 - head_share)
     result = {
         "tokens_per_s": tps,
-        "mfu": flops_per_token(cfg.model, T) * tps / peak_flops(dev, True),
+        "mfu": flops * tps / peak_flops(dev, True),
+        "mfu_run": flops_run * tps / peak_flops(dev, True),
+        "head_share": head_share,
         "memory_gb": torch.cuda.max_memory_allocated() / 2**30,
         "rows": rows,
         "step_ms": 1000 * dt / steps,
@@ -383,6 +402,10 @@ def main(argv=None):
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     import deepspeed
 
+    from train.engine import quiet_host_threads
+
+    quiet_host_threads(torch.device("cuda"))
+
     deepspeed.init_distributed(dist_backend="nccl")
     world, rank = dist.get_world_size(), dist.get_rank()
     results = []
@@ -414,7 +437,10 @@ def main(argv=None):
             )
     if rank:
         return
-    print(f"\n{'config':<6} {'variant':<34} {'rows':>4} {'tokens/s':>10} {'MFU':>6} {'mem GB':>7} {'vs ref':>7}")
+    print(
+        f"\n{'config':<6} {'variant':<34} {'rows':>4} {'tokens/s':>10} {'MFU':>6} {'MFU run':>7} {'mem GB':>7} "
+        f"{'vs ref':>7}"
+    )
     for r in results:
         ref = next(
             (
@@ -428,7 +454,7 @@ def main(argv=None):
         mem = f"{r['memory_gb']:>7.1f}" if "memory_gb" in r else f"{'-':>7}"
         print(
             f"{r['config']:<6} {r['variant']:<34} {r['rows']:>4} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} "
-            f"{mem} {ratio}"
+            f"{r.get('mfu_run', r['mfu']):>7.1%} {mem} {ratio}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from model import IGNORE, FusionTransformer
-from model.transformer import pick_targets
+from model.transformer import at_targets, pick_targets
 
 
 def _losses(logits: torch.Tensor, targets: torch.Tensor, z_weight: float, with_grad: bool):
@@ -63,9 +63,10 @@ def linear_cross_entropy(
     return text + z, text, z
 
 
-def text_losses(self: FusionTransformer, h: torch.Tensor, targets: torch.Tensor):
+def text_losses(self: FusionTransformer, h: torch.Tensor, targets: torch.Tensor, target_index=None):
     """`FusionTransformer.text_losses` (cross-entropy, z-loss) for the benchmark: the gradient flows through the
     first; their sum, which the model's loss is, has the gradient of both."""
+    h, targets = at_targets(h, targets, target_index)
     both, text, z = linear_cross_entropy(h, self.lm_head.weight, targets, self.cfg.z_loss)
     return both - z, z
 

@@ -131,10 +131,24 @@ class Packer:
         return arrays
 
 
+# target_index is padded to a multiple of this, so that its length, which varies per batch, takes few values
+TARGET_INDEX_MULTIPLE = 128
+
+
+def target_index(targets: np.ndarray) -> np.ndarray:
+    """Flat positions (row * T + t) of the positions that have a target, ascending, padded with -1 to a multiple of
+    TARGET_INDEX_MULTIPLE (at least one multiple). The model runs its output head at these positions only; made
+    here, on the CPU, because their count is data-dependent and reading it on the GPU would make the host wait."""
+    where = np.flatnonzero(targets.reshape(-1) != IGNORE)
+    size = max(1, -(-len(where) // TARGET_INDEX_MULTIPLE)) * TARGET_INDEX_MULTIPLE
+    return np.concatenate([where, np.full(size - len(where), -1, dtype=where.dtype)]).astype(np.int64)
+
+
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     """Stack packed rows into the model's batch (tensors only: it is passed as `model(**batch)`)."""
     batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0] if k not in ("patches", "pieces")}
     batch["patches"] = torch.from_numpy(np.concatenate([r["patches"] for r in rows]))
+    batch["target_index"] = torch.from_numpy(target_index(batch["targets"].numpy()))
     return batch
 
 

@@ -35,7 +35,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 from data.images import ImageSpec
 from data.layout import layout_document
 from data.packing import ImageTooLong, Packer, collate
-from data.prepared import PreparedMismatch, fingerprint
+from data.prepared import PreparedMismatch, fingerprint, unchunk
 from data.samples import Skip, to_segments
 from data.shards import resolve_shards
 from data.tokenizer import Tokenizer
@@ -137,7 +137,7 @@ def read_shard(path: str, counts: Counter) -> list[dict]:
         counts["shard/unreadable" if not samples else "shard/truncated"] += 1
         detail = errors[0] if errors else "file ends inside a member"
         warnings.warn(f"shard {path}: {detail} ({len(samples)} samples read)", stacklevel=2)
-    return samples
+    return unchunk(samples, counts)  # a prepared shard's chunks into their samples
 
 
 class SourceStream:

@@ -3,8 +3,9 @@
     python -m data.prepared SRC OUT --tokenizer tok.model --patch-size 16 [--max-image-patches 256] [--workers N]
 
 Why: on small documents a worker's time goes to per-sample work that is the same every epoch: SentencePiece,
-Pillow decoding and resizing, and tar headers for each member (`benchmarks/data_speed.py --prepared`). Preparing
-does it once, as Megatron's and OLMo's pre-tokenised datasets do for text.
+Pillow decoding and resizing, and tar headers for each member (`benchmarks/data_speed.py --scaling`). Preparing
+does it once, as Megatron's and OLMo's pre-tokenised datasets do for text, and stores samples in chunks, so that
+reading a shard parses one tar header per CHUNK_SAMPLES samples.
 
 OUT mirrors SRC: each dataset directory below SRC (one holding a manifest.json or *.tar) is written shard by
 shard under the same names, samples in the same order with the same keys, so the loader's plan and shuffles are
@@ -13,7 +14,9 @@ copied. A sample that cannot be used is dropped and counted in the new manifest'
 loader would have skipped it. A directory's shards are written under temporary names and renamed only when all of
 them are done, then its manifest: a prepare killed midway leaves no set that reads as complete (or as shards).
 
-A prepared sample is one member, KEY.seg, little-endian:
+A chunk is one member, NNNNNN.segs (its index in the shard), little-endian: b"FSC1", uint32 number of samples, then
+per sample uint32 key length, uint32 record length, the key (UTF-8, padded to 4 bytes) and the record. The loader
+(`data.pipeline.read_shard`) unpacks chunks into samples {"__key__": KEY, "seg": record}, in order. A record:
     b"FSG1", uint32 fingerprint, int32 kind (0 text, 1 caption, 2 interleaved), int32 number of segments,
     then per segment int32 (type, a, b) and its payload:
       type 0, text:  a token ids as int32
@@ -40,9 +43,13 @@ import webdataset as wds
 from data.images import ImageSpec, Skip
 
 MAGIC = b"FSG1"
+CHUNK_MAGIC = b"FSC1"
+CHUNK_SAMPLES = 32  # samples per chunk: the tar header's cost spread over 32; a shard cut short loses one chunk
 KINDS = ("text", "caption", "interleaved")
 _HEAD = struct.Struct("<4sIii")
 _SEG = struct.Struct("<iii")
+_CHUNK = struct.Struct("<4sI")
+_ENTRY = struct.Struct("<II")
 
 
 class PreparedMismatch(RuntimeError):
@@ -99,6 +106,54 @@ def decode_sample(data: bytes, fp: int | None) -> tuple[str, list]:
         raise Skip("bad_prepared", str(e)) from e
 
 
+def encode_chunk(samples: list[tuple[str, bytes]]) -> bytes:
+    """(key, record) pairs, in order, as one member."""
+    parts = [_CHUNK.pack(CHUNK_MAGIC, len(samples))]
+    for key, record in samples:
+        name = key.encode()
+        parts += [_ENTRY.pack(len(name), len(record)), name, b"\0" * (-len(name) % 4), record]
+    return b"".join(parts)
+
+
+def decode_chunk(data: bytes) -> list[tuple[str, memoryview]]:
+    """The (key, record) pairs of a chunk; ValueError when its index is damaged. Records are views (no copies)."""
+    try:
+        magic, n = _CHUNK.unpack_from(data, 0)
+        if magic != CHUNK_MAGIC:
+            raise ValueError(f"chunk magic {magic!r} is not {CHUNK_MAGIC!r}")
+        view, at, out = memoryview(data), _CHUNK.size, []
+        for _ in range(n):
+            key_len, rec_len = _ENTRY.unpack_from(data, at)
+            at += _ENTRY.size
+            key = bytes(view[at : at + key_len]).decode()
+            at += key_len + (-key_len % 4)
+            if at + rec_len > len(data):
+                raise ValueError("a record runs past the chunk's end")
+            out.append((key, view[at : at + rec_len]))
+            at += rec_len
+    except (struct.error, UnicodeDecodeError) as e:
+        raise ValueError(str(e)) from e
+    if at != len(data):
+        raise ValueError(f"{len(data) - at} bytes after the last record")
+    return out
+
+
+def unchunk(samples: list[dict], counts: Counter) -> list[dict]:
+    """Shard members as samples: each chunk becomes its samples, in order; other samples pass as they are. A chunk
+    whose index is damaged is one counted skip (`bad_prepared`); a damaged record is skipped when decoded."""
+    out = []
+    for sample in samples:
+        if "segs" not in sample:
+            out.append(sample)
+            continue
+        try:
+            out += [{"__key__": key, "seg": record} for key, record in decode_chunk(sample["segs"])]
+        except ValueError:
+            counts["samples"] += 1
+            counts["skip/bad_prepared"] += 1
+    return out
+
+
 @functools.cache
 def _tokenizer(path: str):
     """One per process of the pool, whatever the number of shards it prepares."""
@@ -115,16 +170,19 @@ def _prepare_shard(job: tuple) -> dict:
     src, out, tokenizer, spec, fp = job
     tok = _tokenizer(tokenizer)
     counts: Counter = Counter()
+    records = []
+    for sample in read_shard(str(src), counts):
+        counts["samples"] += 1
+        try:
+            kind, segments = to_segments(sample, tok.encode, spec, fp)
+        except Skip as e:
+            counts[f"skip/{e.reason}"] += 1
+            continue
+        records.append((sample["__key__"], encode_sample(kind, segments, fp)))
+    counts["written"] = len(records)
     with wds.TarWriter(str(out) + ".tmp", encoder=False, mtime=0) as writer:
-        for sample in read_shard(str(src), counts):
-            counts["samples"] += 1
-            try:
-                kind, segments = to_segments(sample, tok.encode, spec, fp)
-            except Skip as e:
-                counts[f"skip/{e.reason}"] += 1
-                continue
-            writer.write({"__key__": sample["__key__"], "seg": encode_sample(kind, segments, fp)})
-            counts["written"] += 1
+        for i in range(0, len(records), CHUNK_SAMPLES):
+            writer.write({"__key__": f"{i // CHUNK_SAMPLES:06d}", "segs": encode_chunk(records[i : i + CHUNK_SAMPLES])})
     return dict(counts)
 
 

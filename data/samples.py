@@ -6,7 +6,8 @@ Members of one sample share a key (webdataset groups `KEY.ext` files). Three kin
                                                           (its KEY.json is metadata and is ignored)
   interleaved  KEY.json {"segments": [{"text": "..."}, {"image": "0.jpg"}, ...]} + KEY.0.jpg, KEY.1.png, ...
                each image segment names a member of the same sample by its extension
-  prepared     KEY.seg: any of the three, tokenised and decoded by `python -m data.prepared`
+  prepared     KEY.seg: any of the three, tokenised and decoded by `python -m data.prepared` (stored in chunks of
+               samples, which `data.pipeline.read_shard` unpacks)
 A sample that cannot be used raises `Skip` with a counter name; the pipeline counts it and goes on.
 """
 

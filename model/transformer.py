@@ -9,6 +9,8 @@ A batch is a dict of tensors laid out by the data layer (see README, "Batch form
   doc_ids    (B, T)        document of each position, one contiguous run each; attention never crosses documents
   image_ids  (B, T)        image of each position (unique within a row, contiguous, inside one document), -1 outside
   targets    (B, T) long   next-token targets, -100 where there is none (image positions never are targets)
+  target_index (K,) long   optional: the flat positions (row * T + t) that have a target, ascending, padded with -1
+                           (data.packing.target_index); with it the output head runs at those positions only
 """
 
 from __future__ import annotations
@@ -77,6 +79,17 @@ def pick_targets(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
         hit = torch.arange(logits.shape[-1], device=logits.device) == targets.unsqueeze(-1)
         return torch.where(hit, logits, 0.0).sum(-1), hit
     return logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1), None
+
+
+def at_targets(h: torch.Tensor, targets: torch.Tensor, target_index: torch.Tensor | None):
+    """The hidden states and targets of the positions that have a target, so that the output head and the loss over
+    the vocabulary skip the rest: in a packed image-caption row four positions in five are patches, which no text
+    loss reads. Padding entries (-1) pick position 0 with no target. Without an index: all positions, flattened."""
+    h, targets = h.flatten(0, -2), targets.flatten()
+    if target_index is None:
+        return h, targets
+    picked = target_index.clamp(min=0)
+    return h.index_select(0, picked), targets.index_select(0, picked).masked_fill(target_index < 0, IGNORE)
 
 
 def _zero_touch(linear: nn.Linear) -> torch.Tensor:
@@ -153,7 +166,7 @@ class FusionTransformer(nn.Module):
         return resolve_backend(self.cfg, device)
 
     # ----------------------------------------------------------------------------------------------- inputs
-    def _check(self, tokens, patches, patch_mask, doc_ids, image_ids):
+    def _check(self, tokens, patches, patch_mask, doc_ids, image_ids, targets=None, target_index=None):
         cfg = self.cfg
         B, T = tokens.shape
         if cfg.max_seq_len < T:
@@ -171,6 +184,13 @@ class FusionTransformer(nn.Module):
         if doc_ids is not None and image_ids is not None:
             same_image = (image_ids[:, 1:] == image_ids[:, :-1]) & (image_ids[:, 1:] >= 0)
             straddling = (same_image & (doc_ids[:, 1:] != doc_ids[:, :-1])).sum()
+        unlisted = zero  # target_index that is not exactly the positions with a target
+        if targets is not None and target_index is not None:
+            valid, listed = (targets != IGNORE).flatten(), target_index >= 0
+            in_range = (target_index < valid.numel()).all()
+            ascending = ((target_index[1:] > target_index[:-1]) | ~listed[1:]).all() & (listed[:-1] | ~listed[1:]).all()
+            hits = (listed & valid[target_index.clamp(0, valid.numel() - 1)]).sum()
+            unlisted = ~(in_range & ascending & (hits == valid.sum()) & (listed.sum() == hits))
         stats = [
             tokens.min(),
             tokens.max(),
@@ -179,8 +199,9 @@ class FusionTransformer(nn.Module):
             _scattered_runs(doc_ids) if doc_ids is not None else zero,
             _scattered_runs(image_ids) if image_ids is not None else zero,
             straddling,
+            unlisted,
         ]
-        lo, hi, n_patch_pos, most, split_docs, split_images, straddling = torch.stack(
+        lo, hi, n_patch_pos, most, split_docs, split_images, straddling, unlisted = torch.stack(
             [s.long() for s in stats]
         ).tolist()
         if split_docs or split_images or straddling:
@@ -188,6 +209,11 @@ class FusionTransformer(nn.Module):
             raise InputError(
                 f"{what} is not one contiguous run of its row: doc_ids and image_ids must mark contiguous spans "
                 "(as data.packing lays them out), and an image must lie inside one document"
+            )
+        if unlisted:
+            raise InputError(
+                "target_index does not list exactly the positions whose target is not -100, ascending and padded "
+                "with -1 (data.packing.target_index makes it)"
             )
         if lo < 0 or hi >= cfg.vocab_size:
             bad = lo if lo < 0 else hi
@@ -217,13 +243,14 @@ class FusionTransformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        target_index: torch.Tensor | None = None,
         return_logits: bool = False,
         cache=None,
     ) -> ModelOutput:
         B, T = tokens.shape
         dev = tokens.device
         if self.check_inputs:
-            self._check(tokens, patches, patch_mask, doc_ids, image_ids)
+            self._check(tokens, patches, patch_mask, doc_ids, image_ids, targets, target_index)
         if positions is None:
             positions = torch.arange(T, device=dev).expand(B, T)
         if doc_ids is None:
@@ -256,15 +283,19 @@ class FusionTransformer(nn.Module):
                 out.logit_norm = logits.detach().norm(dim=-1).mean()
         if targets is None:
             return out
-        out.text_loss, out.z_loss = self.text_losses(h, targets)
+        out.text_loss, out.z_loss = self.text_losses(h, targets, target_index)
         out.image_loss = self._image_loss(h, patches, patch_index, image_ids)
         out.loss = out.text_loss + out.z_loss + self.cfg.image_loss_weight * out.image_loss
         return out
 
-    def text_losses(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy on text targets and the z-loss, from the final hidden states. One region on purpose:
-        compiled (train.engine.apply_compile) it fuses the output matmul's upcast, log-sum-exp and gather instead
-        of writing B x T x V fp32 logits and reading them back in several eager kernels."""
+    def text_losses(
+        self, h: torch.Tensor, targets: torch.Tensor, target_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy on text targets and the z-loss, from the final hidden states, computed at the positions
+        `target_index` lists (all positions without it). One region on purpose: compiled
+        (train.engine.apply_compile) it fuses the output matmul's upcast, log-sum-exp and gather instead of writing
+        B x T x V fp32 logits and reading them back in several eager kernels."""
+        h, targets = at_targets(h, targets, target_index)
         logits = self.lm_head(h).float()
         valid = targets != IGNORE
         n = valid.sum().clamp(min=1)

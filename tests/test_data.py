@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from collections import Counter
@@ -15,8 +16,8 @@ from PIL import Image
 
 from data.check import check
 from data.images import ImageSpec, Skip, load_image
-from data.layout import layout_document
-from data.packing import ImageTooLong, Packer
+from data.layout import IGNORE, layout_document
+from data.packing import TARGET_INDEX_MULTIPLE, ImageTooLong, Packer, collate
 from data.pipeline import (
     DataError,
     SourceConfig,
@@ -26,6 +27,7 @@ from data.pipeline import (
     eval_batches,
     read_shard,
 )
+from data.prepared import CHUNK_SAMPLES
 from data.shards import DatasetWriter, resolve_shards
 from data.tokenizer import CONTROL_SYMBOLS, Tokenizer, iter_texts
 from data.tokenizer import main as tokenizer_cli
@@ -196,6 +198,12 @@ def test_packing_never_splits_an_image_and_fills_rows():
     assert all(seen[d.meta["key"]] == len(d) for d in docs)  # every position of every document, exactly once
     with pytest.raises(ImageTooLong):
         packer.add(layout_document([np.zeros((3, 40, 40), np.float32)], SPECIAL, 4))
+    batch = collate(rows)  # target_index: the flat positions with a target, ascending, then -1 to a multiple of 128
+    listed = batch["target_index"].numpy()
+    n = int((batch["targets"] != IGNORE).sum())
+    assert len(listed) % TARGET_INDEX_MULTIPLE == 0 and len(listed) - TARGET_INDEX_MULTIPLE < n <= len(listed)
+    np.testing.assert_array_equal(listed[:n], np.flatnonzero(batch["targets"].numpy().reshape(-1) != IGNORE))
+    assert (listed[n:] == -1).all()
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -394,7 +402,9 @@ def test_prepared_shards_feed_the_same_batches(embedded, prepared):
     assert manifest["prepared"]["counts"]["written"] == manifest["samples"] > 0
     assert not list(prepared.rglob("*.tmp"))  # shards are renamed into place once a directory is done
     with tarfile.open(prepared / "scenes-qa" / "train" / manifest["shards"][0]["path"]) as tar:
-        assert {m.name.split(".", 1)[1] for m in tar} == {"seg"}  # one member per sample
+        names = [m.name for m in tar]  # chunks of CHUNK_SAMPLES samples, one tar header each
+    assert names == [f"{i:06d}.segs" for i in range(-(-manifest["shards"][0]["samples"] // CHUNK_SAMPLES))]
+    assert len(names) > 1
     raw, _ = run_loader(mixture(embedded, workers=2), 0, 1, 6)
     ours, state = run_loader(mixture(prepared, workers=2), 0, 1, 6)
     assert [p for p, _, _ in ours] == [p for p, _, _ in raw]
@@ -424,14 +434,20 @@ def test_prepared_shards_refuse_another_tokenizer_or_patch(embedded, prepared):
 
 
 def test_a_damaged_prepared_sample_is_skipped_with_its_reason(prepared, tmp_path):
-    from data.prepared import decode_sample
+    """A damaged record is skipped when decoded; a chunk whose index is damaged is one counted skip, and the
+    chunks around it still read."""
+    from data.prepared import decode_chunk, decode_sample, encode_chunk
 
     src = prepared / "scenes-caption" / "train" / "shard-00000.tar"
     with tarfile.open(src) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
+    records = [(k, bytes(r)) for k, r in decode_chunk(members[0][1])]
+    records[1] = (records[1][0], records[1][1][:-5])  # short of its pixels
+    records[2] = (records[2][0], records[2][1][:3])  # not even a header
+    damaged = [encode_chunk(records), b"FSC1\x05\x00\x00\x00garbage"]
     with tarfile.open(tmp_path / "cut.tar", "w") as tar:
-        for i, (m, data) in enumerate(members):
-            data = data[:-5] if i == 1 else data[:3] if i == 2 else data  # short of its pixels; not even a header
+        for (m, data), new in itertools.zip_longest(members, damaged):
+            data = data if new is None else new
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
     counts: Counter = Counter()
@@ -442,4 +458,6 @@ def test_a_damaged_prepared_sample_is_skipped_with_its_reason(prepared, tmp_path
             outcomes.append(decode_sample(s["seg"], None)[0])
         except Skip as e:
             outcomes.append(e.reason)
-    assert outcomes[:3] == ["caption", "bad_prepared", "bad_prepared"] and len(outcomes) == len(members)
+    assert outcomes[:3] == ["caption", "bad_prepared", "bad_prepared"]
+    assert len(outcomes) == len(records) + sum(len(decode_chunk(d)) for _, d in members[2:])
+    assert counts == {"samples": 1, "skip/bad_prepared": 1}  # the second chunk

@@ -263,6 +263,25 @@ def test_loss_is_text_cross_entropy_plus_z_loss(tiny_cfg):
     assert out.image_loss == 0
 
 
+def test_output_head_at_target_positions_only_changes_nothing_but_work(tiny_cfg):
+    """With the batch's target_index the head and the loss run at the positions with a target only (a fifth of a
+    packed image-caption row); losses and every gradient equal the all-positions computation's."""
+    batch = packed_batch(seed=6)
+    listed = batch["target_index"]
+    assert (listed >= 0).sum() == (batch["targets"] != IGNORE).sum() < batch["targets"].numel()
+    model = build_model(with_(tiny_cfg, image_mask="causal", image_loss_weight=0.5))
+    results = []
+    for b in (batch, {k: v for k, v in batch.items() if k != "target_index"}):
+        model.zero_grad()
+        out = model(**b)
+        out.loss.backward()
+        results.append(([out.loss, out.text_loss, out.z_loss], [p.grad.clone() for p in model.parameters()]))
+    (losses, grads), (losses_all, grads_all) = results
+    torch.testing.assert_close(losses, losses_all)
+    torch.testing.assert_close(grads, grads_all)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_loss_gradient_made_in_forward_equals_autograd(tied):
     """benchmarks/grad_loss.py (a variant gpu_step.py measures) makes the logits' gradient in the forward pass;
@@ -442,6 +461,11 @@ def test_bad_inputs_name_the_value_and_the_limit(tiny_cfg):
         model(**dict(batch, patches=batch["patches"][1:]))
     with pytest.raises(InputError, match="max_seq_len=16"):
         build_model(with_(tiny_cfg, max_seq_len=16))(**batch)
+    listed = batch["target_index"]
+    n = int((listed >= 0).sum())
+    for wrong in (listed + (listed >= 0), listed.roll(1), torch.where(listed == listed[n // 2], -1, listed)):
+        with pytest.raises(InputError, match="target_index does not list exactly the positions"):
+            model(**dict(batch, target_index=wrong))  # shifted, out of order, one dropped
 
 
 def test_unknown_or_bad_options_are_refused():

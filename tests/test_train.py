@@ -253,25 +253,29 @@ def test_schedules():
 
 
 def test_compiled_regions_compute_what_eager_computes(tiny_cfg):
-    """apply_compile (blocks + the output loss region) changes speed, not the function or its gradients."""
+    """apply_compile (blocks + the output loss region) changes speed, not the function or its gradients; batches
+    whose counts of text targets differ (the loss region's input length) all run compiled."""
     from conftest import packed_batch
 
     from model import build_model
     from train.engine import apply_compile
 
-    batch = packed_batch(seed=3)
+    batches = [packed_batch(seed=3), packed_batch(seed=4, n_docs=30)]
+    assert len(batches[0]["target_index"]) != len(batches[1]["target_index"])
     torch.manual_seed(0)
     eager, compiled = build_model(tiny_cfg), build_model(tiny_cfg)
     compiled.load_state_dict(eager.state_dict())
     apply_compile(compiled)
-    losses = []
-    for model in (eager, compiled):
-        out = model(**batch)
-        out.loss.backward()
-        losses.append(out.loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
-    for (name, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    for batch in batches:
+        losses = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            out = model(**batch)
+            out.loss.backward()
+            losses.append(out.loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+        for (name, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_zero_step_clips_on_the_device_as_deepspeed_does():

@@ -3,6 +3,8 @@ with decay only on matrices, and the DeepSpeed JSON config derived from the run 
 
 from __future__ import annotations
 
+import os
+
 import deepspeed
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -18,12 +20,23 @@ def apply_activation_checkpointing(model: FusionTransformer) -> None:
         model.blocks[i] = checkpoint_wrapper(block)
 
 
+def quiet_host_threads(device: torch.device) -> None:
+    """On a GPU, one intra-op CPU thread for the training process unless OMP_NUM_THREADS says otherwise, as torchrun
+    sets when it starts several processes a node. With a thread per core, the process's CPU tensor ops run on a
+    pool that competes with the loader's workers and the trainer's own Python for the cores: at 20M on an H100 the
+    real loader ran 11.8% below in-memory batches that way, 0.2% with one thread (docs/PERFORMANCE.md, round 7)."""
+    if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
 def apply_compile(model: FusionTransformer) -> None:
     """Compile block by block (regional compilation): one graph reused by every layer, short compile times; and
-    the output layer with its loss as one more region (fused instead of B x T x V fp32 logits in eager)."""
+    the output layer with its loss as one more region (fused instead of B x T x V fp32 logits in eager). The loss
+    region's input length, the batch's count of text targets, varies: the second length seen makes that dimension
+    symbolic (automatic dynamic shapes), one recompile instead of one per length."""
     for block in model.blocks:
         block.compile(dynamic=False)
-    model.text_losses = torch.compile(model.text_losses, dynamic=False)
+    model.text_losses = torch.compile(model.text_losses, dynamic=None)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -22,7 +22,7 @@ from data.pipeline import StreamingLoader
 from model import flops_per_token, param_count
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_dict
-from train.engine import build_engine, step_clip
+from train.engine import build_engine, quiet_host_threads, step_clip
 from train.evaluate import validate
 from train.metrics import MetricsWriter, memory_gb, peak_flops
 from train.rundir import ensure_run_dir
@@ -54,6 +54,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     local = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local)
+        quiet_host_threads(torch.device("cuda", local))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
