@@ -132,7 +132,7 @@ class Packer:
 
 
 # target_index is padded to a multiple of this, so that its length, which varies per batch, takes few values
-TARGET_INDEX_MULTIPLE = 128
+TARGET_INDEX_MULTIPLE = 16
 
 
 def target_index(targets: np.ndarray) -> np.ndarray:

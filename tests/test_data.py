@@ -198,7 +198,7 @@ def test_packing_never_splits_an_image_and_fills_rows():
     assert all(seen[d.meta["key"]] == len(d) for d in docs)  # every position of every document, exactly once
     with pytest.raises(ImageTooLong):
         packer.add(layout_document([np.zeros((3, 40, 40), np.float32)], SPECIAL, 4))
-    batch = collate(rows)  # target_index: the flat positions with a target, ascending, then -1 to a multiple of 128
+    batch = collate(rows)  # target_index: the flat positions with a target, ascending, then -1 to a multiple of 16
     listed = batch["target_index"].numpy()
     n = int((batch["targets"] != IGNORE).sum())
     assert len(listed) % TARGET_INDEX_MULTIPLE == 0 and len(listed) - TARGET_INDEX_MULTIPLE < n <= len(listed)

@@ -121,8 +121,14 @@ def test_other_zero_stages_compute_what_zero2_computes(zero2_run, micro_config, 
     from train.export import export
 
     run = tmp_path / f"zero{stage}"
-    result = launch(micro_config, run, f"deepspeed.zero_stage={stage}")
+    result = launch(micro_config, run, f"deepspeed.zero_stage={stage}", "logging.peak_tflops=0.001")
     assert result.returncode == 0, result.stdout + result.stderr
+    logged = [m for m in metrics(run) if "loss" in m]
+    summary = json.loads((run / "summary.json").read_text())
+    for m in logged:  # with a peak given: MFU by the formula, and at most that with the head counted where it ran
+        assert m["mfu"] == pytest.approx(summary["flops_per_token"] * m["tokens_per_s"] / (2 * 1e9))
+        assert 0 < m["mfu_run"] <= m["mfu"]
+    assert any(m["mfu_run"] < m["mfu"] for m in logged)  # image positions have no text target: the head skips them
     a, b = losses_by_step(zero2_run), losses_by_step(run)
     assert a.keys() == b.keys()
     for step in a:

@@ -119,6 +119,7 @@ def train(cfg: TrainConfig) -> dict:
     run_step = TrainStep(engine, optimizer, device, clip=step_clip(cfg))
     signal_group = host_group()
     window_steps, window_t0, last_val = 0, time.perf_counter(), {}
+    head_rows = 0  # positions the output head ran at this window, this rank (target_index's length, from its shape)
     last_loss = None  # the latest logged training loss, for the summary
     run_t0 = time.perf_counter() - state["wall_s"]
     if rank == 0:
@@ -136,6 +137,7 @@ def train(cfg: TrainConfig) -> dict:
             batches = []
             for micro in range(G):
                 batches.append({k: v.to(device, non_blocking=True) for k, v in next(loader).items()})
+                head_rows += len(batches[-1]["target_index"]) if "target_index" in batches[-1] else B * T
                 if sample_log:  # flushed per line: the log must survive the crash it may be needed to explain
                     sample_log.write(json.dumps({"step": step, "micro": micro, "rows": loader.last_pieces}) + "\n")
                     sample_log.flush()
@@ -161,12 +163,15 @@ def train(cfg: TrainConfig) -> dict:
                 dt = time.perf_counter() - window_t0
                 tps = window_steps * tokens_per_step / dt
                 grad_norm = run_step.grad_norm()
+                # MFU run (PERFORMANCE.md): the output head's FLOPs counted at the positions it ran at, not at all
+                fpt_run = fpt - 6 * mc.vocab_size * mc.d_model * (1 - head_rows / (window_steps * G * B * T))
                 record = {
                     **{k: window[k] for k in LOSSES},
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "lr": lr,
                     "tokens_per_s": tps,
                     "mfu": fpt * tps / (peak * world) if peak else None,
+                    "mfu_run": fpt_run * tps / (peak * world) if peak else None,
                     "tokens": state["tokens"],
                     "flops": state["flops"],
                     "memory_gb": memory_gb(device),
@@ -178,7 +183,7 @@ def train(cfg: TrainConfig) -> dict:
                 last_loss = record["loss"]
                 if rank == 0:
                     metrics.log(state["step"], record)
-                window_steps, window_t0 = 0, time.perf_counter()
+                window_steps, window_t0, head_rows = 0, time.perf_counter(), 0
 
             if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.steps:
                 eval_t0 = time.perf_counter()
