@@ -170,19 +170,26 @@ def _prepare_shard(job: tuple) -> dict:
     src, out, tokenizer, spec, fp = job
     tok = _tokenizer(tokenizer)
     counts: Counter = Counter()
-    records = []
-    for sample in read_shard(str(src), counts):
-        counts["samples"] += 1
-        try:
-            kind, segments = to_segments(sample, tok.encode, spec, fp)
-        except Skip as e:
-            counts[f"skip/{e.reason}"] += 1
-            continue
-        records.append((sample["__key__"], encode_sample(kind, segments, fp)))
-    counts["written"] = len(records)
+    chunk: list[tuple[str, bytes]] = []  # written as it fills: decoded pixels take many times their JPEG's bytes
+
+    def flush(writer):
+        writer.write({"__key__": f"{counts['written'] // CHUNK_SAMPLES:06d}", "segs": encode_chunk(chunk)})
+        counts["written"] += len(chunk)
+        chunk.clear()
+
     with wds.TarWriter(str(out) + ".tmp", encoder=False, mtime=0) as writer:
-        for i in range(0, len(records), CHUNK_SAMPLES):
-            writer.write({"__key__": f"{i // CHUNK_SAMPLES:06d}", "segs": encode_chunk(records[i : i + CHUNK_SAMPLES])})
+        for sample in read_shard(str(src), counts):
+            counts["samples"] += 1
+            try:
+                kind, segments = to_segments(sample, tok.encode, spec, fp)
+            except Skip as e:
+                counts[f"skip/{e.reason}"] += 1
+                continue
+            chunk.append((sample["__key__"], encode_sample(kind, segments, fp)))
+            if len(chunk) == CHUNK_SAMPLES:
+                flush(writer)
+        if chunk:
+            flush(writer)
     return dict(counts)
 
 

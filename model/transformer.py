@@ -83,8 +83,8 @@ def pick_targets(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
 
 def at_targets(h: torch.Tensor, targets: torch.Tensor, target_index: torch.Tensor | None):
     """The hidden states and targets of the positions that have a target, so that the output head and the loss over
-    the vocabulary skip the rest: in a packed image-caption row four positions in five are patches, which no text
-    loss reads. Padding entries (-1) pick position 0 with no target. Without an index: all positions, flattened."""
+    the vocabulary skip the rest: in a packed image-caption row most positions can be patches, which no text loss
+    reads. Padding entries (-1) pick position 0 with no target. Without an index: all positions, flattened."""
     h, targets = h.flatten(0, -2), targets.flatten()
     if target_index is None:
         return h, targets

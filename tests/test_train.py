@@ -284,6 +284,27 @@ def test_compiled_regions_compute_what_eager_computes(tiny_cfg):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_host_threads_drop_to_one_on_a_gpu_unless_told(monkeypatch):
+    """train.engine.quiet_host_threads: one intra-op thread for a GPU trainer (a pool per core competed with the
+    loader's workers), nothing on a CPU run, and OMP_NUM_THREADS, when set, wins."""
+    from train.engine import quiet_host_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        quiet_host_threads(torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        quiet_host_threads(torch.device("cuda"))
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        quiet_host_threads(torch.device("cuda"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_zero_step_clips_on_the_device_as_deepspeed_does():
     """train.zero_waits' clipping: a norm above the limit scales gradients by limit / norm, one below leaves them,
     and an invalid norm (DeepSpeed's -1 sentinel, inf or NaN) zeroes them, as DeepSpeed's own branch does; the
