@@ -18,6 +18,7 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
   waits      DeepSpeed's ZeRO-1/2 step as shipped, with its host waits (train.zero_waits not applied)
   gradloss   the loss's logits gradient made in the forward pass (benchmarks/grad_loss.py; tried, not taken)
   allpositions  the output head and loss at every position, as before round 7 (batches without target_index)
+  torchloss  the loss through autograd (compiled) instead of model.cross_entropy's kernel, as before round 7
   rows=N     packed rows per micro-batch                          [the config's data.batch_size]
   amp        fp32 weights under torch.autocast (DeepSpeed's torch_autocast) instead of bf16 weights
   tiles=MxN[/M1xN1xM2xN2]  flex kernel tiles for the config's head dim, forward [and backward] (tiles=torch:
@@ -56,7 +57,7 @@ from torch import nn
 
 from data.layout import SpecialIds, layout_document
 from data.packing import Packer, collate
-from model import attention, flops_per_token
+from model import attention, cross_entropy, flops_per_token
 from train.config import load_config
 from train.metrics import peak_flops
 
@@ -75,7 +76,8 @@ def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **e
 
 def parse_variant(text: str) -> dict:
     v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
-    v.update(fd=False, plain=False, whole=False, waits=False, gradloss=False, allpositions=False, rows=None)
+    v.update(fd=False, plain=False, whole=False, waits=False, gradloss=False, allpositions=False, torchloss=False)
+    v.update(rows=None)
     v.update(name=text, overrides=[])
     v["tiles"], v["mask_block"] = FLEX_DEFAULTS
     for word in text.split(":"):
@@ -87,7 +89,7 @@ def parse_variant(text: str) -> dict:
             v["batch"] = word
         elif word in ("z0", "z1", "z2", "z3"):
             v["zero"] = int(word[1])
-        elif word in ("ac", "plain", "whole", "waits", "gradloss", "allpositions"):
+        elif word in ("ac", "plain", "whole", "waits", "gradloss", "allpositions", "torchloss"):
             v[word] = True
         elif word == "fd":  # workers pass tensors by file descriptor (torch's default) instead of the trainer's way
             v["fd"] = True
@@ -223,6 +225,7 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
         overrides.append(f"data.batch_size={v['rows']}")
     cfg = load_config(cfg_path, overrides + v["overrides"])
     grad_loss.install(v["gradloss"])
+    cross_entropy.ENABLED = not v["torchloss"]
     attention.FLEX_BLOCK_SIZE = v["mask_block"]
     attention.FLEX_KERNEL_OPTIONS = v["tiles"] if v["tiles"] is FLEX_DEFAULTS[0] else {cfg.model.head_dim: v["tiles"]}
     rows, T = cfg.data.batch_size, cfg.data.seq_len

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import cross_entropy
 from model.attention import Attention, AttentionMask, resolve_backend
 from model.config import ModelConfig
 from model.rope import Rotary
@@ -292,10 +293,14 @@ class FusionTransformer(nn.Module):
         self, h: torch.Tensor, targets: torch.Tensor, target_index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy on text targets and the z-loss, from the final hidden states, computed at the positions
-        `target_index` lists (all positions without it). One region on purpose: compiled
+        `target_index` lists (all positions without it). Training on a GPU, `model.cross_entropy`'s kernel makes
+        the logits' gradient in the forward pass. Otherwise one region on purpose: compiled
         (train.engine.apply_compile) it fuses the output matmul's upcast, log-sum-exp and gather instead of writing
         B x T x V fp32 logits and reading them back in several eager kernels."""
         h, targets = at_targets(h, targets, target_index)
+        if cross_entropy.usable(h, self.lm_head.weight):
+            both, _, z = cross_entropy.linear_cross_entropy(h, self.lm_head.weight, targets, self.cfg.z_loss)
+            return both - z, z  # the gradient flows through `both`, the sum the model's loss is made of
         logits = self.lm_head(h).float()
         valid = targets != IGNORE
         n = valid.sum().clamp(min=1)

@@ -282,6 +282,44 @@ def test_output_head_at_target_positions_only_changes_nothing_but_work(tiny_cfg)
     assert all(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="model.cross_entropy's Triton kernel needs a CUDA device")
+def test_loss_kernel_equals_autograd_on_cuda(tiny_cfg):
+    """model.cross_entropy (the logits' gradient made in place in the forward): losses and gradients equal
+    autograd's through the plain definition, over a vocabulary of several blocks and an upstream gradient other
+    than one; and the model trains the same with it as without."""
+    from model import cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(37, 32, device="cuda", requires_grad=True)
+    w = torch.randn(20_000, 32, device="cuda", requires_grad=True)  # 3 blocks of 8192, the last one partial
+    targets = torch.randint(0, 20_000, (37,), device="cuda")
+    targets[:5] = IGNORE
+    assert cross_entropy.usable(h, w)
+    loss, text, z = cross_entropy.linear_cross_entropy(h, w, targets, 0.01)
+    (2.5 * loss).backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    logits, valid = h2 @ w2.T, targets != IGNORE
+    ce = F.cross_entropy(logits[valid], targets[valid])
+    zl = 0.01 * torch.logsumexp(logits[valid], -1).square().mean()
+    (2.5 * (ce + zl)).backward()
+    torch.testing.assert_close((text, z, loss), (ce, zl, ce + zl))
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    batch = {k: v.cuda() for k, v in packed_batch(seed=6).items()}
+    model = build_model(with_(tiny_cfg, image_mask="causal", image_loss_weight=0.5)).cuda()
+    results = []
+    try:
+        for on in (True, False):
+            cross_entropy.ENABLED = on
+            model.zero_grad()
+            out = model(**batch)
+            out.loss.backward()
+            results.append(([out.loss, out.text_loss, out.z_loss], [p.grad.clone() for p in model.parameters()]))
+    finally:
+        cross_entropy.ENABLED = True
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_loss_gradient_made_in_forward_equals_autograd(tied):
     """benchmarks/grad_loss.py (a variant gpu_step.py measures) makes the logits' gradient in the forward pass;
