@@ -21,6 +21,7 @@ ENABLED = True  # benchmarks/gpu_step.py's `torchloss` turns it off to compare
 MAX_BLOCK = 8192  # vocabulary entries a program holds at once
 
 
+@torch.compiler.disable  # asked at every call: a compiled region does not guard on a sharded weight's size
 def usable(h: torch.Tensor, weight: torch.Tensor) -> bool:
     """On a GPU with Triton, when a gradient is wanted, and when the weight is materialised here (a sharded
     engine such as ZeRO-3 gathers it only inside the layer's own forward, which this path does not call)."""
