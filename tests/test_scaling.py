@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +143,13 @@ def rows(out):
         return list(csv.DictReader(f))
 
 
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:  # the process ended meanwhile
+        return b""
+
+
 def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
     path = spec()
     plan = sweep("plan", path)
@@ -153,6 +161,8 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)  # the driver dies; the cell it had started may be left half-done
     proc.wait()
+    time.sleep(1)  # and the kernel kills that cell with it: none trains on unsupervised (to race a resumed sweep)
+    assert not [p for p in Path("/proc").glob("[0-9]*") if str(out).encode() in _cmdline(p)]
     done = {r["key"]: (out / "cells" / r["key"] / "summary.json").stat().st_mtime for r in rows(out)}
     assert 1 <= len(done) < 4
     result = sweep("run", path)

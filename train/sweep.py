@@ -293,6 +293,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_driver() -> None:
+    """Runs in a cell's process before it starts (Linux): the kernel kills the cell when the driver dies. Otherwise
+    a killed driver leaves its cells training unsupervised, and the resumed sweep starts the same cell again in the
+    same directory. A torchrun cell's workers outlive their torchrun all the same: kill a multi-process sweep's
+    process group, not only the driver."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def run_local(spec: SweepSpec, cells: list[Cell]) -> None:
     todo = [c for c in cells if not finished(c)]
     for c in cells:
@@ -320,7 +331,14 @@ def run_local(spec: SweepSpec, cells: list[Cell]) -> None:
             log = open(log_dir / f"{cell.key}.log", "a")  # noqa: SIM115 - closed when the process ends
             cell_env = {**env, "MASTER_PORT": str(_free_port())}  # cells running side by side must not share one
             running[cell.key] = (
-                subprocess.Popen(_command(spec, cell), cwd=REPO, env=cell_env, stdout=log, stderr=subprocess.STDOUT),
+                subprocess.Popen(
+                    _command(spec, cell),
+                    cwd=REPO,
+                    env=cell_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_driver if sys.platform == "linux" else None,
+                ),
                 cell,
                 log,
             )
