@@ -16,7 +16,6 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
   plain      our model with fused AdamW and autocast but no DeepSpeed (to measure the engine's own cost)
   whole      compile the whole model as one graph instead of block by block
   waits      DeepSpeed's ZeRO-1/2 step as shipped, with its host waits (train.zero_waits not applied)
-  gradloss   the loss's logits gradient made in the forward pass (benchmarks/grad_loss.py; tried, not taken)
   allpositions  the output head and loss at every position, as before round 7 (batches without target_index)
   torchloss  the loss through autograd (compiled) instead of model.cross_entropy's kernel, as before round 7
   rows=N     packed rows per micro-batch                          [the config's data.batch_size]
@@ -76,8 +75,7 @@ def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **e
 
 def parse_variant(text: str) -> dict:
     v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
-    v.update(fd=False, plain=False, whole=False, waits=False, gradloss=False, allpositions=False, torchloss=False)
-    v.update(rows=None)
+    v.update(fd=False, plain=False, whole=False, waits=False, allpositions=False, torchloss=False, rows=None)
     v.update(name=text, overrides=[])
     v["tiles"], v["mask_block"] = FLEX_DEFAULTS
     for word in text.split(":"):
@@ -89,7 +87,7 @@ def parse_variant(text: str) -> dict:
             v["batch"] = word
         elif word in ("z0", "z1", "z2", "z3"):
             v["zero"] = int(word[1])
-        elif word in ("ac", "plain", "whole", "waits", "gradloss", "allpositions", "torchloss"):
+        elif word in ("ac", "plain", "whole", "waits", "allpositions", "torchloss"):
             v[word] = True
         elif word == "fd":  # workers pass tensors by file descriptor (torch's default) instead of the trainer's way
             v["fd"] = True
@@ -209,7 +207,6 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[
 
 
 def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str, profile: bool, sync_sites: bool):
-    from benchmarks import grad_loss
     from train import zero_waits
     from train.engine import apply_activation_checkpointing, apply_compile, build_engine, param_groups, step_clip
     from train.step import TrainStep
@@ -224,7 +221,6 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
     if v["rows"]:
         overrides.append(f"data.batch_size={v['rows']}")
     cfg = load_config(cfg_path, overrides + v["overrides"])
-    grad_loss.install(v["gradloss"])
     cross_entropy.ENABLED = not v["torchloss"]
     attention.FLEX_BLOCK_SIZE = v["mask_block"]
     attention.FLEX_KERNEL_OPTIONS = v["tiles"] if v["tiles"] is FLEX_DEFAULTS[0] else {cfg.model.head_dim: v["tiles"]}

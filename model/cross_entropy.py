@@ -1,12 +1,12 @@
-"""The output layer's cross-entropy and z-loss with the logits' gradient made in the forward pass, in place (CUDA).
+"""The output layer's cross-entropy and z-loss with the logits' gradient made in the forward pass, in place.
 
 Why: the loss ends the graph, so its gradient with respect to the logits is known as soon as each row's
-log-sum-exp is: (softmax - one-hot) / n for the cross-entropy, plus 2 * z * lse * softmax / n for the z-loss. One
-Triton program per row reads the row's logits, takes the log-sum-exp online, and overwrites the row with that
-gradient; the backward is then the head's two matmuls. Autograd instead reads the B x T x V logits for the
-log-sum-exp, then again in the backward, and writes a gradient buffer as large. The hidden states' gradient
-(G @ W) is made in the forward too, so the backward needs no weight. Used by `FusionTransformer.text_losses` when
-Triton is importable, the hidden states are on a GPU and a gradient is wanted; tests check it against autograd.
+log-sum-exp is: (softmax - one-hot) / n for the cross-entropy, plus 2 * z * lse * softmax / n for the z-loss. On a
+GPU one Triton program per row reads the row's logits, takes the log-sum-exp online, and overwrites the row with
+that gradient (elsewhere torch's ops do the same); the backward is then the head's two matmuls. Autograd instead
+reads the B x T x V logits for the log-sum-exp, then again in the backward, and writes a gradient buffer as large.
+The hidden states' gradient (G @ W) is made in the forward too, so the backward needs no weight. Used by
+`FusionTransformer.text_losses` whenever a gradient is wanted; tests check it against autograd.
 """
 
 from __future__ import annotations
@@ -18,15 +18,26 @@ import torch
 IGNORE = -100
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ENABLED = True  # benchmarks/gpu_step.py's `torchloss` turns it off to compare
-MAX_BLOCK = 8192  # vocabulary entries a program holds at once
+MAX_BLOCK = 8192  # vocabulary entries a Triton program holds at once
 
 
 @torch.compiler.disable  # asked at every call: a compiled region does not guard on a sharded weight's size
 def usable(h: torch.Tensor, weight: torch.Tensor) -> bool:
-    """On a GPU with Triton, when a gradient is wanted, and when the weight is materialised here (a sharded
-    engine such as ZeRO-3 gathers it only inside the layer's own forward, which this path does not call)."""
+    """When a gradient is wanted and the weight is materialised here (a sharded engine such as ZeRO-3 gathers it
+    only inside the layer's own forward, which this path does not call)."""
     wanted = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return ENABLED and HAS_TRITON and h.is_cuda and wanted and weight.dim() == 2 and weight.numel() > 0
+    return ENABLED and wanted and weight.dim() == 2 and weight.numel() > 0
+
+
+def _rows_torch(logits, targets, n, z_weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's work in torch's ops (off GPUs): each row's loss terms, and its gradient written over it."""
+    x, valid, picked_at = logits.float(), targets != IGNORE, targets.clamp(min=0).unsqueeze(-1)
+    lse = torch.logsumexp(x, -1, keepdim=True)
+    loss = torch.where(valid, (lse - x.gather(-1, picked_at)).squeeze(-1), 0.0)  # before x (maybe logits) changes
+    grad = torch.exp(x - lse) * (1 + 2 * z_weight * lse)
+    grad.scatter_add_(-1, picked_at, -torch.ones_like(lse))
+    logits.copy_(grad * (valid / n).unsqueeze(-1))
+    return loss, torch.where(valid, lse.squeeze(-1).square(), 0.0)
 
 
 if HAS_TRITON:
@@ -64,18 +75,23 @@ if HAS_TRITON:
             tl.store(ptr + cols, g.to(logits.dtype.element_ty), mask=cols < V)
 
 
+def _rows_triton(logits, targets, n, z_weight) -> tuple[torch.Tensor, torch.Tensor]:
+    loss = torch.empty(len(targets), device=logits.device, dtype=torch.float32)
+    lse_sq = torch.empty_like(loss)
+    if len(targets):
+        block = min(MAX_BLOCK, triton.next_power_of_2(logits.shape[1]))
+        _rows[(len(targets),)](logits, logits.stride(0), targets, n, loss, lse_sq, z_weight, V=logits.shape[1],
+                               BLOCK=block, num_warps=8)  # fmt: skip
+    return loss, lse_sq
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, z_weight):
         logits = h @ weight.t()  # (K, V), h's dtype: bf16 on GPUs
-        valid = targets != IGNORE
-        n = valid.sum().clamp(min=1)
-        loss = torch.empty(len(targets), device=h.device, dtype=torch.float32)
-        lse_sq = torch.empty_like(loss)
-        if len(targets):
-            block = min(MAX_BLOCK, triton.next_power_of_2(logits.shape[1]))
-            _rows[(len(targets),)](logits, logits.stride(0), targets, n, loss, lse_sq, z_weight, V=logits.shape[1],
-                                   BLOCK=block, num_warps=8)  # fmt: skip
+        n = (targets != IGNORE).sum().clamp(min=1)
+        rows = _rows_triton if HAS_TRITON and logits.is_cuda else _rows_torch
+        loss, lse_sq = rows(logits, targets, n, z_weight)
         grad_h = logits @ weight  # the logits now hold their gradient
         ctx.save_for_backward(h, logits, grad_h)
         ctx.weight_dtype = weight.dtype
@@ -92,6 +108,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 @torch.compiler.disable  # a Triton kernel of its own: compiled regions call it as it is
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_weight: float):
-    """h (K, d), weight (V, d), targets (K,) -> (cross-entropy + z-loss, cross-entropy, z-loss), means over the
+    """h (..., d), weight (V, d), targets (...) -> (cross-entropy + z-loss, cross-entropy, z-loss), means over the
     targets that are not IGNORE. Only the first carries a gradient: the model's loss is their sum."""
-    return _LinearCrossEntropy.apply(h, weight, targets.contiguous(), float(z_weight))
+    return _LinearCrossEntropy.apply(h.flatten(0, -2), weight, targets.flatten().contiguous(), float(z_weight))

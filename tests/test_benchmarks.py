@@ -23,7 +23,7 @@ def test_variant_words_in_any_order_and_unknown_words_refused():
     assert (parse_variant("flex")["tiles"], parse_variant("flex")["mask_block"]) == FLEX_DEFAULTS
     assert parse_variant("flex:tiles=torch")["tiles"] is None
     assert parse_variant("mixed:waits")["waits"] and not parse_variant("mixed")["waits"]
-    assert parse_variant("mixed:gradloss")["gradloss"] and not parse_variant("mixed")["gradloss"]
+    assert parse_variant("mixed:torchloss")["torchloss"] and not parse_variant("mixed")["torchloss"]
     with pytest.raises(SystemExit, match="unknown variant word 'z4'"):
         parse_variant("flex:z4")
 

@@ -322,11 +322,11 @@ def test_loss_kernel_equals_autograd_on_cuda(tiny_cfg):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_loss_gradient_made_in_forward_equals_autograd(tied):
-    """benchmarks/grad_loss.py (a variant gpu_step.py measures) makes the logits' gradient in the forward pass;
+    """model.cross_entropy (torch's ops off GPUs) makes the logits' gradient in the forward pass;
     the hidden states' and the head's gradients must equal autograd's through the plain definition (cross-entropy
     + z-loss over the targets that are not IGNORE), for an upstream gradient other than one too, and with the head
     tied to the embedding table."""
-    from benchmarks.grad_loss import linear_cross_entropy
+    from model.cross_entropy import linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(2, 9, 16, requires_grad=True)
