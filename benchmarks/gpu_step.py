@@ -268,7 +268,7 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
     tps = steps * rows * T / dt
     flops = flops_per_token(cfg.model, T)
     head_share = float(np.mean(heads))  # of the batches made; the cached ones cycle, each equally often
-    flops_run = flops - 6 * cfg.model.vocab_size * cfg.model.d_model * (1 - head_share)
+    flops_run = flops_per_token(cfg.model, T, head_share=head_share)
     result = {
         "tokens_per_s": tps,
         "mfu": flops * tps / peak_flops(dev, True),

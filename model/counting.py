@@ -33,9 +33,15 @@ def matmul_params(cfg: ModelConfig) -> int:
     return param_count(cfg, embeddings=False) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, attention: bool = True) -> int:
-    """Training FLOPs per token: 6N, plus 12 * L * d_attn * T when `attention` (T defaults to max_seq_len)."""
+def flops_per_token(
+    cfg: ModelConfig, seq_len: int | None = None, attention: bool = True, head_share: float = 1.0
+) -> int | float:
+    """Training FLOPs per token: 6N, plus 12 * L * d_attn * T when `attention` (T defaults to max_seq_len).
+    head_share < 1: the output head counted only at that share of positions, those it runs at (the ones with a
+    text target, `data.packing.target_index`) rather than at every one, as 6N has it."""
     flops = 6 * matmul_params(cfg)
+    if head_share != 1.0:  # (an int otherwise, as totals of FLOPs in logs and summaries stay)
+        flops -= 6 * cfg.vocab_size * cfg.d_model * (1 - head_share)
     if attention:
         flops += 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (seq_len or cfg.max_seq_len)
     return flops

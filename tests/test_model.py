@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from data.layout import layout_document
-from data.packing import collate
+from data.packing import collate, target_index
 from model import (
     IGNORE,
     ConfigError,
@@ -345,7 +345,7 @@ def test_loss_gradient_made_in_forward_equals_autograd(tied):
     torch.testing.assert_close((text, z, loss), (ce, zl, ce + zl))
     torch.testing.assert_close(h.grad, h2.grad)
     torch.testing.assert_close(w.grad, w2.grad)
-    with torch.no_grad():  # evaluation: no gradient made at all, the same values
+    with torch.no_grad():  # without autograd (as in evaluation): the same values
         torch.testing.assert_close(linear_cross_entropy(h, w, targets, 0.01), (loss, text, z))
 
 
@@ -436,6 +436,13 @@ def test_flops_per_token_matches_a_measured_count():
         model(tokens, targets=tokens).loss.backward()
     measured = counter.get_total_flops() / (B * T)
     predicted = flops_per_token(cfg, seq_len=T)
+    assert abs(measured - predicted) / predicted < 0.01, (measured, predicted)
+    targets = torch.where(torch.rand(B, T) < 0.3, tokens, IGNORE)  # the head runs where target_index says only
+    listed = torch.from_numpy(target_index(targets.numpy()))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(tokens, targets=targets, target_index=listed).loss.backward()
+    measured = counter.get_total_flops() / (B * T)
+    predicted = flops_per_token(cfg, seq_len=T, head_share=len(listed) / (B * T))
     assert abs(measured - predicted) / predicted < 0.01, (measured, predicted)
     assert flops_per_token(cfg, attention=False) == 6 * param_count(cfg, embeddings=False)
     tied = with_(cfg, tie_embeddings=True)

@@ -259,8 +259,8 @@ def test_schedules():
 
 
 def test_compiled_regions_compute_what_eager_computes(tiny_cfg):
-    """apply_compile (blocks + the output loss region) changes speed, not the function or its gradients; batches
-    whose counts of text targets differ (the loss region's input length) all run compiled."""
+    """apply_compile (blocks + the output loss region) changes speed, not the function or its gradients, also for
+    batches whose counts of text targets (the loss region's input length) differ."""
     from conftest import packed_batch
 
     from model import build_model

@@ -163,8 +163,7 @@ def train(cfg: TrainConfig) -> dict:
                 dt = time.perf_counter() - window_t0
                 tps = window_steps * tokens_per_step / dt
                 grad_norm = run_step.grad_norm()
-                # MFU run (PERFORMANCE.md): the output head's FLOPs counted at the positions it ran at, not at all
-                fpt_run = fpt - 6 * mc.vocab_size * mc.d_model * (1 - head_rows / (window_steps * G * B * T))
+                fpt_run = flops_per_token(mc, T, head_share=head_rows / (window_steps * G * B * T))  # "MFU run"
                 record = {
                     **{k: window[k] for k in LOSSES},
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
