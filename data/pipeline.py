@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-import functools
 import os
 import signal
 import tarfile
@@ -61,9 +60,6 @@ class DataConfig:
     seq_len: int = 512
     batch_size: int = 8  # packed rows per micro-batch on each rank
     workers: int = 2
-    # Workers run this much nicer than the trainer (os.nice, 0-19): where they fill every core, the scheduler
-    # then still runs the trainer's main thread, which launches the GPU's kernels, as soon as it is ready.
-    worker_nice: int = 10
     seed: int = 0
     shuffle: bool = True
     patch_size: int = 8
@@ -76,8 +72,6 @@ class DataConfig:
     def __post_init__(self):
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
         self.eval_sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.eval_sources]
-        if not 0 <= self.worker_nice <= 19:
-            raise ValueError(f"data.worker_nice={self.worker_nice} must be in 0..19 (os.nice; higher runs nicer)")
         for s in self.sources + self.eval_sources:
             if s.weight < 0:
                 raise ValueError(f"source '{s.name}' has negative weight {s.weight}")
@@ -383,13 +377,7 @@ def _as_made(batch: dict) -> dict:
     return batch
 
 
-def _start_worker(nice: int, _worker_id: int) -> None:
-    """Runs in each dataloader worker as it starts."""
-    _ignore_job_signals()
-    os.nice(nice)
-
-
-def _ignore_job_signals() -> None:
+def _ignore_job_signals(_worker_id: int) -> None:
     """USR1 (SLURM's warning before preemption) and USR2 are the trainer's business, but SLURM delivers them to
     every process of a job step. Ignored here, they are also ignored by the torch_shm_manager a worker launches
     for `file_system` sharing; left at their default they killed it, and the next batch handoff failed
@@ -431,7 +419,7 @@ class StreamingLoader:
             persistent_workers=False,
             pin_memory=pin_memory,
             collate_fn=_as_made,
-            worker_init_fn=functools.partial(_start_worker, cfg.worker_nice),
+            worker_init_fn=_ignore_job_signals,
         )
         self._it = None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 import tarfile
 from collections import Counter
 
@@ -273,36 +272,6 @@ def test_exact_resume_with_workers_and_two_ranks(embedded):
             assert (t1 == t2).all() and (p1 == p2).all()
         all_keys += [(key, s, e) for pieces, _, _ in full for row in pieces for key, s, e in row]
     assert len(all_keys) == len(set(all_keys))  # ranks and workers never read the same piece
-
-
-def _worker_processes() -> list[int]:
-    """This process's forked children that run its own command line (dataloader workers, not torch_shm_manager)."""
-    me = os.getpid()
-    own = open(f"/proc/{me}/cmdline", "rb").read()
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            stat = open(f"/proc/{entry}/stat").read()
-            if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == me:
-                if open(f"/proc/{entry}/cmdline", "rb").read() == own:
-                    found.append(int(entry))
-        except (OSError, ValueError):
-            continue  # not a process, or it ended while being read
-    return found
-
-
-@pytest.mark.parametrize("nice", [0, 7])
-def test_workers_run_nicer_than_the_trainer(embedded, nice):
-    """So that the trainer's main thread, which launches the GPU's kernels, gets a core when workers fill them."""
-    before = set(_worker_processes())  # workers of other tests' loaders that are not yet shut down
-    loader = StreamingLoader(mixture(embedded, workers=2, worker_nice=nice))
-    next(loader)
-    workers = set(_worker_processes()) - before
-    assert len(workers) == 2
-    mine = os.getpriority(os.PRIO_PROCESS, 0)
-    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in workers] == [min(19, mine + nice)] * 2
-    with pytest.raises(ValueError, match="worker_nice=-1"):
-        mixture(embedded, worker_nice=-1)
 
 
 def test_seed_changes_the_order(embedded):
