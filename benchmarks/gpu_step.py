@@ -24,6 +24,7 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
                            torch's defaults);
                                                                   mask=N: block-mask granularity
                                                                   [model.attention's]
+  loss=BxW   model.cross_entropy's kernel launch: vocabulary block B, W warps      [its MAX_BLOCK x NUM_WARPS]
   @KEY=VALUE any config override, e.g. @deepspeed.grad_clip=0
 
 --set KEY=VALUE[,KEY=VALUE] applies overrides to every variant and to the reference (e.g. model.head_dim=128).
@@ -33,7 +34,9 @@ at every position), MFU run (the same with the head counted only at the position
 target, unless `allpositions`) and peak memory.
 Per config and row count, a plain reference GPT of the same width, depth, heads and vocabulary (RMSNorm, GELU MLP,
 causal SDPA, compiled, fused AdamW, bf16 autocast, no DeepSpeed) on the same number of tokens, so every figure has
-a ratio next to it. --profile adds, per variant, the GPU's busy share of the step and the top kernels; --syncs, the
+a ratio next to it. Loader variants add the host's time per step in next(loader) and in the copies to the GPU
+(`loader_wait_ms`, `copy_ms`): a loader that costs tokens/s with neither is slowing the trainer's host, not
+starving it. --profile adds, per variant, the GPU's busy share of the step and the top kernels; --syncs, the
 call sites where one step makes the host wait for the GPU.
 """
 
@@ -65,6 +68,7 @@ CONFIGS = {"20m": "configs/gpu-20m.yaml", "125m": "configs/gpu-125m.yaml"}
 ATTENTION = {"flex", "sdpa", "sdpa-cudnn", "sdpa-efficient", "flash"}
 AMP = ["deepspeed.autocast=true"]
 FLEX_DEFAULTS = (attention.FLEX_KERNEL_OPTIONS, attention.FLEX_BLOCK_SIZE)  # each variant starts from these
+LOSS_LAUNCH = (cross_entropy.MAX_BLOCK, cross_entropy.NUM_WARPS)  # and this
 
 
 def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **extra) -> dict:
@@ -78,6 +82,7 @@ def parse_variant(text: str) -> dict:
     v.update(fd=False, plain=False, whole=False, waits=False, allpositions=False, torchloss=False, rows=None)
     v.update(name=text, overrides=[])
     v["tiles"], v["mask_block"] = FLEX_DEFAULTS
+    v["loss_launch"] = LOSS_LAUNCH
     for word in text.split(":"):
         if word in ATTENTION:
             v["attention"] = word
@@ -107,6 +112,8 @@ def parse_variant(text: str) -> dict:
             v["tiles"] = tiles(*map(int, fwd.split("x")), tuple(map(int, bwd.split("x"))) if bwd else None)
         elif word.startswith("mask="):  # flex block-mask granularity
             v["mask_block"] = int(word[5:])
+        elif word.startswith("loss="):  # model.cross_entropy's launch: BLOCKxWARPS
+            v["loss_launch"] = tuple(int(x) for x in word[5:].split("x"))
         else:
             raise SystemExit(f"unknown variant word '{word}' in '{text}' (see --help)")
     return v
@@ -174,7 +181,7 @@ def sdpa_context(attention: str):
     return sdpa_kernel([kernels[attention]]) if attention in kernels else contextlib.nullcontext()
 
 
-def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[float]):
+def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[float], waits: list):
     """An endless iterator of device batches for the variant. `heads` collects, per batch made, the share of its
     positions where the output head runs."""
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -203,7 +210,17 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[
     loader = StreamingLoader(data_cfg, dist.get_rank(), dist.get_world_size(), pin_memory=True, sharing=sharing)
     if v["data"] == "cached":
         return itertools.cycle([to_device(next(loader)) for _ in range(8)])
-    return (to_device(b, non_blocking=True) for b in loader)
+
+    def streamed():
+        while True:
+            t0 = time.perf_counter()
+            b = next(loader)
+            t1 = time.perf_counter()
+            b = to_device(b, non_blocking=True)
+            waits.append((t1 - t0, time.perf_counter() - t1))
+            yield b
+
+    return streamed()
 
 
 def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str, profile: bool, sync_sites: bool):
@@ -222,13 +239,15 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
         overrides.append(f"data.batch_size={v['rows']}")
     cfg = load_config(cfg_path, overrides + v["overrides"])
     cross_entropy.ENABLED = not v["torchloss"]
+    cross_entropy.MAX_BLOCK, cross_entropy.NUM_WARPS = v["loss_launch"]
     attention.FLEX_BLOCK_SIZE = v["mask_block"]
     attention.FLEX_KERNEL_OPTIONS = v["tiles"] if v["tiles"] is FLEX_DEFAULTS[0] else {cfg.model.head_dim: v["tiles"]}
     rows, T = cfg.data.batch_size, cfg.data.seq_len
     torch.manual_seed(0)
     dev = torch.device("cuda", torch.cuda.current_device())
     heads: list[float] = []
-    batches = batches_for(v, cfg, rows, vocab, data_dir, heads)
+    waits: list[tuple[float, float]] = []  # loader: seconds in next(loader) and in the copies to the GPU, per batch
+    batches = batches_for(v, cfg, rows, vocab, data_dir, heads, waits)
     if v["plain"]:
         from model import build_model
 
@@ -263,6 +282,7 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
     with sdpa_context(v["attention"]):
         torch.cuda.reset_peak_memory_stats()
         dt = timed(step, steps, warmup=8 if v["compile"] else 3)
+        waited = np.array(waits[-steps:]).reshape(-1, 2)  # the timed steps' batches
         report = profile_steps(step) if profile else None
         syncs = find_syncs(step) if sync_sites else None
     tps = steps * rows * T / dt
@@ -278,6 +298,9 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
         "rows": rows,
         "step_ms": 1000 * dt / steps,
     }
+    if len(waited):  # host time per step spent getting batches: workers behind, or copies that did not overlap
+        result["loader_wait_ms"] = 1000 * waited[:, 0].mean()
+        result["copy_ms"] = 1000 * waited[:, 1].mean()
     if report:  # the profiler slows the host, so the busy share is taken against the unprofiled step too
         result["profile"] = {**report, "gpu_busy_of_step": report["gpu_busy_ms_per_step"] / result["step_ms"]}
     if syncs is not None:
@@ -454,6 +477,7 @@ def main(argv=None):
         print(
             f"{r['config']:<6} {r['variant']:<34} {r['rows']:>4} {r['tokens_per_s']:>10.0f} {r['mfu']:>6.1%} "
             f"{r.get('mfu_run', r['mfu']):>7.1%} {mem} {ratio}"
+            + (f"  waits {r['loader_wait_ms']:.2f} + {r['copy_ms']:.2f} ms/step" if "loader_wait_ms" in r else "")
         )
     if args.json:
         with open(args.json, "w") as f:

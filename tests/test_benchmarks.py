@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.gpu_step import FLEX_DEFAULTS, parse_variant, synthetic_batch
+from benchmarks.gpu_step import FLEX_DEFAULTS, LOSS_LAUNCH, parse_variant, synthetic_batch
 
 
 def test_variant_words_in_any_order_and_unknown_words_refused():
@@ -24,6 +24,8 @@ def test_variant_words_in_any_order_and_unknown_words_refused():
     assert parse_variant("flex:tiles=torch")["tiles"] is None
     assert parse_variant("mixed:waits")["waits"] and not parse_variant("mixed")["waits"]
     assert parse_variant("mixed:torchloss")["torchloss"] and not parse_variant("mixed")["torchloss"]
+    assert parse_variant("text:loss=32768x16")["loss_launch"] == (32768, 16)
+    assert parse_variant("text")["loss_launch"] == LOSS_LAUNCH
     with pytest.raises(SystemExit, match="unknown variant word 'z4'"):
         parse_variant("flex:z4")
 
