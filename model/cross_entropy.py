@@ -18,11 +18,11 @@ import torch
 IGNORE = -100
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ENABLED = True  # benchmarks/gpu_step.py's `torchloss` turns it off to compare
-# A Triton program's launch: vocabulary entries it holds at once, and its warps. A row that fits one block is read
-# from memory once; a longer one twice (log-sum-exp online, then the gradient). benchmarks/cross_entropy.py
-# measures the choices (docs/PERFORMANCE.md, round 8).
-MAX_BLOCK = 8192
-NUM_WARPS = 8
+# A Triton program's launch: vocabulary entries it holds at once, and its warps. On an H100, 16384 x 16 moves a
+# 131072 x 32768 logits buffer at 2.85 TB/s, 8192 x 8 at 2.13, an in-place multiply at 3.01; a whole row of 32768
+# held in registers was slower (benchmarks/cross_entropy.py; docs/PERFORMANCE.md, round 8).
+MAX_BLOCK = 16384
+NUM_WARPS = 16
 
 
 @torch.compiler.disable  # asked at every call: a compiled region does not guard on a sharded weight's size
@@ -55,6 +55,8 @@ if HAS_TRITON:
         """Per row: log-sum-exp online over the vocabulary, the row's loss terms, then its gradient in place."""
         row = tl.program_id(0).to(tl.int64)
         ptr = logits + row * stride
+        target = tl.load(targets + row)
+        valid = target != _IGNORE
         m = tl.full([], -float("inf"), tl.float32)
         d = tl.full([], 0.0, tl.float32)
         for start in range(0, V, BLOCK):
@@ -64,7 +66,11 @@ if HAS_TRITON:
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
             m = m_new
         lse = m + tl.log(d)
-        target, scale, factor = _row_terms(ptr, row, targets, n_valid, loss, lse_sq, z_weight, lse)
+        picked = tl.load(ptr + tl.where(valid, target, 0)).to(tl.float32)
+        tl.store(loss + row, tl.where(valid, lse - picked, 0.0))
+        tl.store(lse_sq + row, tl.where(valid, lse * lse, 0.0))
+        scale = tl.where(valid, 1.0 / tl.load(n_valid).to(tl.float32), 0.0)
+        factor = 1.0 + 2.0 * z_weight * lse
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
@@ -72,42 +78,14 @@ if HAS_TRITON:
             g = tl.where(cols == target, g - 1.0, g) * scale
             tl.store(ptr + cols, g.to(logits.dtype.element_ty), mask=cols < V)
 
-    @triton.jit
-    def _whole_rows(logits, stride, targets, n_valid, loss, lse_sq, z_weight, V: tl.constexpr, BLOCK: tl.constexpr):
-        """`_rows` for a row that fits one block: it stays in registers between the two steps."""
-        row = tl.program_id(0).to(tl.int64)
-        ptr = logits + row * stride
-        cols = tl.arange(0, BLOCK)
-        x = tl.load(ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        m = tl.max(x, 0)
-        lse = m + tl.log(tl.sum(tl.exp(x - m), 0))
-        target, scale, factor = _row_terms(ptr, row, targets, n_valid, loss, lse_sq, z_weight, lse)
-        g = tl.exp(x - lse) * factor
-        g = tl.where(cols == target, g - 1.0, g) * scale
-        tl.store(ptr + cols, g.to(logits.dtype.element_ty), mask=cols < V)
-
-    @triton.jit
-    def _row_terms(ptr, row, targets, n_valid, loss, lse_sq, z_weight, lse):
-        """Stores the row's loss terms; returns its target, the gradient's scale (1/n, 0 without a target) and the
-        factor the z-loss puts on the softmax."""
-        target = tl.load(targets + row)
-        valid = target != _IGNORE
-        picked = tl.load(ptr + tl.where(valid, target, 0)).to(tl.float32)
-        tl.store(loss + row, tl.where(valid, lse - picked, 0.0))
-        tl.store(lse_sq + row, tl.where(valid, lse * lse, 0.0))
-        scale = tl.where(valid, 1.0 / tl.load(n_valid).to(tl.float32), 0.0)
-        return target, scale, 1.0 + 2.0 * z_weight * lse
-
 
 def _rows_triton(logits, targets, n, z_weight) -> tuple[torch.Tensor, torch.Tensor]:
     loss = torch.empty(len(targets), device=logits.device, dtype=torch.float32)
     lse_sq = torch.empty_like(loss)
     if len(targets):
-        V = logits.shape[1]
-        block = min(MAX_BLOCK, triton.next_power_of_2(V))
-        kernel = _whole_rows if block >= V else _rows
-        kernel[(len(targets),)](logits, logits.stride(0), targets, n, loss, lse_sq, z_weight, V=V, BLOCK=block,
-                                num_warps=NUM_WARPS)  # fmt: skip
+        block = min(MAX_BLOCK, triton.next_power_of_2(logits.shape[1]))
+        _rows[(len(targets),)](logits, logits.stride(0), targets, n, loss, lse_sq, z_weight, V=logits.shape[1],
+                               BLOCK=block, num_warps=NUM_WARPS)  # fmt: skip
     return loss, lse_sq
 
 
