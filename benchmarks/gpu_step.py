@@ -68,7 +68,7 @@ CONFIGS = {"20m": "configs/gpu-20m.yaml", "125m": "configs/gpu-125m.yaml"}
 ATTENTION = {"flex", "sdpa", "sdpa-cudnn", "sdpa-efficient", "flash"}
 AMP = ["deepspeed.autocast=true"]
 FLEX_DEFAULTS = (attention.FLEX_KERNEL_OPTIONS, attention.FLEX_BLOCK_SIZE)  # each variant starts from these
-LOSS_LAUNCH = (cross_entropy.MAX_BLOCK, cross_entropy.NUM_WARPS)  # and this
+LOSS_LAUNCH = (cross_entropy.MAX_BLOCK, cross_entropy.NUM_WARPS)  # and the loss kernel's launch
 
 
 def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **extra) -> dict:
@@ -183,7 +183,8 @@ def sdpa_context(attention: str):
 
 def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[float], waits: list):
     """An endless iterator of device batches for the variant. `heads` collects, per batch made, the share of its
-    positions where the output head runs."""
+    positions where the output head runs; `waits`, per batch the real loader streams, the seconds the trainer spent
+    in next(loader) and in starting the batch's copies to the GPU."""
     dev = torch.device("cuda", torch.cuda.current_device())
 
     def to_device(b: dict, non_blocking: bool = False) -> dict:
