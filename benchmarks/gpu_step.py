@@ -284,11 +284,12 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
         torch.cuda.reset_peak_memory_stats()
         dt = timed(step, steps, warmup=8 if v["compile"] else 3)
         waited = np.array(waits[-steps:]).reshape(-1, 2)  # the timed steps' batches
+        # of those, when the loader streams them; else of the batches made, which cycle, each equally often
+        head_share = float(np.mean(heads[-steps:] if waits else heads))
         report = profile_steps(step) if profile else None
         syncs = find_syncs(step) if sync_sites else None
     tps = steps * rows * T / dt
     flops = flops_per_token(cfg.model, T)
-    head_share = float(np.mean(heads))  # of the batches made; the cached ones cycle, each equally often
     flops_run = flops_per_token(cfg.model, T, head_share=head_share)
     result = {
         "tokens_per_s": tps,
