@@ -4,9 +4,10 @@
                                    [--json out.json]
 
 Per mask (full causal, text documents, mixed documents with bidirectional images) and kernel (SDPA's cuDNN,
-flash and memory-efficient kernels; flex_attention with several tile settings; torch's varlen flash kernel where
-the mask is causal within documents): milliseconds per layer and the useful TFLOP/s, counting only the allowed
-(query, key) pairs, 4 * D FLOPs each forward and 10 * D forward + backward.
+flash and memory-efficient kernels; flex_attention with several tile settings and, where FlashAttention-4 is
+installed, its backend; torch's varlen flash kernel and FlashAttention-4's where the mask is causal within
+documents): milliseconds per layer and the useful TFLOP/s, counting only the allowed (query, key) pairs, 4 * D
+FLOPs each forward and 10 * D forward + backward.
 
 --pairwise adds each flex kernel run with the mask rule written pairwise (same document id and image id for
 query and key, as the rule is defined) instead of the model's interval form, on the same block mask.
@@ -37,6 +38,7 @@ FLEX_OPTIONS = {
     "flex-m64n64-bwd32x64x64x32": tiles(64, 64, (32, 64, 64, 32)),
     "flex-m64n64-bwd64x64x64x64": tiles(64, 64, (64, 64, 64, 64)),
     "flex-m64n64-bwd64x128x128x64": tiles(64, 64, (64, 128, 128, 64)),
+    "flex-fa4": {"BACKEND": "FLASH"},  # torch's FlashAttention-4 (CuTe DSL) backend for flex, where installed
 }
 
 
@@ -54,6 +56,18 @@ def varlen(q, k, v, mask: AttentionMask):
         {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {"window_size": (-1, 0)}
     )
     out = varlen_attn(*flat, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen, **causal)
+    return out.view(B, T, H, D).transpose(1, 2)
+
+
+def varlen_fa4(q, k, v, mask: AttentionMask):
+    """FlashAttention-4 (`pip install flash-attn-4`, CuTe DSL, Hopper and later), causal within each document."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    B, H, T, D = q.shape
+    flat = [t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v)]
+    cu, n = mask.cu_seqlens, mask.max_seqlen
+    out = flash_attn_varlen_func(*flat, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n, causal=True)
+    out = out[0] if isinstance(out, tuple) else out
     return out.view(B, T, H, D).transpose(1, 2)
 
 
@@ -161,6 +175,7 @@ def main(argv=None):
             flat = AttentionMask.build("flash", doc, img, False)
             kernels["varlen"] = lambda q, k, v, flat=flat: varlen(q, k, v, flat)
             kernels["varlen-cudnn"] = lambda q, k, v, flat=flat: varlen_cudnn(q, k, v, flat)
+            kernels["varlen-fa4"] = lambda q, k, v, flat=flat: varlen_fa4(q, k, v, flat)
         grad = torch.randn_like(q)
         reference = math_reference(q, k, v, dense.dense, grad) if args.check else None
         for name, fn in kernels.items():

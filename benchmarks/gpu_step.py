@@ -18,6 +18,10 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
   waits      DeepSpeed's ZeRO-1/2 step as shipped, with its host waits (train.zero_waits not applied)
   allpositions  the output head and loss at every position, as before round 7 (batches without target_index)
   torchloss  the loss through autograd (compiled) instead of model.cross_entropy's kernel, as before round 7
+  torchmlp   the MLP in torch's ops (matmuls, then SwiGLU) where QuACK's fused GEMMs are installed (model.mlp)
+  quackmlp   QuACK's fused MLP wherever it runs: below model.mlp.MIN_WIDTH (the 20M config's width) and under
+             activation checkpointing, where train.engine keeps torch's MLP (not with z3, which it breaks)
+  mlptuned   QuACK's GEMMs autotuned per shape (model.mlp.TUNED)
   rows=N     packed rows per micro-batch                          [the config's data.batch_size]
   amp        fp32 weights under torch.autocast (DeepSpeed's torch_autocast) instead of bf16 weights
   tiles=MxN[/M1xN1xM2xN2]  flex kernel tiles for the config's head dim, forward [and backward] (tiles=torch:
@@ -59,7 +63,7 @@ from torch import nn
 
 from data.layout import SpecialIds, layout_document
 from data.packing import Packer, collate
-from model import attention, cross_entropy, flops_per_token
+from model import attention, cross_entropy, flops_per_token, mlp
 from train.config import load_config
 from train.metrics import peak_flops
 
@@ -69,6 +73,7 @@ ATTENTION = {"flex", "sdpa", "sdpa-cudnn", "sdpa-efficient", "flash"}
 AMP = ["deepspeed.autocast=true"]
 FLEX_DEFAULTS = (attention.FLEX_KERNEL_OPTIONS, attention.FLEX_BLOCK_SIZE)  # each variant starts from these
 LOSS_LAUNCH = (cross_entropy.MAX_BLOCK, cross_entropy.NUM_WARPS)  # and the loss kernel's launch
+MLP_MIN_WIDTH = mlp.MIN_WIDTH
 
 
 def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **extra) -> dict:
@@ -80,6 +85,7 @@ def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **e
 def parse_variant(text: str) -> dict:
     v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
     v.update(fd=False, plain=False, whole=False, waits=False, allpositions=False, torchloss=False, rows=None)
+    v.update(torchmlp=False, quackmlp=False, mlptuned=False)
     v.update(name=text, overrides=[])
     v["tiles"], v["mask_block"] = FLEX_DEFAULTS
     v["loss_launch"] = LOSS_LAUNCH
@@ -92,7 +98,7 @@ def parse_variant(text: str) -> dict:
             v["batch"] = word
         elif word in ("z0", "z1", "z2", "z3"):
             v["zero"] = int(word[1])
-        elif word in ("ac", "plain", "whole", "waits", "allpositions", "torchloss"):
+        elif word in ("ac", "plain", "whole", "waits", "allpositions", "torchloss", "torchmlp", "quackmlp", "mlptuned"):
             v[word] = True
         elif word == "fd":  # workers pass tensors by file descriptor (torch's default) instead of the trainer's way
             v["fd"] = True
@@ -225,6 +231,7 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[
 
 
 def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str, profile: bool, sync_sites: bool):
+    from train import engine as engine_module
     from train import zero_waits
     from train.engine import apply_activation_checkpointing, apply_compile, build_engine, param_groups, step_clip
     from train.step import TrainStep
@@ -240,6 +247,8 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
         overrides.append(f"data.batch_size={v['rows']}")
     cfg = load_config(cfg_path, overrides + v["overrides"])
     cross_entropy.ENABLED = not v["torchloss"]
+    mlp.FUSED, mlp.TUNED = not v["torchmlp"], v["mlptuned"]
+    mlp.MIN_WIDTH = 0 if v["quackmlp"] else MLP_MIN_WIDTH
     cross_entropy.MAX_BLOCK, cross_entropy.NUM_WARPS = v["loss_launch"]
     attention.FLEX_BLOCK_SIZE = v["mask_block"]
     attention.FLEX_KERNEL_OPTIONS = v["tiles"] if v["tiles"] is FLEX_DEFAULTS[0] else {cfg.model.head_dim: v["tiles"]}
@@ -268,7 +277,13 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
             opt.zero_grad(set_to_none=True)
 
     else:
-        engine, optimizer, model = build_engine(cfg, dev)
+        policy = engine_module.choose_mlp_kernels
+        if v["quackmlp"]:  # QuACK wherever it runs, also where the engine keeps torch's MLP (checkpointing)
+            engine_module.choose_mlp_kernels = lambda model, cfg: None
+        try:
+            engine, optimizer, model = build_engine(cfg, dev)
+        finally:
+            engine_module.choose_mlp_kernels = policy
         if v["waits"]:
             zero_waits.restore()
         if v["whole"]:
@@ -299,6 +314,7 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
         "memory_gb": torch.cuda.max_memory_allocated() / 2**30,
         "rows": rows,
         "step_ms": 1000 * dt / steps,
+        "mlp": "quack" if mlp.FUSED and all(m.fused for m in model.modules() if isinstance(m, mlp.MLP)) else "torch",
     }
     if len(waited):  # host time per step spent getting batches: workers behind, or copies that did not overlap
         result["loader_wait_ms"] = 1000 * waited[:, 0].mean()

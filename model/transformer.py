@@ -19,12 +19,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model import cross_entropy
 from model.attention import Attention, AttentionMask, resolve_backend
 from model.config import ModelConfig
+from model.mlp import MLP
 from model.rope import Rotary
 
 IGNORE = -100
@@ -100,25 +100,12 @@ def _zero_touch(linear: nn.Linear) -> torch.Tensor:
     return linear(linear.weight.new_zeros(1, linear.in_features)).sum() * 0.0
 
 
-class MLP(nn.Module):
-    """SwiGLU."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.w_gate_up = nn.Linear(cfg.d_model, 2 * cfg.ffn_hidden, bias=False)
-        self.w_down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
-
-    def forward(self, x):
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        return self.w_down(F.silu(gate) * up)
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.post_norm = cfg.norm_order == "post"
         self.attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.d_model, cfg.ffn_hidden)
         self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)

@@ -26,6 +26,9 @@ def test_variant_words_in_any_order_and_unknown_words_refused():
     assert parse_variant("mixed:torchloss")["torchloss"] and not parse_variant("mixed")["torchloss"]
     assert parse_variant("text:loss=32768x16")["loss_launch"] == (32768, 16)
     assert parse_variant("text")["loss_launch"] == LOSS_LAUNCH
+    words = parse_variant("text:torchmlp:quackmlp:mlptuned")
+    assert words["torchmlp"] and words["quackmlp"] and words["mlptuned"]
+    assert not any(parse_variant("text")[w] for w in ("torchmlp", "quackmlp", "mlptuned"))
     with pytest.raises(SystemExit, match="unknown variant word 'z4'"):
         parse_variant("flex:z4")
 

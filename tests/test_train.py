@@ -327,3 +327,28 @@ def test_zero_step_clips_on_the_device_as_deepspeed_does():
         ds_utils.mask_nan_or_inf_with_val_inplace(theirs, device="cpu")
         assert torch.equal(ours, theirs)
     assert zero_waits.apply()  # DeepSpeed's code still has the shape the patch expects
+
+
+def test_engine_keeps_torch_mlp_under_zero3_and_checkpointing(micro_config, monkeypatch, tiny_cfg):
+    """QuACK's fused MLP reads its weights outside its layers' forward (where ZeRO-3 gathers them) and doubled the
+    peak memory under activation checkpointing: the engine keeps torch's kernels there, and only there. A module
+    marked fused still runs torch's ops on a CPU tensor."""
+    from model import build_model, mlp
+    from train.engine import choose_mlp_kernels
+
+    monkeypatch.setattr(mlp, "fused_available", lambda: True)  # as on a Hopper GPU with QuACK installed
+    monkeypatch.setattr(mlp, "MIN_WIDTH", 0)
+    for overrides, fused in [
+        ([], True),
+        (["deepspeed.zero_stage=3"], False),
+        (["deepspeed.activation_checkpointing=true"], False),
+    ]:
+        cfg = load_config(micro_config, overrides)
+        model = build_model(cfg.model)
+        choose_mlp_kernels(model, cfg)
+        assert [b.mlp.fused for b in model.blocks] == [fused] * cfg.model.n_layers, overrides
+    layer = mlp.MLP(tiny_cfg.d_model, 64)
+    assert layer.fused
+    x = torch.randn(3, tiny_cfg.d_model)
+    gate, up = layer.w_gate_up(x).chunk(2, dim=-1)
+    torch.testing.assert_close(layer(x), layer.w_down(torch.nn.functional.silu(gate) * up))

@@ -10,6 +10,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from model import FusionTransformer, build_model
+from model.mlp import MLP
 from train import zero_waits
 from train.config import TrainConfig
 
@@ -89,9 +90,21 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     return config
 
 
+def choose_mlp_kernels(model: FusionTransformer, cfg: TrainConfig) -> None:
+    """Keep torch's MLP kernels where QuACK's fused ones (model.mlp) would break a promise of the engine. They read
+    the weights without calling the layers, which is where ZeRO-3 gathers them; and under activation checkpointing
+    the 125M step peaked at twice the memory with them (15.2 against 7.5 GB on an H200, docs/PERFORMANCE.md round
+    9), which is what checkpointing is there to prevent."""
+    if cfg.deepspeed.zero_stage == 3 or cfg.deepspeed.activation_checkpointing:
+        for module in model.modules():
+            if isinstance(module, MLP):
+                module.fused = False
+
+
 def build_engine(cfg: TrainConfig, device: torch.device):
     zero_waits.apply()  # DeepSpeed's ZeRO-1/2 step without its host waits
     model = build_model(cfg.model)
+    choose_mlp_kernels(model, cfg)
     if cfg.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.deepspeed.compile:
