@@ -230,6 +230,14 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[
     return streamed()
 
 
+def mlp_kernels(model: nn.Module) -> str:
+    """Which MLP path the step ran: QuACK's needs it on for every block and bf16 or fp16 weights (not `plain` or
+    `amp`, whose weights are fp32 under autocast)."""
+    blocks = [m for m in model.modules() if isinstance(m, mlp.MLP)]
+    low = all(m.w_gate_up.weight.dtype in (torch.bfloat16, torch.float16) for m in blocks)
+    return "quack" if mlp.FUSED and low and all(m.fused for m in blocks) else "torch"
+
+
 def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str, profile: bool, sync_sites: bool):
     from train import engine as engine_module
     from train import zero_waits
@@ -314,7 +322,7 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
         "memory_gb": torch.cuda.max_memory_allocated() / 2**30,
         "rows": rows,
         "step_ms": 1000 * dt / steps,
-        "mlp": "quack" if mlp.FUSED and all(m.fused for m in model.modules() if isinstance(m, mlp.MLP)) else "torch",
+        "mlp": mlp_kernels(model),
     }
     if len(waited):  # host time per step spent getting batches: workers behind, or copies that did not overlap
         result["loader_wait_ms"] = 1000 * waited[:, 0].mean()

@@ -21,14 +21,14 @@ from torch import nn
 FUSED = True  # benchmarks/gpu_step.py's `torchmlp` turns it off to compare
 TUNED = False  # QuACK's autotuning of tile shapes per GEMM (compiles every candidate once; minutes)
 # Narrower models keep torch's kernels: on an H100 QuACK's GEMMs ran the 20M MLP (width 384) at 273 TFLOP/s untuned
-# and 365 tuned against cuBLAS + inductor's 421, and the 125M one (768) at 583 against 546 (benchmarks/mlp.py).
+# and 365 tuned against cuBLAS + inductor's 421, and the 125M one (768) at 580 against 546 (benchmarks/mlp.py).
 MIN_WIDTH = 768
 
 _mlp_func = None
 if importlib.util.find_spec("quack") is not None and torch.cuda.is_available():
     try:
         from quack.mlp import mlp_func as _mlp_func
-    except Exception as exc:  # a QuACK that cannot load here (no CUDA 12.9+ driver, another torch): say so once
+    except Exception as exc:  # a QuACK that cannot load here (a mismatched cutlass-dsl, driver or torch): say so
         import warnings
 
         warnings.warn(f"quack is installed but did not import ({exc!r}); the MLP runs torch's kernels", stacklevel=1)
