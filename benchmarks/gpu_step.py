@@ -231,11 +231,10 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[
 
 
 def mlp_kernels(model: nn.Module) -> str:
-    """Which MLP path the step ran: QuACK's needs it on for every block and bf16 or fp16 weights (not `plain` or
-    `amp`, whose weights are fp32 under autocast)."""
+    """Which MLP path the step ran: QuACK's where every block takes it for inputs of its weights' dtype (the
+    engine's bf16; `plain` and `amp` keep fp32 weights under autocast, which take torch's)."""
     blocks = [m for m in model.modules() if isinstance(m, mlp.MLP)]
-    low = all(m.w_gate_up.weight.dtype in (torch.bfloat16, torch.float16) for m in blocks)
-    return "quack" if mlp.FUSED and low and all(m.fused for m in blocks) else "torch"
+    return "quack" if all(m.runs_fused(m.w_gate_up.weight.dtype) for m in blocks) else "torch"
 
 
 def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str, profile: bool, sync_sites: bool):

@@ -53,16 +53,15 @@ class MLP(nn.Module):
         # A plain attribute, so compiled graphs see a constant; QuACK's tiles want these multiples.
         self.fused = fused_available() and d_model >= MIN_WIDTH and d_model % 8 == 0 and hidden % 8 == 0
 
+    def runs_fused(self, dtype: torch.dtype) -> bool:
+        """Whether a CUDA input of this dtype takes QuACK's path: bf16 or fp16, as the weights are (not fp32 weights
+        under autocast)."""
+        low = dtype in (torch.bfloat16, torch.float16)
+        return FUSED and self.fused and low and self.w_gate_up.weight.dtype == dtype
+
     def forward(self, x):
-        w1, w2 = self.w_gate_up.weight, self.w_down.weight
-        if (
-            FUSED
-            and self.fused
-            and x.is_cuda
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and w1.dtype == x.dtype
-            and x.stride(-1) == 1
-        ):
+        if x.is_cuda and x.stride(-1) == 1 and self.runs_fused(x.dtype):
+            w1, w2 = self.w_gate_up.weight, self.w_down.weight
             return _mlp_func(x, w1, w2, activation="swiglu", concat_layout=True, tuned=TUNED)
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
         return self.w_down(F.silu(gate) * up)
