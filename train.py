@@ -10,11 +10,15 @@ a config error (reported before any work starts), 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
-import sys
+import time
 
-from train.config import ConfigError, load_config
-from train.rundir import ensure_run_dir
+STARTED = time.time()  # before the imports: start-up is counted from the launcher's FUSION_LAUNCH_TIME, else here
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from train.config import ConfigError, load_config  # noqa: E402
+from train.rundir import ensure_run_dir  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,7 +37,7 @@ def main(argv=None) -> int:
         return 2
     from train.trainer import train  # heavy imports (DeepSpeed) only once the config is known to be good
 
-    train(cfg)
+    train(cfg, launched_at=STARTED)
     return 0
 
 

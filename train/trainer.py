@@ -82,13 +82,24 @@ def _any_rank(flags: list[bool], group) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
-def train(cfg: TrainConfig) -> dict:
+def launch_time(default: float | None) -> float:
+    """When this run's processes were launched: the launcher's FUSION_LAUNCH_TIME (the sweep driver and
+    slurm/train.sbatch set it), else `default` (train.py's first line), else now."""
+    value = os.environ.get("FUSION_LAUNCH_TIME")
+    return float(value) if value else default or time.time()
+
+
+def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
+    launched = launch_time(launched_at)
     rank, world, device = setup_distributed()
     run = prepare_run_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
     engine, optimizer, model = build_engine(cfg, device)
     ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint.keep, rank)
-    state = {"step": 0, "tokens": 0, "flops": 0.0, "flops_6n": 0.0, "skipped_steps": 0, "wall_s": 0.0}
+    # train_s: the loop (evaluations and checkpoints included); startup_s: launch to the first step; wall_s: launch
+    # to the summary. Each summed over the run's segments (a resumed run adds to its checkpoint's).
+    state = {"step": 0, "tokens": 0, "flops": 0.0, "flops_6n": 0.0, "skipped_steps": 0}
+    state.update(train_s=0.0, startup_s=0.0, wall_s=0.0)
     data_state = None
     source = {"auto": ckpt.latest(), "none": None}.get(cfg.resume, cfg.resume) or cfg.init_from or None
     if source:
@@ -121,7 +132,10 @@ def train(cfg: TrainConfig) -> dict:
     window_steps, window_t0, last_val = 0, time.perf_counter(), {}
     head_rows = 0  # positions the output head ran at this window, this rank (target_index's length, from its shape)
     last_loss = None  # the latest logged training loss, for the summary
-    run_t0 = time.perf_counter() - state["wall_s"]
+    state["startup_s"] += time.time() - launched
+    wall_before = state["wall_s"] + (time.time() - launched)  # this segment's start-up counts as wall time
+    run_t0 = time.perf_counter() - state["train_s"]
+    wall_t0 = time.perf_counter() - wall_before
     if rank == 0:
         (run / "PREEMPTED").unlink(missing_ok=True)
     engine.train()
@@ -192,7 +206,7 @@ def train(cfg: TrainConfig) -> dict:
                 window_t0 += time.perf_counter() - eval_t0  # tokens/s counts training time only
 
             stop, save_now = _any_rank([signals.stop, signals.save], signal_group)
-            state["wall_s"] = time.perf_counter() - run_t0
+            state["train_s"], state["wall_s"] = time.perf_counter() - run_t0, time.perf_counter() - wall_t0
             periodic = (cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0) or (
                 state["step"] in cfg.checkpoint.at_steps
             )
@@ -207,7 +221,7 @@ def train(cfg: TrainConfig) -> dict:
                 raise Preempted()
 
         last_val = validate(engine, cfg.data, cfg.eval.max_batches, device, rank, world)
-        state["wall_s"] = time.perf_counter() - run_t0
+        state["train_s"] = time.perf_counter() - run_t0
         if not ckpt.latest() or ckpt.latest().name != f"step_{state['step']:08d}":
             save()
         summary = {
@@ -223,8 +237,12 @@ def train(cfg: TrainConfig) -> dict:
             "final_val": last_val,
             "val_text_loss": last_val.get("text_loss"),
             "skipped_steps": state["skipped_steps"],
-            "wall_s": state["wall_s"],
+            "wall_s": time.perf_counter() - wall_t0,
+            "train_s": state["train_s"],
+            "startup_s": state["startup_s"],
             "world_size": world,
+            # where it ran, as the launcher gave it (a sweep's cells: which devices and rendezvous port)
+            "launch": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "MASTER_PORT", "SLURM_JOB_ID")},
             "data_counts": loader.skip_counts(),
         }
         if rank == 0:

@@ -1,0 +1,125 @@
+"""Scaling-law sweeps from a spec, and fits of any CSV of runs.
+
+    python -m scaling plan   SPEC     # the cells: N, D, FLOPs (both conventions), batch split, LR, time; warnings
+    python -m scaling run    SPEC     # locally (CPU, or spread over this host's GPUs) or as SLURM arrays
+    python -m scaling fit    SPEC     # fit OUT/results.csv: OUT/fit/fit.json and the plots
+    python -m scaling report SPEC     # fit, then OUT/fit/report.md
+    python -m scaling fit RUNS.csv --out DIR [--loss loss ...] [--recipe-col recipe] [--params-col params]
+                                     [--flops 6n+attn] [--bootstrap 1000] [--seed 0] [--target-flops 1e18]
+
+`run` is idempotent and restartable: finished cells are skipped, interrupted ones resume from their checkpoints,
+and each finished cell appends one row to OUT/results.csv. Fitting a CSV imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scaling.runs import FitError
+
+
+def _fit_csv(args) -> dict:
+    from scaling.report import fit_csv
+
+    if not args.out:
+        raise SystemExit("error: fitting a CSV needs --out DIR")
+    return fit_csv(
+        args.target,
+        args.out,
+        args.loss or ["loss"],
+        args.recipe_col,
+        1000 if args.bootstrap is None else args.bootstrap,
+        args.seed,
+        args.target_flops,
+        args.params_col or "params",
+        args.flops,
+    )
+
+
+def _fit_spec(spec, args) -> dict:
+    from scaling.report import fit_csv
+    from scaling.results import loss_columns
+
+    path = Path(spec.out) / "results.csv"
+    if not path.exists():
+        raise SystemExit(f"error: {path} does not exist yet: `python -m scaling run` first")
+    return fit_csv(
+        path,
+        Path(spec.out) / "fit",
+        args.loss or loss_columns(spec.out),
+        "recipe" if len(spec.recipes) > 1 else None,
+        spec.bootstrap if args.bootstrap is None else args.bootstrap,
+        args.seed,
+        args.target_flops,
+        args.params_col or spec.params_convention,
+        args.flops or spec.flops_convention,
+    )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("command", choices=["plan", "run", "fit", "report"])
+    ap.add_argument("target", help="a sweep spec (YAML), or for `fit` a CSV of runs")
+    ap.add_argument("--out", help="fit a CSV: the directory for fit.json and the plots")
+    ap.add_argument("--loss", action="append", help="loss column(s) to fit, each separately")
+    ap.add_argument("--recipe-col", help="fit a CSV: the column naming recipes; multipliers are against the first")
+    ap.add_argument("--params-col", help="N: params (6N's), params_total, params_non_embedding or any column")
+    ap.add_argument("--flops", help="C: 6n, 6n+attn, or a column (default: the spec's, or the CSV's 'flops')")
+    ap.add_argument("--bootstrap", type=int, help="resamples for the intervals (default: the spec's, or 1000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target-flops", type=float, help="compute for the allocations and multipliers (default: max)")
+    args = ap.parse_args(argv)
+    from scaling.report import summarize, write_markdown
+
+    try:
+        if args.target.endswith(".csv"):
+            if args.command != "fit":
+                raise SystemExit(f"error: `{args.command}` takes a sweep spec; a CSV can only be fitted")
+            report = _fit_csv(args)
+            summarize(report)
+            print(f"wrote {write_markdown(report, Path(args.out) / 'report.md', f'Fit of {args.target}')}")
+            return 0
+        from scaling.plan import plan, print_plan
+        from scaling.spec import load_spec
+        from train.config import ConfigError
+
+        try:
+            spec = load_spec(args.target)
+            cells = plan(spec)
+            if args.command == "run":
+                from scaling.local import device_slots
+
+                if spec.launcher.kind == "local":
+                    device_slots(spec)  # a GPU that does not exist stops the sweep here
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from e
+        if args.command == "plan":
+            print_plan(spec, cells)
+        elif args.command == "run":
+            for w in cells.warnings:
+                print(f"warning: {w}")
+            if spec.launcher.kind == "slurm":
+                from scaling.slurm import run_slurm
+
+                run_slurm(spec, cells)
+            else:
+                from scaling.local import run_local
+
+                run_local(spec, cells)
+        else:
+            report = _fit_spec(spec, args)
+            summarize(report)
+            if args.command == "report":
+                path = write_markdown(report, Path(spec.out) / "fit" / "report.md", f"Sweep `{spec.name}`")
+                print(f"wrote {path}")
+    except FitError as e:
+        raise SystemExit(f"error: {e}") from e
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

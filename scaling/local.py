@@ -1,0 +1,152 @@
+"""Running cells on this machine: one at a time or several at once on CPUs, or spread over a host's GPUs.
+
+On a GPU host each cell gets `launcher.nproc` devices through CUDA_VISIBLE_DEVICES and its own rendezvous port;
+cells start as devices free up, the costliest first, and `launcher.cells_per_gpu` lets tiny cells share a device.
+Cells die with the driver (Linux's parent-death signal), so a killed sweep leaves no cell training on its own; a
+cell launched through torchrun (nproc > 1) loses its torchrun that way but not its workers, so stop such a sweep by
+its process group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from scaling.plan import Cell, Plan
+from scaling.results import finished, record
+from scaling.spec import SweepSpec
+from train.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def visible_gpus() -> list[str]:
+    """The devices this driver may hand out: CUDA_VISIBLE_DEVICES when set, else every device torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def device_slots(spec: SweepSpec) -> dict[str, int]:
+    """Device -> cells it may hold at once; {} on a CPU host (or with launcher.gpus: [])."""
+    launcher = spec.launcher
+    visible = visible_gpus()
+    if launcher.gpus is None:
+        chosen = visible
+    else:
+        missing = [g for g in launcher.gpus if str(g) not in visible]
+        if missing:
+            raise ConfigError(
+                f"launcher.gpus names device(s) {missing} that do not exist here (visible: {visible or 'none'})"
+            )
+        chosen = [str(g) for g in launcher.gpus]
+    if chosen and len(chosen) < launcher.nproc:
+        raise ConfigError(f"launcher.nproc={launcher.nproc} needs that many GPUs; {len(chosen)} are available")
+    return {d: launcher.cells_per_gpu for d in chosen}
+
+
+def take_devices(free: dict[str, int], n: int) -> list[str] | None:
+    """n devices with room, the emptiest first (spreads cells before stacking them); None when none fit."""
+    ready = sorted((d for d in free if free[d] > 0), key=lambda d: -free[d])
+    if len(ready) < n:
+        return None
+    for d in ready[:n]:
+        free[d] -= 1
+    return ready[:n]
+
+
+def command(cell: Cell, nproc: int, port: int) -> list[str]:
+    train = [str(REPO / "train.py"), "--config", str(cell.config_path)]
+    if nproc == 1:  # one process: no launcher; MASTER_PORT set by the driver for its process group
+        return [sys.executable, *train]
+    launch = ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
+    return [sys.executable, *launch, f"--master_port={port}", *train]
+
+
+def free_port(taken: set[int]) -> int:
+    """A port free now and not handed to a running cell (whose process may not have bound it yet)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
+
+
+def _die_with_driver() -> None:
+    """Runs in a cell's process before it starts (Linux): the kernel kills the cell when the driver dies."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def write_config(cell: Cell) -> None:
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    cell.config_path.write_text(yaml.safe_dump(cell.config, sort_keys=False))
+
+
+def run_local(spec: SweepSpec, p: Plan) -> None:
+    slots = device_slots(spec)  # before anything starts: a device that does not exist is refused here
+    nproc = spec.launcher.nproc
+    todo = [c for c in p.cells if not finished(c)]
+    for c in p.cells:
+        if finished(c) and not c.is_trunk:
+            record(spec.out, c, spec.flops_convention)
+    todo.sort(key=lambda c: (not c.is_trunk, -c.minutes))  # trunks first, then the longest cells
+    where = f"{len(slots)} GPU(s), {spec.launcher.cells_per_gpu} cell(s) each" if slots else "CPU"
+    print(f"{len(p.cells) - len(todo)} of {len(p.cells)} cells already finished; running {len(todo)} on {where}")
+    running: dict = {}
+    log_dir = Path(spec.out) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    free = dict(slots)
+    while todo or running:
+        for key, (proc, cell, log, devices, _) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[key]
+            for d in devices:
+                free[d] += 1
+            if proc.returncode:
+                raise RuntimeError(f"cell {key} failed ({proc.returncode}); see {log_dir / key}.log")
+            if not cell.is_trunk:
+                record(spec.out, cell, spec.flops_convention)
+            print(f"finished {key} ({cell.recipe}, size {cell.size}, {cell.budget})", flush=True)
+        ready = [c for c in todo if not c.trunk or (Path(spec.out) / "cells" / c.trunk / "summary.json").exists()]
+        for cell in ready:
+            if slots:
+                devices = take_devices(free, nproc)
+                if devices is None:
+                    break
+            elif len(running) >= spec.launcher.parallel:
+                break
+            else:
+                devices = []
+            todo.remove(cell)
+            write_config(cell)
+            port = free_port({r[4] for r in running.values()})
+            cell_env = {**env, "MASTER_PORT": str(port), "FUSION_LAUNCH_TIME": repr(time.time())}
+            if slots:
+                cell_env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+            log = open(log_dir / f"{cell.key}.log", "a")  # noqa: SIM115 - closed when the process ends
+            proc = subprocess.Popen(
+                command(cell, nproc, port),
+                cwd=REPO,
+                env=cell_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_driver if sys.platform == "linux" else None,
+            )
+            running[cell.key] = (proc, cell, log, devices, port)
+        time.sleep(0.5)

@@ -1,0 +1,108 @@
+"""OUT/results.csv: one row per finished cell, appended once, never rewritten except to widen the header when a
+cell brings a new per-source loss column. The FLOPs under both conventions are kept; `flops` is the spec's."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from scaling.plan import Cell
+
+RESULT_FIELDS = [
+    "key",
+    "recipe",
+    "size",
+    "budget",
+    "seed",
+    "params",
+    "params_total",
+    "params_non_embedding",
+    "tokens",
+    "flops",
+    "flops_convention",
+    "flops_6n",
+    "flops_6n_attn",
+    "steps",
+    "tokens_per_step",
+    "rows",
+    "micro_rows",
+    "grad_accum",
+    "lr",
+    "beta2",
+    "warmup_steps",
+    "loss",
+    "wall_s",
+    "train_s",
+    "startup_s",
+]
+
+
+def finished(cell: Cell) -> bool:
+    return (cell.run_dir / "summary.json").exists()
+
+
+def record(out: str | Path, cell: Cell, flops_convention: str) -> bool:
+    """Append the cell's row to OUT/results.csv unless it is there already; True when a row was written."""
+    path = Path(out) / "results.csv"
+    summary = json.loads((cell.run_dir / "summary.json").read_text())
+    val = summary.get("final_val", {})
+    flops = {"6n": summary["flops_6n"], "6n+attn": summary["flops"]}  # as trained, in both conventions
+    row = {
+        "key": cell.key,
+        "recipe": cell.recipe,
+        "size": cell.size,
+        "budget": cell.budget,
+        "seed": cell.seed,
+        "params": cell.params,
+        "params_total": cell.params_total,
+        "params_non_embedding": cell.params_non_embedding,
+        "tokens": summary["tokens"],
+        "flops": flops[flops_convention],
+        "flops_convention": flops_convention,
+        "flops_6n": flops["6n"],
+        "flops_6n_attn": flops["6n+attn"],
+        "steps": summary["steps"],
+        "tokens_per_step": cell.tokens_per_step,
+        "rows": cell.rows,
+        "micro_rows": cell.micro_rows,
+        "grad_accum": cell.grad_accum,
+        "lr": cell.lr,
+        "beta2": cell.beta2,
+        "warmup_steps": cell.warmup_steps,
+        "loss": val.get("text_loss"),
+        "wall_s": summary["wall_s"],
+        "train_s": summary.get("train_s", summary["wall_s"]),
+        "startup_s": summary.get("startup_s", 0.0),
+    }
+    for k, v in val.items():
+        if k.endswith("/text_loss"):
+            row["loss_" + k.split("/")[0]] = v
+    existing, header = [], []
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            existing, header = list(reader), list(reader.fieldnames or [])
+        if any(r["key"] == cell.key for r in existing):
+            return False
+    new_columns = [k for k in RESULT_FIELDS + sorted(k for k in row if k not in RESULT_FIELDS) if k not in header]
+    fields = header + new_columns
+    if header and new_columns:  # a new loss column: rewrite once with the wider header
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
+            w.writeheader()
+            w.writerows(existing)
+        tmp.replace(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
+        if not header:
+            w.writeheader()
+        w.writerow(row)
+    return True
+
+
+def loss_columns(out: str | Path) -> list[str]:
+    with open(Path(out) / "results.csv", newline="") as f:
+        header = next(csv.reader(f))
+    return [h for h in header if h == "loss" or h.startswith("loss_")]
