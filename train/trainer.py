@@ -243,6 +243,8 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             "world_size": world,
             # where it ran, as the launcher gave it (a sweep's cells: which devices and rendezvous port)
             "launch": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "MASTER_PORT", "SLURM_JOB_ID")},
+            "launched_at": launched,  # this segment's launch and end, epoch seconds
+            "ended_at": time.time(),
             "data_counts": loader.skip_counts(),
         }
         if rank == 0:

@@ -1,0 +1,274 @@
+"""The sweep driver: plans that do not depend on the launcher, keys that change only with the weights, grids
+around each budget's optimum, cells spread over devices, runs that survive being killed, WSD branches, and bad
+input refused before any cell starts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from scaling.cellfile import CellFileError, read_cells, write_cells
+from scaling.plan import Cell, plan
+from scaling.results import record
+from scaling.spec import SweepSpec, _minutes, load_spec
+from train.config import ConfigError, build
+
+
+@pytest.fixture
+def spec(micro_config, tmp_path):
+    def make(name="spec.yaml", **extra):
+        values = {
+            "name": "t",
+            "base": str(micro_config),
+            "out": str(tmp_path / "sweep"),
+            "sizes": [1, 2],
+            "tokens_per_param": [0.004, 0.008],
+            "recipes": {"a": {}},
+            "overrides": {
+                "eval": {"every": 0, "max_batches": 1},
+                "checkpoint": {"every": 0},
+                "logging": {"every": 5, "tensorboard": False, "sample_log": False},
+                "data": {"workers": 0, "seq_len": 32},
+                "deepspeed": {"zero_stage": 0},
+            },
+            "hparams": {"batch_tokens_ref": 256, "rows_multiple": 4},
+            "grid": {"sane_tokens_per_param": [0.001, 1000]},
+            "launcher": {"kind": "local", "parallel": 1, "gpus": []},
+        }
+        for key, value in extra.items():  # one level of merging: launcher={"nproc": 4} keeps the other keys
+            values[key] = {**values[key], **value} if isinstance(value, dict) and key in values else value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(values))
+        return path
+
+    return make
+
+
+def sweep(*args, wait=True, env=None):
+    cmd = [sys.executable, "-m", "scaling", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def rows(out):
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------------- planning
+def test_batch_is_global_whatever_the_launcher(spec):
+    """nproc 1 and 4 (and a micro-batch cap) give every cell the same tokens per step, LR, warmup and steps."""
+    one = plan(load_spec(spec("one.yaml")))
+    four = plan(load_spec(spec("four.yaml", launcher={"nproc": 4, "max_micro_rows": 1})))
+    assert len(one.cells) == len(four.cells) == 4
+    for a, b in zip(one.cells, four.cells):
+        assert (a.tokens_per_step, a.lr, a.warmup_steps, a.steps, a.beta2) == (
+            b.tokens_per_step,
+            b.lr,
+            b.warmup_steps,
+            b.steps,
+            b.beta2,
+        )
+        assert b.micro_rows == 1 and 4 * b.micro_rows * b.grad_accum == b.rows == a.rows
+        assert a.micro_rows * a.grad_accum == a.rows
+        seq = a.config["data"]["seq_len"]
+        assert b.config["data"]["batch_size"] * b.config["deepspeed"]["grad_accum"] * 4 * seq == b.tokens_per_step
+
+
+def test_hparams_follow_the_rule_in_n(spec):
+    cells = plan(load_spec(spec())).cells
+    small, large = sorted({(c.params, c.lr, c.tokens_per_step) for c in cells})
+    ratio = large[0] / small[0]
+    assert large[1] / small[1] == pytest.approx(ratio ** (-1 / 3))  # LR ~ N^-1/3
+    assert large[2] >= small[2]  # tokens per step ~ N^2/3, in whole multiples of rows_multiple rows
+    assert all(c.beta2 == 0.99 for c in cells)  # well below 0.5M tokens per step
+
+
+def test_keys_change_with_the_weights_only(spec, micro_config, tmp_path):
+    keys = lambda p: [c.key for c in plan(load_spec(p)).cells]  # noqa: E731
+    base = keys(spec())
+    assert keys(spec("quiet.yaml", overrides={"logging": {"every": 1}, "eval": {"every": 3, "max_batches": 1}})) == base
+    lr = keys(spec("lr.yaml", hparams={"lr_ref": 1e-3}))
+    assert not set(lr) & set(base)
+    edited = tmp_path / "edited.yaml"  # the base config edited: new cells, and new trunks
+    cfg = yaml.safe_load(Path(micro_config).read_text())
+    cfg["optim"] = {**cfg.get("optim", {}), "weight_decay": 0.05}
+    edited.write_text(yaml.safe_dump(cfg))
+    wsd = keys(spec("wsd.yaml", schedule="wsd"))
+    wsd_edited = keys(spec("wsd2.yaml", schedule="wsd", base=str(edited)))
+    assert [k for k in wsd if k.startswith("trunk-")] and not set(wsd) & set(wsd_edited)
+
+
+def test_grid_places_sizes_around_each_budget_and_warns(spec):
+    s = spec(
+        sizes=[1, 2, 3, 4],
+        tokens_per_param=[],
+        flops=[1e11, 1e13],
+        grid={"sizes_per_budget": 2, "tokens_per_param": 0.05},
+        launcher={"time_limit_min": 0.01},
+        throughput={"flops_per_s": 1e9, "startup_s": 0},
+    )
+    p = plan(load_spec(s))
+    by_budget = {}
+    for c in p.cells:
+        by_budget.setdefault(c.budget, []).append(c.size)
+    assert by_budget == {"flops=1e+11": [1, 2], "flops=1e+13": [3, 4]}  # more compute, larger models
+    for c in p.cells:  # each budget's FLOPs in the spec's convention (6N + attention), up to one step
+        C = float(c.budget.split("=")[1])
+        assert C <= c.flops < C + c.flops / c.steps + 1
+    assert any("exceeds the launcher's limit" in w for w in p.warnings)
+    assert any("expected optimum is at the" in w for w in p.warnings)
+    assert _minutes("1-02:30:00") == 1590 and _minutes("90") == 90 and _minutes("4:00:00") == 240
+
+
+def test_bad_specs_are_refused_before_any_cell_starts(spec, tmp_path):
+    for extra, message in (
+        ({"launcher": {"gpu": [0]}}, "unknown config key 'launcher.gpu' (did you mean 'gpus'?)"),
+        ({"flops_convention": "6nd"}, "flops_convention '6nd' is not one of"),
+        ({"params_convention": "N"}, "params_convention 'N' is not one of"),
+        ({"launcher": {"gpus": [7]}}, "launcher.gpus names device(s) [7] that do not exist here"),
+        ({"overrides": {"optim": {"lrr": 1}}}, "unknown config key 'optim.lrr'"),
+    ):
+        result = sweep("run", spec(**extra))
+        assert result.returncode != 0 and message in result.stderr, (extra, result.stderr)
+    assert not (tmp_path / "sweep" / "cells").exists()
+
+
+def test_cells_files_carry_any_value_and_refuse_bad_lines(tmp_path):
+    args = [["c.yaml", "optim.betas=[0.9, 0.99]", 'run_dir=/a dir/with "quotes"']]
+    path = write_cells(tmp_path / "cells.txt", args)
+    assert read_cells(path) == args
+    printed = subprocess.run(
+        [sys.executable, "-m", "scaling.cellfile", str(path), "0"], cwd=REPO, capture_output=True, text=True
+    )
+    assert printed.stdout.split("\0") == args[0]
+    path.write_text(path.read_text() + "c.yaml optim.lr=1\n")  # edited by hand into something else
+    with pytest.raises(CellFileError, match=r"cells.txt:2: not a JSON array"):
+        read_cells(path)
+    bad = subprocess.run([sys.executable, "-m", "scaling.cellfile", str(path), "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "cells.txt:2" in bad.stderr
+
+
+# -------------------------------------------------------------------------------------------------- running
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:  # the process ended meanwhile
+        return b""
+
+
+def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
+    path = spec()
+    plan_out = sweep("plan", path)
+    assert plan_out.returncode == 0 and "4 runs" in plan_out.stdout, plan_out.stdout + plan_out.stderr
+    out = tmp_path / "sweep"
+    proc = sweep("run", path, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "results.csv").exists() and len(rows(out)) >= 1):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)  # the driver dies; the cell it had started may be left half-done
+    proc.wait()
+    time.sleep(1)  # and the kernel kills that cell with it: none trains on unsupervised (to race a resumed sweep)
+    assert not [p for p in Path("/proc").glob("[0-9]*") if str(out).encode() in _cmdline(p)]
+    done = {r["key"]: (out / "cells" / r["key"] / "summary.json").stat().st_mtime for r in rows(out)}
+    assert 1 <= len(done) < 4
+    result = sweep("run", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(done)} of 4 cells already finished" in result.stdout
+    final = rows(out)
+    assert len(final) == 4 and len({r["key"] for r in final}) == 4
+    for key, mtime in done.items():  # finished cells were not run again
+        assert (out / "cells" / key / "summary.json").stat().st_mtime == mtime
+    for r in final:
+        assert float(r["loss"]) > 0 and int(r["tokens"]) > 0
+        # the whole cost: start-up (launch to first step) and training, each its own column
+        assert float(r["wall_s"]) >= float(r["train_s"]) + float(r["startup_s"]) - 0.01
+        assert float(r["startup_s"]) > 0.5
+        # the budget was honoured: tokens trained = tokens per parameter x N (up to one step)
+        target = float(r["budget"].split("=")[1]) * int(r["params"])
+        assert target <= int(r["tokens"]) < target + int(r["tokens_per_step"])
+        assert r["flops_convention"] == "6n+attn" and float(r["flops"]) == float(r["flops_6n_attn"])
+    again = sweep("run", path)
+    assert "4 of 4 cells already finished" in again.stdout and len(rows(out)) == 4  # append-only, idempotent
+
+
+def test_local_cells_get_their_own_devices_and_ports(spec, tmp_path):
+    """Four 'GPUs' (CUDA_VISIBLE_DEVICES on a CPU host: the driver hands them out, the cells run on CPU): the
+    four cells run at once, and each reads back its own device and rendezvous port from its environment."""
+    path = spec(launcher={"gpus": None, "cells_per_gpu": 1})
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    result = sweep("run", path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "on 4 GPU(s)" in result.stdout
+    out = tmp_path / "sweep"
+    summaries = [json.loads((out / "cells" / r["key"] / "summary.json").read_text()) for r in rows(out)]
+    assert len(summaries) == 4
+    overlapping = 0
+    for i, a in enumerate(summaries):
+        for b in summaries[i + 1 :]:
+            if a["launched_at"] < b["ended_at"] and b["launched_at"] < a["ended_at"]:
+                overlapping += 1
+                assert a["launch"]["CUDA_VISIBLE_DEVICES"] != b["launch"]["CUDA_VISIBLE_DEVICES"]
+                assert a["launch"]["MASTER_PORT"] != b["launch"]["MASTER_PORT"]
+    assert overlapping >= 3  # they did run side by side
+    assert {s["launch"]["CUDA_VISIBLE_DEVICES"] for s in summaries} <= {"0", "1", "2", "3"}
+
+
+def test_wsd_cooldowns_branch_from_the_stable_run(spec, tmp_path):
+    path = spec(schedule="wsd", sizes=[1], cooldown_fraction=0.5)
+    result = sweep("run", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "sweep"
+    trunks = [p for p in (out / "cells").iterdir() if p.name.startswith("trunk-")]
+    assert len(trunks) == 1
+    branch_points = sorted(int(p.name.split("_")[1]) for p in (trunks[0] / "checkpoints").glob("step_*"))
+    final = rows(out)
+    assert len(final) == 2
+    starts = []
+    for r in final:
+        log = (out / "logs" / f"{r['key']}.log").read_text()
+        start = int(log.split(f"{trunks[0]}/checkpoints/step_")[1][:8])  # "resumed from <trunk>/checkpoints/..."
+        starts.append(start)
+        logged = [json.loads(line) for line in (out / "cells" / r["key"] / "metrics.jsonl").read_text().splitlines()]
+        assert min(m["step"] for m in logged if "loss" in m) > start  # nothing before the branch point was rerun
+        assert int(r["steps"]) > start
+    assert sorted(starts) == branch_points  # each budget branched where its own cooldown begins
+
+
+def test_results_csv_is_append_only_and_widens_for_new_loss_columns(micro_config, tmp_path):
+    """One row per cell, never twice; a cell with a new per-source loss adds its column and keeps earlier rows."""
+    from train.config import load_config, to_dict
+
+    config = to_dict(load_config(micro_config))
+    for key, val in (
+        ("c1", {"text_loss": 3.0, "text/text_loss": 3.0}),
+        ("c2", {"text_loss": 2.0, "caption/text_loss": 1.5}),
+    ):
+        run = tmp_path / key
+        run.mkdir()
+        summary = {"tokens": 100, "flops": 1e6, "flops_6n": 9e5, "steps": 2, "wall_s": 1.0, "final_val": val}
+        (run / "summary.json").write_text(json.dumps(summary))
+        cell = Cell("a", 1, "tpp=1", 0, {**config, "run_dir": str(run)}, key=key, params=10)
+        assert record(tmp_path, cell, "6n")
+        assert not record(tmp_path, cell, "6n")  # a second call for the same cell writes nothing
+    table = rows(tmp_path)
+    assert [r["key"] for r in table] == ["c1", "c2"]
+    assert (table[0]["loss_text"], table[0]["loss_caption"]) == ("3.0", "")
+    assert (table[1]["loss_text"], table[1]["loss_caption"]) == ("", "1.5")
+    assert [r["loss"] for r in table] == ["3.0", "2.0"]
+    assert [r["flops"] for r in table] == ["900000.0", "900000.0"]  # the 6N count, as asked
+
+
+def test_spec_types_are_checked():
+    with pytest.raises(ConfigError, match="exactly one of tokens_per_param or flops"):
+        build(SweepSpec, {"name": "x", "base": "b", "out": "o", "sizes": [1]})
