@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -10,9 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 
-from train.slurm_array import submit_array
+from scaling.cellfile import write_cells
+from scaling.slurm import submit_array
 
 pytestmark = pytest.mark.slurm
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -122,19 +125,96 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(uninterrupted, m
 
 def test_array_runs_three_configs_in_chunks(cluster, micro_config, tmp_path):
     cells = tmp_path / "cells.txt"
-    variants = ["optim.lr=1e-3", "model.n_layers=1", "schedule.kind=constant"]
-    cells.write_text(
-        "".join(f"{micro_config} run_dir={tmp_path}/cell{i} steps=4 eval.every=0 {v}\n" for i, v in enumerate(variants))
+    variants = ["optim.betas=[0.9, 0.98]", "model.n_layers=1", "schedule.kind=constant"]  # a value with a space
+    write_cells(
+        cells,
+        [
+            [str(micro_config), f"run_dir={tmp_path}/cell{i}", "steps=4", "eval.every=0", v]
+            for i, v in enumerate(variants)
+        ],
     )
-    ids = submit_array(cells, max_concurrent=1, sbatch_args=["--ntasks=1", f"--output={tmp_path}/%A_%a.out"])
-    assert len(ids) == 2  # MaxArraySize=2: cells 0-1, then cell 2
-    for jobid in ids:
+    submitted = submit_array(cells, max_concurrent=1, sbatch_args=["--ntasks=1", f"--output={tmp_path}/%A_%a.out"])
+    assert [(offset, count) for _, offset, count in submitted] == [(0, 2), (2, 1)]  # MaxArraySize=2: two chunks
+    for jobid, _, _ in submitted:
         wait(jobid)
         assert {r["JobState"] for r in jobs(jobid)} == {"COMPLETED"}
     resolved = [json.loads((tmp_path / f"cell{i}" / "summary.json").read_text()) for i in range(3)]
     assert all(r["steps"] == 4 for r in resolved)
-    configs = [(tmp_path / f"cell{i}" / "config.yaml").read_text() for i in range(3)]
-    assert "lr: 0.001" in configs[0] and "n_layers: 1" in configs[1] and "kind: constant" in configs[2]
+    configs = [yaml.safe_load((tmp_path / f"cell{i}" / "config.yaml").read_text()) for i in range(3)]
+    assert configs[0]["optim"]["betas"] == [0.9, 0.98]
+    assert configs[1]["model"]["n_layers"] == 1 and configs[2]["schedule"]["kind"] == "constant"
+
+
+def test_a_cells_file_edited_into_nonsense_fails_its_task_clearly(cluster, micro_config, tmp_path):
+    cells = tmp_path / "cells.txt"
+    cells.write_text(f"{micro_config} steps=4\n")  # the old space-separated format, or a hand edit
+    jobid = sbatch(
+        "--array=0",
+        "--ntasks=1",
+        f"--output={tmp_path}/%A_%a.out",
+        f"--export=ALL,CELLS={cells}",
+        str(REPO / "slurm" / "train.sbatch"),
+    )
+    assert wait(jobid)["JobState"] == "FAILED"
+    log = next(tmp_path.glob("*_0.out")).read_text()
+    assert "cells.txt:1: not a JSON array" in log and f"cannot read cell 0 of {cells}" in log
+
+
+def sweep(*args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), "-m", "scaling", *args], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def test_sweep_through_slurm_submits_once_and_records_every_row(cluster, micro_config, tmp_path):
+    """Two recipes x two sizes, list values included, through the real cluster: a second `run` while tasks wait
+    or run submits nothing; once they have ended, a final `run` records every row."""
+    out = tmp_path / "sweep"
+    spec = {
+        "name": "slurm",
+        "base": str(micro_config),
+        "out": str(out),
+        "sizes": [1, 2],
+        "tokens_per_param": [0.004],
+        "recipes": {
+            "bidirectional": {"model": {"image_mask": "bidirectional"}},
+            "causal": {"model": {"image_mask": "causal"}},
+        },
+        "overrides": {
+            "eval": {"every": 0, "max_batches": 1},
+            "checkpoint": {"every": 0, "at_steps": [1, 2]},  # a list, as WSD trunks carry
+            "logging": {"every": 5, "tensorboard": False, "sample_log": False},
+            "data": {"workers": 0, "seq_len": 32},
+            "deepspeed": {"zero_stage": 0},
+        },
+        "hparams": {"batch_tokens_ref": 256, "rows_multiple": 4},
+        "grid": {"sane_tokens_per_param": [0.001, 1000]},
+        "launcher": {"kind": "slurm", "max_concurrent": 1, "sbatch_args": ["--ntasks=1"]},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    first = sweep("run", str(path))
+    assert "0 queued or running, 4 submitted" in first.stdout, first.stdout  # in two arrays (MaxArraySize=2)
+    submitted = json.loads((out / "slurm" / "jobs.json").read_text())
+    assert len(submitted) == 4
+    again = sweep("run", str(path))  # %1 per array: at least two tasks are still queued
+    assert "0 submitted" in again.stdout and "submitted 2 cells" not in again.stdout, again.stdout
+    assert json.loads((out / "slurm" / "jobs.json").read_text()) == submitted
+    for jobid in {v.split("_")[0] for v in submitted.values()}:
+        wait(jobid, timeout=400)
+        assert {r["JobState"] for r in jobs(jobid)} == {"COMPLETED"}
+    final = sweep("run", str(path))
+    assert "all 4 cells finished (4 rows recorded now)" in final.stdout, final.stdout
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and {r["recipe"] for r in table} == {"bidirectional", "causal"}
+    for r in table:
+        config = yaml.safe_load((out / "cells" / r["key"] / "config.yaml").read_text())
+        assert config["optim"]["betas"] == [0.9, float(r["beta2"])] and config["checkpoint"]["at_steps"] == [1, 2]
+        assert float(r["startup_s"]) > 0 and float(r["wall_s"]) > float(r["train_s"])
+    assert "all 4 cells finished (0 rows recorded now)" in sweep("run", str(path)).stdout  # nothing twice
 
 
 def test_failed_job_never_runs_its_dependent_and_fails_fast(cluster, micro_config, tmp_path):
