@@ -46,8 +46,6 @@ def compute_multiplier(base: dict, other: dict, C: float, cost: CostModel | None
         reasons.append("a fit it rests on did not converge")
     if why:
         reasons.append(why)
-    if not math.isfinite(value) or value == 0:
-        out["multiplier"] = math.nan if math.isnan(value) else value
     out["caveat"] = "; ".join(reasons)
     pb, po = base.get("_samples", []), other.get("_samples", [])
     if len(pb) != len(po):

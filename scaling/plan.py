@@ -186,7 +186,7 @@ def plan(spec: SweepSpec) -> Plan:
             cell.config["run_dir"] = str(out / "cells" / cell.key)
             build(TrainConfig, cell.config)
         _estimate(spec, cell, warnings)
-    return Plan(cells, warnings)
+    return Plan(cells, list(dict.fromkeys(warnings)))  # a budget's grid warning comes once, not once per recipe
 
 
 def _trunk(group: list[Cell], out: Path) -> Cell:
