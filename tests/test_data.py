@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import SPECIAL, mixture
+from conftest import REPO, SPECIAL, mixture
 from PIL import Image
 
 from data.check import check
@@ -52,6 +52,24 @@ def test_tokenizer_round_trips_and_reserves_specials(embedded):
     assert (sp.pad, sp.bos, sp.eos) == (0, 2, 3)
     assert [tok.token_id(s) for s in CONTROL_SYMBOLS] == list(range(4, 4 + len(CONTROL_SYMBOLS)))
     assert sp.img_start not in tok.encode("<img> is only text here")  # specials are never produced by encoding
+
+
+def test_embedded_build_is_byte_identical_under_its_seed(embedded, tmp_path):
+    """The same seed gives the same bytes, tokenizer included. The model must carry no table compiled from the
+    library's own Unicode data (NFKC's charsmap differed between sentencepiece 0.2.2 and 0.2.3 with the same
+    pieces): with it gone, this machine and the H200 built identical files (README, Data)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    from data.embedded import build
+
+    build(tmp_path / "again", scale=0.1, vocab_size=1024, cache=REPO / "artifacts" / "cache")
+    files = sorted(p.relative_to(embedded) for p in embedded.rglob("*") if p.is_file() and p.name != "dataset.json")
+    assert len(files) > 10 and any(f.name == "tokenizer.model" for f in files)
+    for f in files:
+        assert (embedded / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((embedded / "tokenizer.model").read_bytes())
+    assert proto.normalizer_spec.precompiled_charsmap == b"" and proto.normalizer_spec.name == "identity"
 
 
 def test_tokenizer_cli_trains_on_shards(embedded, tmp_path):
