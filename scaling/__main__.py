@@ -90,11 +90,11 @@ def main(argv=None) -> int:
         try:
             spec = load_spec(args.target)
             cells = plan(spec)
-            if args.command == "run":
+            slots = {}
+            if args.command == "run" and spec.launcher.kind == "local":
                 from scaling.local import device_slots
 
-                if spec.launcher.kind == "local":
-                    device_slots(spec)  # a GPU that does not exist stops the sweep here
+                slots = device_slots(spec)  # a GPU that does not exist stops the sweep here
         except ConfigError as e:
             raise SystemExit(f"error: {e}") from e
         if args.command == "plan":
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
             else:
                 from scaling.local import run_local
 
-                run_local(spec, cells)
+                run_local(spec, cells, slots)
         else:
             report = _fit_spec(spec, args)
             summarize(report)

@@ -85,11 +85,9 @@ def _screen(grid: np.ndarray, logN, logD, logL, keep: int) -> np.ndarray:
     return grid[np.argsort(huber)[:keep]]
 
 
-def _best_of(starts, logN, logD, logL, idx=None):
-    """The best L-BFGS end point from `starts` on the runs `idx` (all when None)."""
-    if idx is not None:
-        logN, logD, logL = logN[idx], logD[idx], logL[idx]
-    return min((_minimize(x, logN, logD, logL) for x in starts), key=lambda r: r.fun)
+def _best_of(starts, logN, logD, logL, idx):
+    """The best L-BFGS end point from `starts` on the runs `idx` (a bootstrap resample)."""
+    return min((_minimize(x, logN[idx], logD[idx], logL[idx]) for x in starts), key=lambda r: r.fun)
 
 
 def _law(theta) -> Law:

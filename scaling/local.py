@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from scaling.plan import Cell, Plan
 from scaling.results import finished, record
 from scaling.spec import SweepSpec
@@ -90,13 +88,8 @@ def _die_with_driver() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
-def write_config(cell: Cell) -> None:
-    cell.run_dir.mkdir(parents=True, exist_ok=True)
-    cell.config_path.write_text(yaml.safe_dump(cell.config, sort_keys=False))
-
-
-def run_local(spec: SweepSpec, p: Plan) -> None:
-    slots = device_slots(spec)  # before anything starts: a device that does not exist is refused here
+def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int]) -> None:
+    """slots: `device_slots(spec)`, asked for before anything starts (a device that does not exist is refused)."""
     nproc = spec.launcher.nproc
     todo = [c for c in p.cells if not finished(c)]
     for c in p.cells:
@@ -134,7 +127,7 @@ def run_local(spec: SweepSpec, p: Plan) -> None:
             else:
                 devices = []
             todo.remove(cell)
-            write_config(cell)
+            cell.write_config()
             port = free_port({r[4] for r in running.values()})
             cell_env = {**env, "MASTER_PORT": str(port), "FUSION_LAUNCH_TIME": repr(time.time())}
             if slots:

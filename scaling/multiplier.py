@@ -42,7 +42,8 @@ def compute_multiplier(base: dict, other: dict, C: float, cost: CostModel | None
     value, why = multiplier(Law.from_fit(base), Law.from_fit(other), C, cost)
     out: dict = {"target_flops": C, "multiplier": value, "level": level}
     reasons = []
-    if not base.get("converged") or not other.get("converged"):
+    out["from_converged_fits"] = bool(base.get("converged") and other.get("converged"))
+    if not out["from_converged_fits"]:
         reasons.append("a fit it rests on did not converge")
     if why:
         reasons.append(why)

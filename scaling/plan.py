@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from model import flops_per_token, matmul_params, param_count
 from scaling.conventions import CostModel
@@ -87,6 +88,11 @@ class Cell:
     @property
     def is_trunk(self) -> bool:
         return self.key.startswith("trunk-")
+
+    def write_config(self) -> None:
+        """The file the cell trains from, locally and on SLURM."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
 
 @dataclass

@@ -228,8 +228,7 @@ def write_markdown(report: dict, path: Path, title: str) -> Path:
                     base = key.split("_vs_")[1]
                     lines.append("")
                     for m in values:
-                        trusted = not m["caveat"] or "did not converge" not in m["caveat"]
-                        note = "" if trusted else " **Do not quote.**"
+                        note = "" if m["from_converged_fits"] else " **Do not quote.**"
                         v = m["multiplier"]
                         what = (
                             f"**{v:.3g}x** less compute than {base}"

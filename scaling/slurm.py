@@ -21,7 +21,6 @@ import subprocess
 from pathlib import Path
 
 from scaling.cellfile import read_cells, write_cells
-from scaling.local import write_config
 from scaling.plan import Plan
 from scaling.results import finished, record
 from scaling.spec import SweepSpec
@@ -87,7 +86,7 @@ def run_slurm(spec: SweepSpec, p: Plan) -> None:
         if not group:
             continue
         for c in group:
-            write_config(c)
+            c.write_config()
         path = write_cells(state_dir / f"{stage}.txt", [[str(c.config_path)] for c in group])
         dependency = "afterok:" + ":".join(sorted(trunk_jobs)) if stage == "cells" and trunk_jobs else None
         for job, offset, count in submit_array(path, spec.launcher.max_concurrent, args, dependency):

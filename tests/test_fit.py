@@ -120,6 +120,7 @@ def test_compute_multiplier_and_report(tmp_path):
     for m in (at_target, extrapolated):
         assert abs(m["multiplier"] - 3.0) < 0.3 and m["interval"][0] <= 3.0 <= m["interval"][1]
         assert m["bootstrap"] == 100 and m["interval_kind"] == "two-sided"
+        assert m["from_converged_fits"] and not m["caveat"]
     assert extrapolated["target_flops"] == pytest.approx(1e20)
     held = report["losses"]["loss"]["base"]["held_out"]
     assert held["mean_rel_error"] < 0.02 and held["budget"] == pytest.approx(1e19, rel=0.01)
