@@ -14,6 +14,8 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
              over --data, pinned and copied asynchronously; cached: its first 8 batches kept on the GPU;
              fd: workers pass tensors by file descriptor, torch's default, not named shared memory as the loader does)
   plain      our model with fused AdamW and autocast but no DeepSpeed (to measure the engine's own cost)
+  torchengine  the trainer's own one-process engine (train.engine.TorchEngine: what `deepspeed.engine=auto` runs
+             on one GPU) with train.step, instead of DeepSpeed's
   whole      compile the whole model as one graph instead of block by block
   waits      DeepSpeed's ZeRO-1/2 step as shipped, with its host waits (train.zero_waits not applied)
   allpositions  the output head and loss at every position, as before round 7 (batches without target_index)
@@ -85,7 +87,7 @@ def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **e
 def parse_variant(text: str) -> dict:
     v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
     v.update(fd=False, plain=False, whole=False, waits=False, allpositions=False, torchloss=False, rows=None)
-    v.update(torchmlp=False, quackmlp=False, mlptuned=False)
+    v.update(torchmlp=False, quackmlp=False, mlptuned=False, torchengine=False)
     v.update(name=text, overrides=[])
     v["tiles"], v["mask_block"] = FLEX_DEFAULTS
     v["loss_launch"] = LOSS_LAUNCH
@@ -98,7 +100,8 @@ def parse_variant(text: str) -> dict:
             v["batch"] = word
         elif word in ("z0", "z1", "z2", "z3"):
             v["zero"] = int(word[1])
-        elif word in ("ac", "plain", "whole", "waits", "allpositions", "torchloss", "torchmlp", "quackmlp", "mlptuned"):
+        elif word in ("ac", "plain", "whole", "waits", "allpositions", "torchloss", "torchmlp", "quackmlp", "mlptuned",
+                      "torchengine"):
             v[word] = True
         elif word == "fd":  # workers pass tensors by file descriptor (torch's default) instead of the trainer's way
             v["fd"] = True
@@ -249,6 +252,7 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
         f"deepspeed.zero_stage={v['zero']}",
         f"deepspeed.activation_checkpointing={str(v['ac']).lower()}",
         f"model.vocab_size={vocab}",
+        f"deepspeed.engine={'torch' if v['torchengine'] else 'deepspeed'}",
     ]
     if v["rows"]:
         overrides.append(f"data.batch_size={v['rows']}")
@@ -288,14 +292,14 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
         if v["quackmlp"]:  # QuACK wherever it runs, also where the engine keeps torch's MLP (checkpointing)
             engine_module.choose_mlp_kernels = lambda model, cfg: None
         try:
-            engine, optimizer, model = build_engine(cfg, dev)
+            engine, optimizer, model = build_engine(cfg, dev, dist.get_world_size())
         finally:
             engine_module.choose_mlp_kernels = policy
-        if v["waits"]:
+        if v["waits"] and not v["torchengine"]:
             zero_waits.restore()
         if v["whole"]:
             model.compile(dynamic=False)
-        run_step = TrainStep(engine, optimizer, dev, clip=step_clip(cfg))
+        run_step = TrainStep(engine, optimizer, dev, clip=step_clip(cfg, getattr(engine, "kind", "deepspeed")))
         counter = itertools.count()
 
         def step():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import json
 import os
 import signal
 import tarfile
@@ -26,6 +27,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -271,6 +273,7 @@ class StreamWorker:
                 if sample is None:
                     return
             self.counts["samples"] += 1
+            self.counts[f"source/{self.sources[i].name}"] += 1  # per source: how many epochs a run read (summary)
             try:
                 kind, segments = to_segments(sample, self.tok.encode, self.cfg.image_spec, fingerprint=self.fingerprint)
                 doc = layout_document(segments, self.tok.special, self.cfg.patch_size, self.cfg.position_scheme)
@@ -452,6 +455,17 @@ class StreamingLoader:
             "workers": self.dataset.n_workers,
             "counts": self.skip_counts(),
         }
+
+
+def source_samples(cfg: DataConfig) -> dict[str, int | None]:
+    """Samples in each training source, from its manifest (None where a source has none: a glob of shards)."""
+    sizes: dict[str, int | None] = {}
+    for source in cfg.sources:
+        specs = [source.shards] if isinstance(source.shards, str) else list(source.shards)
+        manifests = [Path(s) / "manifest.json" for s in specs]
+        ok = all(m.exists() for m in manifests)
+        sizes[source.name] = sum(json.loads(m.read_text())["samples"] for m in manifests) if ok else None
+    return sizes
 
 
 def eval_batches(cfg: DataConfig, source: SourceConfig, rank: int = 0, world: int = 1) -> Iterator[dict]:

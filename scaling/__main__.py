@@ -4,6 +4,7 @@
     python -m scaling run    SPEC     # locally (CPU, or spread over this host's GPUs) or as SLURM arrays
     python -m scaling fit    SPEC     # fit OUT/results.csv: OUT/fit/fit.json and the plots
     python -m scaling report SPEC     # fit, then OUT/fit/report.md
+    python -m scaling lrcheck SPEC    # a spec with lr_scales: is the rule's LR within 2x of the best tried?
     python -m scaling fit RUNS.csv --out DIR [--loss loss ...] [--recipe-col recipe] [--params-col params]
                                      [--flops 6n+attn] [--bootstrap 1000] [--seed 0] [--target-flops 1e18]
 
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=["plan", "run", "fit", "report"])
+    ap.add_argument("command", choices=["plan", "run", "fit", "report", "lrcheck"])
     ap.add_argument("target", help="a sweep spec (YAML), or for `fit` a CSV of runs")
     ap.add_argument("--out", help="fit a CSV: the directory for fit.json and the plots")
     ap.add_argument("--loss", action="append", help="loss column(s) to fit, each separately")
@@ -76,6 +77,18 @@ def main(argv=None) -> int:
     from scaling.report import summarize, write_markdown
 
     try:
+        if args.command == "lrcheck":
+            from scaling.lrcheck import describe, lr_check, read_rows
+
+            path = Path(args.target) if args.target.endswith(".csv") else None
+            if path is None:
+                from scaling.spec import load_spec
+
+                path = Path(load_spec(args.target).out) / "results.csv"
+            if not path.exists():
+                raise SystemExit(f"error: {path} does not exist yet: `python -m scaling run` first")
+            print(describe(lr_check(read_rows(path), (args.loss or ["loss"])[0])))
+            return 0
         if args.target.endswith(".csv"):
             if args.command != "fit":
                 raise SystemExit(f"error: `{args.command}` takes a sweep spec; a CSV can only be fitted")

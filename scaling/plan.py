@@ -14,6 +14,7 @@ hashes its resolved config the same way, with the steps it must save at.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class Cell:
     micro_rows: int = 0
     grad_accum: int = 0
     lr: float = 0.0
+    lr_scale: float = 1.0  # the rule's LR times this (spec.lr_scales)
     beta2: float = 0.0
     warmup_steps: int = 0
     trunk: str = ""  # wsd: key of the stable-phase run this cell branches from
@@ -145,7 +147,8 @@ def plan(spec: SweepSpec) -> Plan:
         budgets = [(f"tpp={t:g}", t, None) for t in spec.tokens_per_param] + [
             (f"flops={c:.3g}", None, c) for c in spec.flops
         ]
-        for label, tpp, C in budgets:
+        for (label, tpp, C), lr_scale in itertools.product(budgets, spec.lr_scales):
+            name = recipe if len(spec.lr_scales) == 1 else f"{recipe}@lr{lr_scale:g}"
             for size in _sizes_for(spec, C, shapes, warnings) if C else spec.sizes:
                 mc, seq = sized[size].model, sized[size].data.seq_len
                 N, fpt = shapes[size]
@@ -154,7 +157,7 @@ def plan(spec: SweepSpec) -> Plan:
                 tokens_per_step = rows * seq
                 D = tpp * N if tpp else C / fpt
                 steps = max(1, math.ceil(D / tokens_per_step))
-                lr, beta2 = h.lr(N), h.beta2(tokens_per_step)
+                lr, beta2 = h.lr(N) * lr_scale, h.beta2(tokens_per_step)
                 values = {
                     "steps": steps,
                     "resume": "auto",
@@ -170,7 +173,7 @@ def plan(spec: SweepSpec) -> Plan:
                 for seed in spec.seeds:
                     overrides = common + _dotted({**values, "seed": seed}) + _dotted(recipe_overrides)
                     config = to_dict(load_config(spec.base, overrides))  # every key checked here, before any run
-                    cell = Cell(recipe, size, label, seed, config)
+                    cell = Cell(name, size, label, seed, config, lr_scale=lr_scale)
                     cell.params, cell.params_total = N, param_count(mc)
                     cell.params_non_embedding = param_count(mc, embeddings=False)
                     cell.steps, cell.tokens_per_step, cell.tokens = steps, tokens_per_step, steps * tokens_per_step
@@ -181,7 +184,7 @@ def plan(spec: SweepSpec) -> Plan:
                     cell.lr, cell.beta2, cell.warmup_steps = lr, beta2, config["schedule"]["warmup_steps"]
                     if spec.schedule == "wsd":
                         cell.branch_step = steps - max(1, round(spec.cooldown_fraction * steps))
-                        trunks.setdefault((recipe, size, seed), []).append(cell)
+                        trunks.setdefault((name, size, seed), []).append(cell)
                     cells.append(cell)
     for group in trunks.values():
         cells.insert(0, _trunk(group, out))

@@ -1,5 +1,5 @@
 """OUT/results.csv: one row per finished cell, appended once, never rewritten except to widen the header when a
-cell brings a new per-source loss column. The FLOPs under both conventions are kept; `flops` is the spec's."""
+cell brings a new per-source column (losses, and the epochs of each source it read). The FLOPs under both conventions are kept; `flops` is the spec's."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ RESULT_FIELDS = [
     "micro_rows",
     "grad_accum",
     "lr",
+    "lr_scale",
     "beta2",
     "warmup_steps",
     "loss",
@@ -68,6 +69,7 @@ def record(out: str | Path, cell: Cell, flops_convention: str) -> bool:
         "micro_rows": cell.micro_rows,
         "grad_accum": cell.grad_accum,
         "lr": cell.lr,
+        "lr_scale": cell.lr_scale,
         "beta2": cell.beta2,
         "warmup_steps": cell.warmup_steps,
         "loss": val.get("text_loss"),
@@ -78,6 +80,8 @@ def record(out: str | Path, cell: Cell, flops_convention: str) -> bool:
     for k, v in val.items():
         if k.endswith("/text_loss"):
             row["loss_" + k.split("/")[0]] = v
+    for name, epochs in summary.get("data_epochs", {}).items():
+        row["epochs_" + name] = round(epochs, 4)
     existing, header = [], []
     if path.exists():
         with open(path, newline="") as f:

@@ -102,6 +102,9 @@ class SweepSpec:
     launcher: Launcher = field(default_factory=Launcher)
     throughput: Throughput = field(default_factory=Throughput)
     bootstrap: int = 1000  # resamples for the fits' intervals
+    # the rule's LR times each of these (an LR check: `python -m scaling lrcheck SPEC`); with more than one, a
+    # cell's recipe reads "RECIPE@lrX" so that nothing fits across learning rates
+    lr_scales: list[float] = field(default_factory=lambda: [1.0])
 
     def __post_init__(self):
         if bool(self.tokens_per_param) == bool(self.flops):
@@ -116,6 +119,8 @@ class SweepSpec:
             raise ConfigError(f"params_convention '{self.params_convention}' is not one of {sorted(PARAMS)}")
         if self.grid.sizes_per_budget > len(self.sizes):
             raise ConfigError(f"grid.sizes_per_budget={self.grid.sizes_per_budget} exceeds the {len(self.sizes)} sizes")
+        if not self.lr_scales or min(self.lr_scales) <= 0:
+            raise ConfigError(f"lr_scales={self.lr_scales}: give one or more positive factors")
         if self.grid.sizes_per_budget and not self.flops:
             raise ConfigError("grid.sizes_per_budget places sizes around IsoFLOP budgets: give `flops`")
 

@@ -352,3 +352,56 @@ def test_engine_keeps_torch_mlp_under_zero3_and_checkpointing(micro_config, monk
     x = torch.randn(3, tiny_cfg.d_model)
     gate, up = layer.w_gate_up(x).chunk(2, dim=-1)
     torch.testing.assert_close(layer(x), layer.w_down(torch.nn.functional.silu(gate) * up))
+
+
+@pytest.fixture(scope="module")
+def torch_engine_run(micro_config, tmp_path_factory):
+    """One process: `deepspeed.engine=auto` trains on train.engine.TorchEngine, two micro-batches a step."""
+    run = tmp_path_factory.mktemp("torch_engine") / "run"
+    result = launch(micro_config, run, "deepspeed.grad_accum=2", nproc=1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run
+
+
+def test_torch_engine_computes_what_deepspeed_computes(torch_engine_run, micro_config, tmp_path):
+    """The one-process engine against DeepSpeed's (ZeRO-0, forced) on the same seed and data: the same losses, the
+    same gradient norms (both clip in train.step), the same exported weights; and its checkpoint holds no
+    DeepSpeed file layout, so a DeepSpeed resume of it is refused with the reason."""
+    from model import load_pretrained
+    from train.export import export
+
+    run = tmp_path / "deepspeed"
+    result = launch(micro_config, run, "deepspeed.grad_accum=2", "deepspeed.engine=deepspeed",
+                    "deepspeed.zero_stage=0", nproc=1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    a, b = losses_by_step(run), losses_by_step(torch_engine_run)
+    assert a.keys() == b.keys() and len(a) == 12
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-4)
+    norms = [(x["grad_norm"], y["grad_norm"]) for x, y in zip(metrics(run), metrics(torch_engine_run)) if "grad_norm" in x]
+    assert norms and max(x for x, _ in norms) > 1.0
+    for x, y in norms:
+        assert y == pytest.approx(x, rel=1e-3)
+    m_ds, m_torch = load_pretrained(export(run)), load_pretrained(export(torch_engine_run))
+    for (name, p), (_, q) in zip(m_ds.state_dict().items(), m_torch.state_dict().items()):
+        torch.testing.assert_close(q, p, atol=2e-4, rtol=1e-3, msg=name)
+    latest = torch_engine_run / "checkpoints" / (torch_engine_run / "checkpoints" / "latest").read_text()
+    result = launch(micro_config, tmp_path / "two", f"resume={latest}", "deepspeed.grad_accum=2")
+    assert result.returncode != 0 and "written by the one-process torch engine" in result.stdout + result.stderr
+
+
+def test_torch_engine_resumes_a_killed_run_exactly(torch_engine_run, micro_config, tmp_path):
+    """SIGKILL inside the step-8 save, then `resume=auto`: the same losses and samples, bitwise, as the run that was
+    never interrupted (model, optimizer, accumulation count, data and RNG states all restored)."""
+    run = tmp_path / "killed"
+    env = {"FUSION_TEST_KILL_DURING_SAVE": "8"}
+    result = launch(micro_config, run, "deepspeed.grad_accum=2", nproc=1, env=env)
+    assert result.returncode != 0
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000004"
+    result = launch(micro_config, run, "deepspeed.grad_accum=2", nproc=1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from" in result.stdout
+    assert losses_by_step(run) == losses_by_step(torch_engine_run)
+    rows = [json.loads(line)["rows"] for line in (run / "samples_rank0.jsonl").read_text().splitlines()]
+    uninterrupted = [json.loads(line)["rows"] for line in (torch_engine_run / "samples_rank0.jsonl").read_text().splitlines()]
+    assert rows[-16:] == uninterrupted[-16:]

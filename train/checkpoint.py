@@ -78,6 +78,11 @@ class Checkpointer:
         path = Path(path)
         if not (path / "COMPLETE").exists():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+        if (path / "optim_states.pt").exists() and getattr(engine, "kind", "deepspeed") != "torch":
+            raise ValueError(
+                f"{path} was written by the one-process torch engine; resume it in one process with "
+                f"deepspeed.engine=auto or torch (or start a multi-process run from its export)"
+            )
         _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         rank_state = torch.load(path / f"rank_{self.rank}.pt", weights_only=False)
         set_rng_state(rank_state.pop("rng"))

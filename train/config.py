@@ -47,6 +47,10 @@ class ScheduleConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    # auto: DeepSpeed where several processes train, torch's own loop (train.engine.TorchEngine) where one does:
+    # with one rank ZeRO partitions nothing, and DeepSpeed's engine only adds host time to every step
+    # (docs/PERFORMANCE.md, tiny cells). deepspeed | torch: that engine whatever the world size (torch: one process).
+    engine: str = "auto"
     zero_stage: int = 2
     bf16: bool = True  # bf16 weights (DeepSpeed's bf16 mode, fp32 master copy in the optimizer); off for CPU runs
     # fp32 weights, bf16 compute under torch.autocast (DeepSpeed's torch_autocast); takes precedence over bf16
@@ -55,6 +59,9 @@ class DeepSpeedConfig:
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
     compile: bool = False
+    # torch.compile's mode for the compiled regions: default | reduce-overhead (CUDA graphs: launch-bound tiny
+    # steps) | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     extra: dict = field(default_factory=dict)  # merged into the DeepSpeed JSON config as is
 
     def __post_init__(self):
@@ -62,6 +69,11 @@ class DeepSpeedConfig:
             raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} is not 0, 1, 2 or 3")
         if self.grad_accum < 1:
             raise ConfigError(f"deepspeed.grad_accum={self.grad_accum} must be >= 1")
+        if self.engine not in ("auto", "deepspeed", "torch"):
+            raise ConfigError(f"deepspeed.engine='{self.engine}' is not auto, deepspeed or torch")
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if self.compile_mode not in modes:
+            raise ConfigError(f"deepspeed.compile_mode='{self.compile_mode}' is not one of {', '.join(modes)}")
 
 
 @dataclass

@@ -1,18 +1,18 @@
-"""Build the DeepSpeed engine: the plain model, wrapped from outside (activation checkpointing, compile), AdamW
-with decay only on matrices, and the DeepSpeed JSON config derived from the run config."""
+"""Build the training engine: the plain model, wrapped from outside (activation checkpointing, compile), AdamW
+with decay only on matrices, and either DeepSpeed's engine (its JSON config derived from the run config) or, where
+one process trains, `TorchEngine`: the same interface over torch's own loop, which adds no host time to a step."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-import deepspeed
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from model import FusionTransformer, build_model
 from model.mlp import MLP
-from train import zero_waits
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig
 
 
 def apply_activation_checkpointing(model: FusionTransformer) -> None:
@@ -30,13 +30,14 @@ def quiet_host_threads(device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
-def apply_compile(model: FusionTransformer) -> None:
+def apply_compile(model: FusionTransformer, mode: str = "default") -> None:
     """Compile block by block (regional compilation): one graph reused by every layer, short compile times; and
     the output layer with its loss as one more region (fused instead of B x T x V fp32 logits in eager). The loss
     region's input length, the batch's count of text targets, varies: the second length seen makes that dimension
-    symbolic (automatic dynamic shapes), one recompile instead of one per length."""
+    symbolic (automatic dynamic shapes), one recompile instead of one per length. `mode` applies to the blocks
+(reduce-overhead: CUDA graphs for steps too small to keep the GPU ahead of the host)."""
     for block in model.blocks:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, mode=None if mode == "default" else mode)
     model.text_losses = torch.compile(model.text_losses, dynamic=None)
 
 
@@ -56,11 +57,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def step_clip(cfg: TrainConfig) -> float:
+def engine_kind(cfg: TrainConfig, world: int) -> str:
+    """deepspeed or torch, from `deepspeed.engine` and the number of processes."""
+    kind = cfg.deepspeed.engine
+    if kind == "auto":
+        return "torch" if world == 1 else "deepspeed"
+    if kind == "torch" and world > 1:
+        raise ConfigError(f"deepspeed.engine=torch trains in one process; {world} were launched (use auto)")
+    return kind
+
+
+def step_clip(cfg: TrainConfig, kind: str = "deepspeed") -> float:
     """The norm train.step clips to, 0 where DeepSpeed clips. Without ZeRO the step clips itself (torch's
     clip_grad_norm_ never waits for the GPU; DeepSpeed's ZeRO-0 clipping reads the norm back to the host); ZeRO
     partitions the gradients, so there DeepSpeed clips (train.zero_waits keeps that free of waits)."""
-    return cfg.deepspeed.grad_clip if cfg.deepspeed.zero_stage == 0 else 0.0
+    return cfg.deepspeed.grad_clip if kind == "torch" or cfg.deepspeed.zero_stage == 0 else 0.0
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
@@ -101,14 +112,88 @@ def choose_mlp_kernels(model: FusionTransformer, cfg: TrainConfig) -> None:
                 module.fused = False
 
 
-def build_engine(cfg: TrainConfig, device: torch.device):
-    zero_waits.apply()  # DeepSpeed's ZeRO-1/2 step without its host waits
+class TorchEngine:
+    """What the loop, the evaluation and the checkpoints ask of DeepSpeed's engine, for one process: bf16 compute
+    under autocast over fp32 weights (DeepSpeed's `autocast` mode; its bf16 mode keeps bf16 weights instead), the
+    loss divided by the accumulation steps, the optimizer stepped at the accumulation boundary. Checkpoints hold
+    the fp32 module states in DeepSpeed's file name (train.export reads either) and the optimizer's state."""
+
+    kind = "torch"
+    MODEL_FILE, OPTIM_FILE = "mp_rank_00_model_states.pt", "optim_states.pt"
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, device):
+        self.module, self.optimizer, self.device = model.to(device), optimizer, device
+        self.grad_accum = cfg.deepspeed.grad_accum
+        self.bf16 = cfg.deepspeed.bf16 or cfg.deepspeed.autocast
+        self.micro_steps = 0
+
+    def __call__(self, **batch):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.module(**batch)
+
+    @property
+    def training(self) -> bool:
+        return self.module.training
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+
+    def eval(self):
+        self.module.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self):
+        return None  # train.step clips, and reports the norm, where this engine trains
+
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool = False) -> None:
+        path = Path(root) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        files = {
+            self.MODEL_FILE: {"module": self.module.state_dict(), "engine": self.kind, "client_state": client_state},
+            self.OPTIM_FILE: {"optimizer": self.optimizer.state_dict(), "micro_steps": self.micro_steps},
+        }
+        for name, obj in files.items():
+            torch.save(obj, path / f"{name}.tmp")
+            os.replace(path / f"{name}.tmp", path / name)
+
+    def load_checkpoint(self, root: str, tag: str, load_lr_scheduler_states: bool = False) -> tuple[str, dict]:
+        path = Path(root) / tag
+        if not (path / self.OPTIM_FILE).exists():
+            raise ConfigError(
+                f"{path} was written by DeepSpeed's engine; resume it with deepspeed.engine=deepspeed (or start this "
+                f"run from its weights: python -m train.export, then a new run)"
+            )
+        model_states = torch.load(path / self.MODEL_FILE, map_location=self.device, weights_only=False)
+        optim_states = torch.load(path / self.OPTIM_FILE, map_location=self.device, weights_only=False)
+        self.module.load_state_dict(model_states["module"])
+        self.optimizer.load_state_dict(optim_states["optimizer"])
+        self.micro_steps = optim_states["micro_steps"]
+        return str(path), model_states["client_state"]
+
+
+def build_engine(cfg: TrainConfig, device: torch.device, world: int = 1):
+    """(engine, optimizer, model): DeepSpeed's engine or a TorchEngine, as `engine_kind` says."""
+    kind = engine_kind(cfg, world)
+    if kind == "deepspeed":
+        from train import zero_waits
+
+        zero_waits.apply()  # DeepSpeed's ZeRO-1/2 step without its host waits
     model = build_model(cfg.model)
     choose_mlp_kernels(model, cfg)
     if cfg.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.deepspeed.compile:
-        apply_compile(model)
+        apply_compile(model, cfg.deepspeed.compile_mode)
+    if kind == "torch":
+        model.to(device)  # before the optimizer: fused AdamW keeps its state on the parameters' device
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay),
         lr=cfg.optim.lr,
@@ -116,5 +201,9 @@ def build_engine(cfg: TrainConfig, device: torch.device):
         eps=cfg.optim.eps,
         fused=True,  # one kernel per step, and its found_inf flag is how train.step skips non-finite steps
     )
+    if kind == "torch":
+        return TorchEngine(model, optimizer, cfg, device), optimizer, model
+    import deepspeed
+
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
     return engine, optimizer, model

@@ -13,12 +13,11 @@ import os
 import time
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 import yaml
 
-from data.pipeline import StreamingLoader
+from data.pipeline import StreamingLoader, source_samples
 from model import flops_per_token, param_count
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_dict
@@ -55,7 +54,9 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(local)
         quiet_host_threads(torch.device("cuda", local))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    # torch's own rendezvous (env://): DeepSpeed's engine finds the group made here, and a one-process run on the
+    # torch engine never imports DeepSpeed (seconds of every sweep cell's start-up)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -89,12 +90,18 @@ def launch_time(default: float | None) -> float:
     return float(value) if value else default or time.time()
 
 
+def data_epochs(counts: dict, sizes: dict, world: int) -> dict:
+    """Epochs of each training source the run read: this rank's samples read times the ranks (the streams split
+    every source evenly), over the source's samples; a source without a manifest is left out."""
+    return {name: counts.get(f"source/{name}", 0) * world / n for name, n in sizes.items() if n}
+
+
 def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     launched = launch_time(launched_at)
     rank, world, device = setup_distributed()
     run = prepare_run_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
-    engine, optimizer, model = build_engine(cfg, device)
+    engine, optimizer, model = build_engine(cfg, device, world)
     ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint.keep, rank)
     # train_s: the loop (evaluations and checkpoints included); startup_s: launch to the first step; wall_s: launch
     # to the summary. Each summed over the run's segments (a resumed run adds to its checkpoint's).
@@ -127,7 +134,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
         client = {"train": dict(state), "config": to_dict(cfg)}
         return ckpt.save(engine, state["step"], client, {"data": loader.state_dict()})
 
-    run_step = TrainStep(engine, optimizer, device, clip=step_clip(cfg))
+    run_step = TrainStep(engine, optimizer, device, clip=step_clip(cfg, getattr(engine, "kind", "deepspeed")))
     signal_group = host_group()
     window_steps, window_t0, last_val = 0, time.perf_counter(), {}
     head_rows = 0  # positions the output head ran at this window, this rank (target_index's length, from its shape)
@@ -246,6 +253,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             "launched_at": launched,  # this segment's launch and end, epoch seconds
             "ended_at": time.time(),
             "data_counts": loader.skip_counts(),
+            "data_epochs": data_epochs(loader.skip_counts(), source_samples(cfg.data), world),
         }
         if rank == 0:
             metrics.log(state["step"], last_val, prefix="val/")
