@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup data test lint demo clean
+.PHONY: setup data test lint demo study clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: data
 test: setup
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The scaling study on this host's GPUs (docs/study/STUDY.md), with a CUDA build of torch on the path.
+study:
+	bash benchmarks/study.sh
 
 lint: setup
 	$(BIN)/python -m ruff check . && $(BIN)/python -m ruff format --check .

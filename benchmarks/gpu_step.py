@@ -70,7 +70,7 @@ from train.config import load_config
 from train.metrics import peak_flops
 
 SPECIAL = SpecialIds(pad=0, bos=2, eos=3, img_start=4, img_end=5, row_sep=6, patch=7)
-CONFIGS = {"20m": "configs/gpu-20m.yaml", "125m": "configs/gpu-125m.yaml"}
+CONFIGS = {"20m": "configs/gpu-20m.yaml", "125m": "configs/gpu-125m.yaml", "study": "configs/study.yaml"}
 ATTENTION = {"flex", "sdpa", "sdpa-cudnn", "sdpa-efficient", "flash"}
 AMP = ["deepspeed.autocast=true"]
 FLEX_DEFAULTS = (attention.FLEX_KERNEL_OPTIONS, attention.FLEX_BLOCK_SIZE)  # each variant starts from these

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The study in one command (`make study`): build the study data unless present, run the IsoFLOP sweep and the LR
+# check of its hyperparameter rule on this host's GPUs, then fit, report and check the rule. Restartable: finished
+# cells are skipped. Results: runs/sweeps/study/{results.csv,fit/}, runs/sweeps/study-lr/results.csv.
+set -euo pipefail
+data=artifacts/study
+[ -f "$data/dataset.json" ] || python -m data.study --out "$data" --train "${STUDY_TRAIN:-300000}"
+python -m scaling run configs/sweeps/study.yaml
+python -m scaling run configs/sweeps/study-lr.yaml
+python -m scaling report configs/sweeps/study.yaml
+python -m scaling lrcheck configs/sweeps/study-lr.yaml
