@@ -149,11 +149,13 @@ class MarkovText:
         self.next = np.stack([rng.choice(WORDS, BRANCHING, replace=False) for _ in range(WORDS)])
         self.prob = rng.dirichlet(np.ones(BRANCHING), WORDS)
         self.cum = np.cumsum(self.prob, axis=1)
-        P = np.zeros((WORDS, WORDS))
-        np.put_along_axis(P, self.next, self.prob, axis=1)
+        # Power iteration to the stationary distribution over the chain's 8 successors per word, summed in a fixed
+        # order (bincount): no BLAS call, so no thread pool per process (16 build workers each starting 16 BLAS
+        # threads on 16 cores stalled a build for minutes) and the same bits on any machine.
         pi = np.full(WORDS, 1 / WORDS)
-        for _ in range(10000):  # power iteration to the stationary distribution
-            new = pi @ P
+        successors = self.next.ravel()
+        for _ in range(100000):
+            new = np.bincount(successors, weights=(pi[:, None] * self.prob).ravel(), minlength=WORDS)
             if np.abs(new - pi).max() < 1e-15:
                 break
             pi = new
@@ -242,14 +244,25 @@ def build(
     t0 = time.time()
     chain = chain_for(seed)
     workers = workers or os.cpu_count() or 1
-    # spawn, not fork: a process that has imported torch (a test, a notebook) does not fork safely
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
-    with pool or nullcontext():
-        for source in SOURCES:
-            for split, n in (("train", train), ("val", val), ("heldout", val)):
-                if split == "heldout" and source == "text":
-                    continue
-                _write_split(out, source, split, n, seed, shard_samples, pool.map if pool else map)
+    # spawn, not fork: a process that has imported torch (a test, a notebook) does not fork safely. One BLAS/OpenMP
+    # thread per worker, the workers being the parallelism: set while the pool lives (it starts its processes on
+    # demand, and they inherit the environment as it is then)
+    threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update({k: "1" for k in threads})
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+        with pool or nullcontext():
+            for source in SOURCES:
+                for split, n in (("train", train), ("val", val), ("heldout", val)):
+                    if split == "heldout" and source == "text":
+                        continue
+                    _write_split(out, source, split, n, seed, shard_samples, pool.map if pool else map)
+    finally:
+        for k, v in threads.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     build_s = time.time() - t0
 
     def texts(split: str, n: int):
