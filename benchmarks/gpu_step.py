@@ -100,8 +100,18 @@ def parse_variant(text: str) -> dict:
             v["batch"] = word
         elif word in ("z0", "z1", "z2", "z3"):
             v["zero"] = int(word[1])
-        elif word in ("ac", "plain", "whole", "waits", "allpositions", "torchloss", "torchmlp", "quackmlp", "mlptuned",
-                      "torchengine"):
+        elif word in (
+            "ac",
+            "plain",
+            "whole",
+            "waits",
+            "allpositions",
+            "torchloss",
+            "torchmlp",
+            "quackmlp",
+            "mlptuned",
+            "torchengine",
+        ):
             v[word] = True
         elif word == "fd":  # workers pass tensors by file descriptor (torch's default) instead of the trainer's way
             v["fd"] = True

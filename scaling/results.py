@@ -1,5 +1,6 @@
 """OUT/results.csv: one row per finished cell, appended once, never rewritten except to widen the header when a
-cell brings a new per-source column (losses, and the epochs of each source it read). The FLOPs under both conventions are kept; `flops` is the spec's."""
+cell brings a new per-source column (losses, and the epochs of each source it read). The FLOPs under both
+conventions are kept; `flops` is the spec's."""
 
 from __future__ import annotations
 

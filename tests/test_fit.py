@@ -200,3 +200,32 @@ assert "torch" not in sys.modules
     assert (tmp_path / "fit" / "fit.json").exists() and (tmp_path / "fit" / "report.md").exists()
     saved = json.loads((tmp_path / "fit" / "fit.json").read_text())
     assert math.isfinite(saved["losses"]["loss"]["runs"]["approach3"]["E"])
+
+
+def test_lr_check_names_the_best_factor_and_judges_the_rule(tmp_path):
+    """Per (size, budget): the best factor tried, whether it sits at the edge of those tried, and whether the rule's
+    LR (factor 1) is within 2x of it; through the CLI from a CSV too."""
+    from scaling.lrcheck import describe, lr_check
+
+    def row(size, scale, loss):
+        return {"recipe": f"a@lr{scale:g}", "size": size, "budget": "flops=1e+13", "lr_scale": scale, "loss": loss}
+
+    curve = {0.25: 3.0, 0.5: 2.9, 1.0: 2.8, 2.0: 2.75, 4.0: 2.9}  # best at 2x: within
+    steep = {0.25: 3.0, 0.5: 2.9, 1.0: 2.8, 2.0: 2.7, 4.0: 2.6}  # best at 4x, the edge: outside
+    rows = [row(2, s, v) for s, v in curve.items()] + [row(5, s, v) for s, v in steep.items()]
+    rows.append(row(5, 8.0, float("nan")))  # a diverged cell is left out, not taken as best
+    small, large = lr_check(rows)
+    assert (small["size"], small["best_scale"], small["rule_within"], small["best_at_edge"]) == (2, 2.0, True, False)
+    assert small["rule_excess"] == pytest.approx(0.05)
+    assert (large["best_scale"], large["rule_within"], large["best_at_edge"]) == (4.0, False, True)
+    text = describe([small, large])
+    assert "within 2x" in text and "4x the rule's: outside 2x" in text and "edge" in text
+    path = tmp_path / "lr.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = subprocess.run(
+        [sys.executable, "-m", "scaling", "lrcheck", str(path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == text, out.stderr

@@ -198,8 +198,30 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
         target = float(r["budget"].split("=")[1]) * int(r["params"])
         assert target <= int(r["tokens"]) < target + int(r["tokens_per_step"])
         assert r["flops_convention"] == "6n+attn" and float(r["flops"]) == float(r["flops_6n_attn"])
+        # epochs of each source read: samples the loader drew from it over the samples its manifest lists
+        summary = json.loads((out / "cells" / r["key"] / "summary.json").read_text())
+        for src in yaml.safe_load((out / "cells" / r["key"] / "cell.yaml").read_text())["data"]["sources"]:
+            n = json.loads((Path(src["shards"]) / "manifest.json").read_text())["samples"]
+            read = summary["data_counts"].get(f"source/{src['name']}", 0)  # a tiny cell may never draw one
+            assert float(r[f"epochs_{src['name']}"]) == pytest.approx(read / n, abs=1e-4)
+        assert sum(v for k, v in summary["data_counts"].items() if k.startswith("source/")) > 0
     again = sweep("run", path)
     assert "4 of 4 cells already finished" in again.stdout and len(rows(out)) == 4  # append-only, idempotent
+
+
+def test_lr_scales_train_multiples_of_the_rules_lr(spec):
+    """An LR check: each (size, budget) at the rule's LR times each factor, as recipes that no fit mixes; the cell at
+    factor 1 is the very cell of the plain sweep (same key: same weights)."""
+    plain = {(c.size, c.budget): c for c in plan(load_spec(spec())).cells}
+    cells = plan(load_spec(spec("lr.yaml", lr_scales=[0.5, 1.0, 2.0]))).cells
+    assert len(cells) == 3 * len(plain)
+    for c in cells:
+        base = plain[(c.size, c.budget)]
+        assert c.recipe == f"a@lr{c.lr_scale:g}" and c.lr == pytest.approx(base.lr * c.lr_scale)
+        assert c.config["optim"]["lr"] == pytest.approx(c.lr)
+        assert (c.key == base.key) == (c.lr_scale == 1.0)
+    with pytest.raises(ConfigError, match="lr_scales"):
+        load_spec(spec("bad.yaml", lr_scales=[0.0]))
 
 
 def test_local_cells_get_their_own_devices_and_ports(spec, tmp_path):

@@ -371,14 +371,17 @@ def test_torch_engine_computes_what_deepspeed_computes(torch_engine_run, micro_c
     from train.export import export
 
     run = tmp_path / "deepspeed"
-    result = launch(micro_config, run, "deepspeed.grad_accum=2", "deepspeed.engine=deepspeed",
-                    "deepspeed.zero_stage=0", nproc=1)
+    result = launch(
+        micro_config, run, "deepspeed.grad_accum=2", "deepspeed.engine=deepspeed", "deepspeed.zero_stage=0", nproc=1
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     a, b = losses_by_step(run), losses_by_step(torch_engine_run)
     assert a.keys() == b.keys() and len(a) == 12
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-4)
-    norms = [(x["grad_norm"], y["grad_norm"]) for x, y in zip(metrics(run), metrics(torch_engine_run)) if "grad_norm" in x]
+    norms = [
+        (x["grad_norm"], y["grad_norm"]) for x, y in zip(metrics(run), metrics(torch_engine_run)) if "grad_norm" in x
+    ]
     assert norms and max(x for x, _ in norms) > 1.0
     for x, y in norms:
         assert y == pytest.approx(x, rel=1e-3)
@@ -403,5 +406,7 @@ def test_torch_engine_resumes_a_killed_run_exactly(torch_engine_run, micro_confi
     assert "resumed from" in result.stdout
     assert losses_by_step(run) == losses_by_step(torch_engine_run)
     rows = [json.loads(line)["rows"] for line in (run / "samples_rank0.jsonl").read_text().splitlines()]
-    uninterrupted = [json.loads(line)["rows"] for line in (torch_engine_run / "samples_rank0.jsonl").read_text().splitlines()]
+    uninterrupted = [
+        json.loads(line)["rows"] for line in (torch_engine_run / "samples_rank0.jsonl").read_text().splitlines()
+    ]
     assert rows[-16:] == uninterrupted[-16:]
