@@ -15,6 +15,7 @@ import time
 STARTED = time.time()  # before the imports: start-up is counted from the launcher's FUSION_LAUNCH_TIME, else here
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 
 from train.config import ConfigError, load_config  # noqa: E402
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
             print(ensure_run_dir(cfg.run_dir))
             return 0
     except (ConfigError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # once, not once per process
+            print(f"config error: {e}", file=sys.stderr)
         return 2
     from train.trainer import train  # heavy imports (DeepSpeed) only once the config is known to be good
 

@@ -2,8 +2,9 @@
 
     python -m data.check SHARDS... [--tokenizer tok.model] [--patch-size 8] [--max-image-patches 256] [--limit N]
 
-SHARDS are shard files, brace patterns, globs or dataset directories. Prints samples by kind, skips by reason,
-shards that could not be read, the token and patch distributions per document, and images/s.
+SHARDS are shard files, brace patterns, globs or dataset directories. Prints the good samples, samples by kind,
+skips by reason, shards that could not be read, the token and patch distributions per document, and images/s.
+Exits 1 when a path does not exist or no good sample was read: a data problem stops a job script here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -52,10 +54,13 @@ def check(shards: list[str], tokenizer: str | None, spec: ImageSpec, limit: int 
                 sum(s.shape[1] * s.shape[2] // spec.patch_size**2 for s in segments if isinstance(s, np.ndarray))
             )
     pct = lambda xs: {f"p{q}": float(np.percentile(xs, q)) for q in (0, 50, 90, 99, 100)} if xs else {}  # noqa: E731
+    skipped = sum(v for k, v in counts.items() if k.startswith("skip/"))
     return {
         "shards": len(paths),
+        "missing": [p for p in paths if not Path(p).exists()],
+        "good_samples": counts["samples"] - skipped,
         "counts": dict(sorted(counts.items())),
-        "skip_rate": sum(v for k, v in counts.items() if k.startswith("skip/")) / max(1, counts["samples"]),
+        "skip_rate": skipped / max(1, counts["samples"]),
         ("tokens" if tokenizer else "characters") + "_per_doc": pct(tokens),
         "patches_per_doc": pct(patches),
         "total_tokens" if tokenizer else "total_characters": int(sum(tokens)),
@@ -78,9 +83,18 @@ def main(argv=None):
     report = check(args.shards, args.tokenizer, spec, args.limit)
     if args.json:
         print(json.dumps(report))
-        return report
+    else:
+        show(report)
+    if report["missing"] or not report["good_samples"]:
+        problem = f"missing: {', '.join(report['missing'])}" if report["missing"] else "no good sample was read"
+        raise SystemExit(f"error: {problem}")
+    return report
+
+
+def show(report: dict) -> None:
     print(
         f"shards: {report['shards']}   samples: {report['counts'].get('samples', 0)}   "
+        f"good: {report['good_samples']}   "
         f"skip rate: {report['skip_rate']:.2%}   images/s (decode+resize): {report['images_per_s']}"
     )
     for key, value in report["counts"].items():
@@ -88,7 +102,6 @@ def main(argv=None):
             print(f"  {key:<28} {value}")
     for key in [k for k in report if k.endswith("_per_doc")]:
         print(f"  {key:<28} " + "  ".join(f"{q}={v:g}" for q, v in report[key].items()))
-    return report
 
 
 if __name__ == "__main__":

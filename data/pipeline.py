@@ -385,7 +385,14 @@ def _ignore_job_signals(_worker_id: int) -> None:
     every process of a job step. Ignored here, they are also ignored by the torch_shm_manager a worker launches
     for `file_system` sharing; left at their default they killed it, and the next batch handoff failed
     ("Connection reset by peer") instead of the run checkpointing. TERM keeps DataLoader's own handler, which the
-    loader's shutdown relies on."""
+    loader's shutdown relies on.
+
+    A worker also leaves its trainer's process group: torchrun stops a rank by signalling the rank's whole group
+    (`killpg`, on SIGTERM or Ctrl-C to torchrun), which killed the workers before the rank could save ("DataLoader
+    worker (pid ...) is killed by signal: Terminated"). Out of the group, they keep serving batches while the rank
+    finishes its step and checkpoints, and they still exit with it (the loader's shutdown, or its watchdog when the
+    rank dies)."""
+    os.setpgid(0, 0)
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
 

@@ -68,9 +68,32 @@ class Tokenizer:
         self.__init__(state["path"])
 
 
+def input_files(inputs: list[str]) -> list[Path]:
+    """Files, dataset directories (their shards, else the .txt/.jsonl/.tar files under them) and brace patterns
+    or globs of shards, as `data.check` takes them."""
+    from data.shards import resolve_shards
+
+    files: list[Path] = []
+    for spec in inputs:
+        p = Path(spec)
+        if p.is_file():
+            found = [p]
+        elif p.is_dir():
+            found = [Path(f) for f in resolve_shards(spec)] or sorted(
+                f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".tar") and f.is_file()
+            )
+        else:
+            found = [Path(f) for f in resolve_shards(spec) if Path(f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{spec}: no text, JSONL or shard files there")
+        files += found
+    return files
+
+
 def iter_texts(paths: list[str]) -> Iterator[str]:
-    """Text from .txt/.jsonl files and from the text members of webdataset shards (.tar)."""
-    for p in map(Path, paths):
+    """Text from .txt/.jsonl files and from the text members of webdataset shards (.tar); directories and brace
+    patterns are expanded (`input_files`)."""
+    for p in input_files([str(x) for x in paths]):
         if p.suffix == ".tar":
             with tarfile.open(p) as tar:
                 for m in tar:
@@ -148,7 +171,11 @@ def main(argv=None):
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--type", default="bpe", choices=["bpe", "unigram"])
     args = ap.parse_args(argv)
-    tok = train_tokenizer(iter_texts(args.inputs), args.out, args.vocab_size, args.type)
+    try:
+        files = input_files(args.inputs)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from e
+    tok = train_tokenizer(iter_texts([str(f) for f in files]), args.out, args.vocab_size, args.type)
     print(f"wrote {args.out}: {tok.vocab_size} pieces, specials {tok.special}")
 
 

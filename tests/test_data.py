@@ -358,7 +358,11 @@ def test_check_cli_reports_skips(bad_shards, embedded, capsys):
         [str(bad_shards / "mixed"), "--tokenizer", str(embedded / "tokenizer.model"), "--max-image-pixels", "50000"]
     )
     out = capsys.readouterr().out
-    assert "samples: 26" in out and "skip rate: 23.08%" in out and "skip/missing_image" in out
+    assert "samples: 26" in out and "good: 20" in out and "skip rate: 23.08%" in out and "skip/missing_image" in out
+    with pytest.raises(SystemExit, match="missing: .*nowhere.tar"), pytest.warns(UserWarning):
+        check_cli([str(bad_shards / "nowhere.tar")])  # a path that does not exist: non-zero, named
+    with pytest.raises(SystemExit, match="no good sample"), pytest.warns(UserWarning):
+        check_cli([str(bad_shards / "garbage.tar")])  # read, but nothing good in it
 
 
 def test_pipeline_survives_bad_shards_and_counts_them(bad_shards, embedded):
@@ -473,3 +477,21 @@ def test_a_damaged_prepared_sample_is_skipped_with_its_reason(prepared, tmp_path
     assert outcomes[:3] == ["caption", "bad_prepared", "bad_prepared"]
     assert len(outcomes) == len(records) + sum(len(decode_chunk(d)) for _, d in members[2:])
     assert counts == {"samples": 1, "skip/bad_prepared": 1}  # the second chunk
+
+
+def test_tokenizer_trains_from_dataset_directories_and_patterns(embedded, tmp_path):
+    """`python -m data.tokenizer train DIR` takes what data.check takes: a dataset directory (its shards), a brace
+    pattern; a path with nothing in it is an error naming it, not an IsADirectoryError."""
+    from data.tokenizer import Tokenizer, input_files
+    from data.tokenizer import main as tokenizer_main
+
+    shards = sorted((embedded / "text" / "train").glob("*.tar"))
+    assert input_files([str(embedded / "text" / "train")]) == shards
+    pattern = str(embedded / "text" / "train" / "shard-{00000..00000}.tar")
+    assert input_files([pattern]) == shards[:1]
+    tokenizer_main(
+        ["train", str(embedded / "text" / "train"), "--out", str(tmp_path / "t.model"), "--vocab-size", "600"]
+    )
+    assert Tokenizer(tmp_path / "t.model").vocab_size > 256
+    with pytest.raises(SystemExit, match="no text, JSONL or shard files"):
+        tokenizer_main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "u.model")])

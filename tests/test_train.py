@@ -234,6 +234,9 @@ def test_config_errors_stop_before_any_work(micro_config):
         assert time.time() - t0 < 20  # refused at parse time, not after starting DeepSpeed
     with pytest.raises(ConfigError, match="did you mean 'sources'"):
         load_config(micro_config, ["data.source=[]"])
+    assert load_config(micro_config, ['steps="8"']).steps == 8  # a whole number as a string, like "3e-3" for floats
+    two = launch(micro_config, Path("/tmp/unused-run"), "optim.lrr=1")  # two ranks: the error is printed once
+    assert two.returncode != 0 and (two.stdout + two.stderr).count("config error: unknown config key") == 1
 
 
 def test_unwritable_run_dir_fails_fast(micro_config, tmp_path):
@@ -405,8 +408,79 @@ def test_torch_engine_resumes_a_killed_run_exactly(torch_engine_run, micro_confi
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout
     assert losses_by_step(run) == losses_by_step(torch_engine_run)
+    logged = [m["step"] for m in metrics(run) if "loss" in m]
+    assert logged == list(range(1, 13))  # the lost segment's lines (steps 5-8) gave way to the replayed ones
     rows = [json.loads(line)["rows"] for line in (run / "samples_rank0.jsonl").read_text().splitlines()]
     uninterrupted = [
         json.loads(line)["rows"] for line in (torch_engine_run / "samples_rank0.jsonl").read_text().splitlines()
     ]
     assert rows[-16:] == uninterrupted[-16:]
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_a_config_error(micro_config):
+    """Checked when the config loads, naming both sizes (it used to fail at the first batch, 86 s in); a model far
+    larger than its tokenizer is only warned about."""
+    with pytest.raises(ConfigError, match=r"has 1024 pieces but model.vocab_size=512"):
+        load_config(micro_config, ["model.vocab_size=512"])
+    with pytest.warns(UserWarning, match="over twice the tokenizer's 1024 pieces"):
+        load_config(micro_config, ["model.vocab_size=4096"])
+
+
+def test_a_step_weighs_every_text_target_the_same(micro_config):
+    """Two micro-batches with different numbers of text targets, through TrainStep and the one-process engine with
+    `target_weights`: the gradient is that of one batch holding both (each target weighs the same), not the mean
+    of the two micro-batches' means, which the unweighted step gave."""
+    import numpy as np
+
+    from data.layout import SpecialIds, layout_document
+    from data.packing import Packer, collate
+    from model import IGNORE, ModelConfig, build_model
+    from train.engine import TorchEngine
+    from train.step import TrainStep, target_weights
+
+    torch.manual_seed(0)
+    mc = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=2,
+        patch_size=4,
+        max_seq_len=32,
+        attention_backend="sdpa",
+    )
+    special = SpecialIds(pad=0, bos=2, eos=3, img_start=4, img_end=5, row_sep=6, patch=7)
+    rng = np.random.default_rng(0)
+    rows = []
+    for length in (30, 5, 3, 4):  # a row full of targets, then rows of one short document and padding each
+        packer = Packer(32, special.pad, 3 * 4 * 4)
+        rows += packer.add(layout_document([rng.integers(16, 64, length).tolist()], special, 4, "mrope"))
+        rows += packer.flush()
+    a, b, both = collate(rows[:1]), collate(rows[1:4]), collate(rows[:4])
+    counts = [int((x["targets"] != IGNORE).sum()) for x in (a, b)]
+    assert counts[0] > 2 * counts[1] > 0
+    reference = build_model(mc)
+
+    def fresh():
+        model = build_model(mc)
+        model.load_state_dict(reference.state_dict())
+        return model
+
+    model = fresh()
+    out = model(**both)
+    (out.text_loss + out.z_loss).backward()
+    whole = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    def stepped(weights):
+        model = fresh()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
+        seen = []  # the gradients the optimizer is handed at the accumulation boundary
+        opt.step = lambda: seen.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        engine = TorchEngine(model, opt, load_config(micro_config, ["deepspeed.grad_accum=2"]), torch.device("cpu"))
+        TrainStep(engine, opt, torch.device("cpu"))([a, b], 0, weights=weights)
+        return seen[0]
+
+    for w, g in zip(stepped(target_weights(counts)), whole, strict=True):
+        torch.testing.assert_close(w, g, atol=1e-6, rtol=1e-4)
+    unweighted = stepped(())
+    assert max(float((u - g).abs().max()) for u, g in zip(unweighted, whole, strict=True)) > 1e-4

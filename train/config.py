@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return float(value)  # YAML reads 3e-4 (no dot) as a string
         except ValueError:
             pass
+    if tp is int and isinstance(value, str):
+        try:
+            return int(value)  # "8", as a decimal field takes "3e-3"
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"'{path}' must be {tp.__name__}, got {value!r}")
     return value
@@ -220,7 +226,32 @@ def load_config(paths: str | Path | list | None, overrides: list[str] = ()) -> T
         tree = _merge(tree, layer)
     for o in overrides:
         apply_override(tree, o)
-    return build(TrainConfig, tree)
+    cfg = build(TrainConfig, tree)
+    check_vocabulary(cfg)
+    return cfg
+
+
+def check_vocabulary(cfg: TrainConfig) -> None:
+    """The tokenizer's pieces against the model's embedding, when the config loads rather than at the first batch
+    (`token id 8187 is outside the vocabulary`). A tokenizer not built yet (a sweep planned before its data) is
+    checked by the loader when it opens it."""
+    path = Path(cfg.data.tokenizer)
+    if not path.is_file():
+        return
+    import sentencepiece as spm
+
+    pieces = spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+    if pieces > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer {path} has {pieces} pieces but model.vocab_size={cfg.model.vocab_size}: its ids would "
+            f"fall outside the embedding; set model.vocab_size={pieces} (or more)"
+        )
+    if cfg.model.vocab_size > 2 * pieces:
+        warnings.warn(
+            f"model.vocab_size={cfg.model.vocab_size} is over twice the tokenizer's {pieces} pieces ({path}): the "
+            f"extra rows are parameters that never see a token",
+            stacklevel=2,
+        )
 
 
 def to_dict(cfg) -> dict:

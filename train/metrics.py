@@ -7,6 +7,7 @@ import json
 import math
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,11 +43,37 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def drop_after(path: Path, step: int) -> None:
+    """A resumed run replays the steps after its checkpoint: their lines from the lost segment go (rewritten
+    atomically), so the file stays one curve, each step logged once."""
+    if not path.exists():
+        return
+    if step == 0:  # a fresh start (resume=none) in a used directory: the earlier run's curve is kept aside
+        if path.stat().st_size:
+            path.rename(path.with_name(f"metrics.before-{int(time.time())}.jsonl"))
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # a line cut by a crash: drop it with the segment it ended
+        return math.inf
+
+
 class MetricsWriter:
     """Rank 0's sink. Every logged step is one JSON line; the same scalars go to TensorBoard."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool, progress: str):
-        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run's lifetime
+        path = run_dir / "metrics.jsonl"
+        drop_after(path, start_step)
+        self.file = open(path, "a")  # noqa: SIM115 - open for the run's lifetime
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -20,6 +20,24 @@ from train.config import ConfigError
 LOSSES = ("loss", "text_loss", "image_loss", "z_loss")
 
 
+def target_weights(counts: Sequence[int], group=None) -> list[float]:
+    """Each micro-batch's weight in its step so that every text target of the step weighs the same, across
+    micro-batches and ranks (as torchtitan normalises): n_i x G x world / N. A micro-batch's text loss is the mean
+    over its own n_i targets, the engines divide each micro-batch by G and ranks average, so unweighted a target in
+    an image-heavy micro-batch (few targets) counted more than one in a text-heavy one. The counts are the CPU
+    batches' (no wait for the GPU); ranks add theirs over `group`, a CPU (gloo) group."""
+    G = len(counts)
+    total = float(sum(counts))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        t = torch.tensor([total], dtype=torch.float64)
+        dist.all_reduce(t, group=group)
+        total = float(t)
+    if total <= 0:
+        return [1.0] * G
+    return [n * G * world / total for n in counts]
+
+
 def torch_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside DeepSpeed's wrappers (ZeRO 1/2/3 and bf16 keep it as `.optimizer`)."""
     inner = optimizer
@@ -46,14 +64,19 @@ class TrainStep:
         self.streak = torch.zeros((), device=device)  # skipped steps in a row, across windows
         self.last_bad = torch.full((), -1.0, device=device)
 
-    def __call__(self, micro_batches: Sequence[dict], step: int, inject_nan: bool = False):
-        """Returns the first micro-batch's ModelOutput (its telemetry fields are set on telemetry steps)."""
+    def __call__(
+        self, micro_batches: Sequence[dict], step: int, inject_nan: bool = False, weights: Sequence[float] = ()
+    ):
+        """Returns the first micro-batch's ModelOutput (its telemetry fields are set on telemetry steps). `weights`:
+        each micro-batch's text-target weight (`target_weights`); the logged losses stay per-micro-batch means."""
         self.found_inf.zero_()
         step_sums = torch.zeros_like(self.sums)
         first = None
         for i, batch in enumerate(micro_batches):
             out = self.engine(**batch)
             loss = out.loss * float("nan") if inject_nan and i == 0 else out.loss
+            if weights and weights[i] != 1.0:
+                loss = loss + (weights[i] - 1.0) * (out.text_loss + out.z_loss)  # text terms weighed per target
             terms = torch.stack([loss, out.text_loss, out.image_loss, out.z_loss]).detach()
             finite = torch.isfinite(terms).all()
             torch.maximum(self.found_inf, (~finite).float(), out=self.found_inf)

@@ -18,16 +18,16 @@ import torch.distributed as dist
 import yaml
 
 from data.pipeline import StreamingLoader, source_samples
-from model import flops_per_token, param_count
+from model import IGNORE, flops_per_token, param_count
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_dict
 from train.engine import build_engine, quiet_host_threads, step_clip
 from train.evaluate import validate
 from train.metrics import MetricsWriter, memory_gb, peak_flops
-from train.rundir import ensure_run_dir
+from train.rundir import RunLock, ensure_run_dir
 from train.schedule import lr_at
 from train.signals import EXIT_REQUEUE, SignalFlags
-from train.step import LOSSES, TrainStep
+from train.step import LOSSES, TrainStep, target_weights
 
 
 class NonFiniteLoss(RuntimeError):
@@ -61,13 +61,17 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def prepare_run_dir(cfg: TrainConfig, rank: int) -> Path:
-    run = Path(cfg.run_dir)
+def prepare_run_dir(cfg: TrainConfig, rank: int) -> tuple[Path, RunLock | None]:
+    """Rank 0 takes the directory's lock (a second trainer on it stops here, naming the holder) and writes the
+    resolved config."""
+    run, lock = Path(cfg.run_dir), None
     if rank == 0:
         ensure_run_dir(run)
+        lock = RunLock(run)
+        lock.acquire()
         (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     dist.barrier()
-    return run
+    return run, lock
 
 
 def host_group():
@@ -99,7 +103,7 @@ def data_epochs(counts: dict, sizes: dict, world: int) -> dict:
 def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     launched = launch_time(launched_at)
     rank, world, device = setup_distributed()
-    run = prepare_run_dir(cfg, rank)
+    run, lock = prepare_run_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
     engine, optimizer, model = build_engine(cfg, device, world)
     ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint.keep, rank)
@@ -108,9 +112,15 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     state = {"step": 0, "tokens": 0, "flops": 0.0, "flops_6n": 0.0, "skipped_steps": 0}
     state.update(train_s=0.0, startup_s=0.0, wall_s=0.0)
     data_state = None
-    source = {"auto": ckpt.latest(), "none": None}.get(cfg.resume, cfg.resume) or cfg.init_from or None
-    if source:
-        client, rank_state = ckpt.load(engine, source)
+    loaded = None
+    if cfg.resume == "auto":  # the newest checkpoint that loads (a truncated one is passed over, with a warning)
+        loaded = ckpt.load_newest_good(engine)
+    elif cfg.resume != "none":  # an explicit checkpoint: loads, or fails loudly
+        loaded = (Path(cfg.resume), *ckpt.load(engine, cfg.resume))
+    if loaded is None and cfg.init_from:
+        loaded = (Path(cfg.init_from), *ckpt.load(engine, cfg.init_from))
+    if loaded:
+        source, client, rank_state = loaded
         state.update(client["train"])
         data_state = rank_state["data"]
         if rank == 0:
@@ -155,14 +165,17 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             log_now = (step + 1) % cfg.logging.every == 0 or step + 1 == cfg.steps
             telemetry = log_now and cfg.logging.telemetry_every and (step + 1) % cfg.logging.telemetry_every == 0
             model.track_attention_logits(bool(telemetry))
-            batches = []
+            batches, counts = [], []
             for micro in range(G):
-                batches.append({k: v.to(device, non_blocking=True) for k, v in next(loader).items()})
+                cpu_batch = next(loader)
+                counts.append(int((cpu_batch["targets"] != IGNORE).sum()))  # on the host: no wait for the GPU
+                batches.append({k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()})
                 head_rows += len(batches[-1]["target_index"]) if "target_index" in batches[-1] else B * T
                 if sample_log:  # flushed per line: the log must survive the crash it may be needed to explain
                     sample_log.write(json.dumps({"step": step, "micro": micro, "rows": loader.last_pieces}) + "\n")
                     sample_log.flush()
-            first = run_step(batches, step, inject_nan=step in inject and rank in inject_ranks)
+            weights = target_weights(counts, signal_group)
+            first = run_step(batches, step, inject_nan=step in inject and rank in inject_ranks, weights=weights)
             model.track_attention_logits(False)
             model.check_inputs = False  # the first step proved the data fits the model; spare a sync per forward
             state["step"] += 1
@@ -203,6 +216,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
                 last_loss = record["loss"]
                 if rank == 0:
                     metrics.log(state["step"], record)
+                    lock.refresh()
                 window_steps, window_t0, head_rows = 0, time.perf_counter(), 0
 
             if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.steps:
@@ -260,6 +274,8 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             (run / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
     finally:
+        if lock:
+            lock.release()
         if metrics:
             metrics.close()
         if sample_log:
