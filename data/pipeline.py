@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
@@ -140,6 +141,21 @@ def read_shard(path: str, counts: Counter) -> list[dict]:
         detail = errors[0] if errors else "file ends inside a member"
         warnings.warn(f"shard {path}: {detail} ({len(samples)} samples read)", stacklevel=2)
     return unchunk(samples, counts)  # a prepared shard's chunks into their samples
+
+
+# What a bad sample raises while it is decoded (images: PIL's OSError, SyntaxError, EOFError, DecompressionBombError,
+# zlib's error; JSON and text: ValueError, KeyError; tar members: TarError). Anything else is a bug in this code and
+# raises: a catch-all turned such bugs into counted skips, up to max_skip_rate of the data.
+SAMPLE_ERRORS = (
+    ValueError,
+    KeyError,
+    OSError,
+    EOFError,
+    SyntaxError,
+    zlib.error,
+    tarfile.TarError,
+    Image.DecompressionBombError,
+)
 
 
 class SourceStream:
@@ -282,7 +298,7 @@ class StreamWorker:
                 continue
             except PreparedMismatch as e:
                 raise DataError(f"source '{self.sources[i].name}': {e}") from e
-            except Exception as e:  # never let one sample kill a worker: count it under its type
+            except SAMPLE_ERRORS as e:  # a sample that does not decode is counted under its type, not fatal
                 self._skip(f"error_{type(e).__name__}")
                 continue
             self.counts[f"kind/{kind}"] += 1

@@ -26,6 +26,11 @@ def save_pretrained(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out: 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> FusionTransformer:
     path = Path(path)
+    if not (path / "config.json").exists() and (path / "export" / "config.json").exists():
+        path = path / "export"  # a run directory, exported
+    if not (path / "config.json").exists():
+        hint = f": python -m train.export {path}" if (path / "checkpoints").is_dir() else ""
+        raise FileNotFoundError(f"{path} holds no exported model (config.json, model.safetensors){hint}")
     cfg = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
     model = FusionTransformer(cfg)
     missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)

@@ -495,3 +495,18 @@ def test_tokenizer_trains_from_dataset_directories_and_patterns(embedded, tmp_pa
     assert Tokenizer(tmp_path / "t.model").vocab_size > 256
     with pytest.raises(SystemExit, match="no text, JSONL or shard files"):
         tokenizer_main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "u.model")])
+
+
+def test_a_bug_in_decoding_raises_instead_of_counting_as_a_skip(embedded, monkeypatch):
+    """Bad samples are counted skips; an error that is not a data error (a TypeError from this code, say) raises
+    instead of hiding among up to max_skip_rate of the samples."""
+    from data import pipeline
+
+    def buggy(*args, **kwargs):
+        raise TypeError("unsupported operand type(s)")
+
+    cfg = mixture(embedded, workers=0)
+    monkeypatch.setattr(pipeline, "to_segments", buggy)
+    worker = StreamWorker(cfg, Tokenizer(cfg.tokenizer), 0, 1, None)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        next(worker.batches(0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -607,3 +608,14 @@ def test_fused_mlp_equals_torch_on_cuda(tiny_cfg, monkeypatch):
         decoded = generate(model, prompt, max_new_tokens=4, keep_logits=True)
         runs.append((loss.float(), [p.grad.float() for p in model.parameters()], torch.stack(decoded.logits).float()))
     torch.testing.assert_close(runs[0], runs[1], atol=2e-2, rtol=2e-2)
+
+
+def test_the_readmes_python_snippets_run_as_written():
+    """Every ```python block of the README, executed as is: a snippet a new user copies must not raise."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README's own code

@@ -389,11 +389,17 @@ def test_torch_engine_computes_what_deepspeed_computes(torch_engine_run, micro_c
     for x, y in norms:
         assert y == pytest.approx(x, rel=1e-3)
     m_ds, m_torch = load_pretrained(export(run)), load_pretrained(export(torch_engine_run))
+    assert (run / "export" / "tokenizer.model").read_bytes() == Path(
+        yaml.safe_load(micro_config.read_text())["data"]["tokenizer"]
+    ).read_bytes()  # the export carries the tokenizer its ids mean something under
+    assert load_pretrained(run).cfg == m_ds.cfg  # a run directory loads its export
     for (name, p), (_, q) in zip(m_ds.state_dict().items(), m_torch.state_dict().items()):
         torch.testing.assert_close(q, p, atol=2e-4, rtol=1e-3, msg=name)
     latest = torch_engine_run / "checkpoints" / (torch_engine_run / "checkpoints" / "latest").read_text()
     result = launch(micro_config, tmp_path / "two", f"resume={latest}", "deepspeed.grad_accum=2")
     assert result.returncode != 0 and "written by the one-process torch engine" in result.stdout + result.stderr
+    with pytest.raises(FileNotFoundError, match="python -m train.export"):
+        load_pretrained(tmp_path / "two")  # a run directory never exported: says what to run
 
 
 def test_torch_engine_resumes_a_killed_run_exactly(torch_engine_run, micro_config, tmp_path):
@@ -484,3 +490,42 @@ def test_a_step_weighs_every_text_target_the_same(micro_config):
         torch.testing.assert_close(w, g, atol=1e-6, rtol=1e-4)
     unweighted = stepped(())
     assert max(float((u - g).abs().max()) for u, g in zip(unweighted, whole, strict=True)) > 1e-4
+
+
+def test_a_build_lock_left_by_a_killed_start_is_cleared(tmp_path, monkeypatch, capsys):
+    """DeepSpeed's CPU op builds under torch's FileBaton, which waits forever on a lock whose builder was killed:
+    an old lock (or one beside a finished build) is removed with a warning naming it; a fresh one is left, named."""
+    from train.engine import clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.write_text("")
+    assert clear_stale_build_lock() is None and lock.exists()
+    assert f"waiting for {lock}" in capsys.readouterr().out
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    with pytest.warns(UserWarning, match="removed .*lock, left by a build that was killed"):
+        assert clear_stale_build_lock() == lock
+    assert not lock.exists()
+    lock.write_text("")
+    (lock.parent / "deepspeed_shm_comm.so").write_bytes(b"")
+    with pytest.warns(UserWarning):
+        assert clear_stale_build_lock() == lock
+
+
+def test_the_demo_on_a_run_of_other_data_says_what_it_needs(torch_engine_run, tmp_path):
+    """train.demo scores the embedded dataset's held-out scenes; a run trained elsewhere gets that said, not a
+    ZeroDivisionError."""
+    import shutil
+
+    from train.demo import run_demo
+
+    run = tmp_path / "run"
+    shutil.copytree(torch_engine_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (tmp_path / "other").mkdir()
+    shutil.copyfile(config["data"]["tokenizer"], tmp_path / "other" / "tokenizer.model")
+    config["data"]["tokenizer"] = str(tmp_path / "other" / "tokenizer.model")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match="found none there"), pytest.warns(UserWarning):
+        run_demo(run, n_show=1, n_score=2)

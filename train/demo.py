@@ -55,6 +55,12 @@ def run_demo(run_dir: str | Path, n_show: int = 6, n_score: int = 100) -> dict:
     data_root = Path(cfg["data"]["tokenizer"]).parent
     objects_hit = objects_total = answer_hits = 0
     scenes = heldout_scenes(data_root, max(n_show, n_score))
+    if not scenes:
+        raise SystemExit(
+            f"the demo scores held-out scenes of the embedded dataset, read from {data_root / 'scenes-qa' / 'heldout'}"
+            f" (beside the run's tokenizer), and found none there: it shows runs trained on `python -m data.embedded`"
+            f" data"
+        )
     for i, sample in enumerate(scenes):
         meta = json.loads(sample["json"])
         image = load_image(sample["0.png"], spec)

@@ -5,6 +5,7 @@ one process trains, `TorchEngine`: the same interface over torch's own loop, whi
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -179,6 +180,26 @@ class TorchEngine:
         return str(path), model_states["client_state"]
 
 
+def clear_stale_build_lock(name: str = "deepspeed_shm_comm", max_age_s: float = 600.0) -> Path | None:
+    """DeepSpeed JIT-builds its CPU shared-memory op under torch's FileBaton (`<extensions>/<name>/lock`), which
+    waits forever, silently, on a lock whose builder was killed. A lock beside a finished build, or older than any
+    build takes, is removed (returned, with a warning naming it); a fresh one is left, with a note naming it."""
+    import warnings
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    if not lock.exists():
+        return None
+    built = any(lock.parent.glob("*.so"))
+    if built or time.time() - lock.stat().st_mtime > max_age_s:
+        lock.unlink(missing_ok=True)
+        warnings.warn(f"removed {lock}, left by a build that was killed", stacklevel=2)
+        return lock
+    print(f"waiting for {lock}: another process is building DeepSpeed's {name} op (if none is, remove it)", flush=True)
+    return None
+
+
 def build_engine(cfg: TrainConfig, device: torch.device, world: int = 1):
     """(engine, optimizer, model): DeepSpeed's engine or a TorchEngine, as `engine_kind` says."""
     kind = engine_kind(cfg, world)
@@ -203,6 +224,8 @@ def build_engine(cfg: TrainConfig, device: torch.device, world: int = 1):
     )
     if kind == "torch":
         return TorchEngine(model, optimizer, cfg, device), optimizer, model
+    if device.type == "cpu":
+        clear_stale_build_lock()
     import deepspeed
 
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))

@@ -5,6 +5,7 @@ then `model.load_pretrained(DIR)`."""
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,8 +30,13 @@ def export(run_dir: str | Path, checkpoint: str | Path | None = None, out: str |
     checkpoint = Path(checkpoint) if checkpoint else Checkpointer(run / "checkpoints", 1, 0).latest()
     if checkpoint is None:
         raise FileNotFoundError(f"{run}/checkpoints has no complete checkpoint")
-    model_cfg = ModelConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())["model"])
-    return save_pretrained(consolidated_state_dict(checkpoint), model_cfg, out or run / "export")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    model_cfg = ModelConfig.from_dict(config["model"])
+    written = save_pretrained(consolidated_state_dict(checkpoint), model_cfg, out or run / "export")
+    tokenizer = Path(config.get("data", {}).get("tokenizer", ""))
+    if tokenizer.is_file():  # the model's ids mean nothing without it
+        shutil.copyfile(tokenizer, Path(written) / "tokenizer.model")
+    return written
 
 
 def main(argv=None):
