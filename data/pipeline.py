@@ -78,6 +78,10 @@ class DataConfig:
         for s in self.sources + self.eval_sources:
             if s.weight < 0:
                 raise ValueError(f"source '{s.name}' has negative weight {s.weight}")
+        for group in (self.sources, self.eval_sources):
+            names = [s.name for s in group]
+            if len(set(names)) < len(names):  # positions, metrics and resume are keyed by name
+                raise ValueError(f"source names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
 
     @property
     def image_spec(self) -> ImageSpec:
@@ -256,15 +260,19 @@ class StreamWorker:
         self.repeat = repeat
         self.start = 0  # offset into the first document (a replayed row may begin mid-document)
         if state:
-            for src, pos in zip(self.sources, state["sources"]):
-                src.pos = dict(pos)
+            saved = state["sources"]
+            if isinstance(saved, list):  # checkpoints before positions were keyed by name: by order
+                saved = {src.name: pos for src, pos in zip(self.sources, saved)}
+            for src in self.sources:  # by name: reordered sources resume where each was; an added one starts anew
+                if src.name in saved:
+                    src.pos = dict(saved[src.name])
             self.rng.bit_generator.state = state["rng"]  # the setter copies the values
             self.counts.update(state["counts"])
             self.start = state["start"]
 
     def position(self) -> dict:
         return {
-            "sources": [dict(s.pos) for s in self.sources],
+            "sources": {s.name: dict(s.pos) for s in self.sources},
             "rng": self.rng.bit_generator.state,  # the getter builds a fresh dict: no copy needed (once per document)
             "counts": dict(self.counts),
         }

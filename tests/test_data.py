@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -510,3 +511,24 @@ def test_a_bug_in_decoding_raises_instead_of_counting_as_a_skip(embedded, monkey
     worker = StreamWorker(cfg, Tokenizer(cfg.tokenizer), 0, 1, None)
     with pytest.raises(TypeError, match="unsupported operand"):
         next(worker.batches(0))
+
+
+def test_stream_positions_are_kept_by_source_name(embedded):
+    """A stream's state names its sources: restored into the same sources in another order, each source continues
+    from its own position (by order, they would swap); a source the state does not name starts at its beginning."""
+    cfg = mixture(embedded, workers=0)
+    tok = Tokenizer(cfg.tokenizer)
+    worker = StreamWorker(cfg, tok, 0, 1, None)
+    batches = worker.batches(0)
+    for _ in range(3):
+        next(batches)
+    state = worker.position()
+    assert set(state["sources"]) == {s.name for s in cfg.sources}
+    reordered = dataclasses.replace(cfg, sources=cfg.sources[::-1])
+    again = StreamWorker(reordered, tok, 0, 1, {**state, "start": 0})
+    assert {s.name: s.pos for s in again.sources} == state["sources"]
+    fewer = {**state, "sources": {k: v for k, v in state["sources"].items() if k != cfg.sources[0].name}, "start": 0}
+    added = StreamWorker(cfg, tok, 0, 1, fewer)
+    assert added.sources[0].pos["epoch"] == 0 and added.sources[0].pos["shard"] == 0
+    with pytest.raises(ValueError, match="source names repeat"):
+        dataclasses.replace(cfg, sources=[cfg.sources[0], cfg.sources[0]])

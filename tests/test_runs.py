@@ -130,3 +130,26 @@ def test_sigterm_to_torchrun_saves_and_marks_the_run_preempted(micro_config, tmp
     step = int((run / "PREEMPTED").read_text())
     assert step >= 3 and (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
     assert f"received SIGTERM: saved step {step}, exiting 75" in out
+
+
+def test_resume_checks_what_it_resumes(one_proc_run, micro_config, tmp_path):
+    """A changed seq_len or mixture stops the resume with the keys that differ, before any state is loaded; the
+    mixture change goes through with resume_allow; reordered sources and a changed LR resume as they are."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(one_proc_run, run)
+    cfg = yaml.safe_load(micro_config.read_text())
+    first = cfg["data"]["sources"][0]["name"]
+    result = launch(micro_config, run, "steps=14", "data.seq_len=32", nproc=1)
+    assert result.returncode != 0 and "data.seq_len: 64 in the checkpoint, 32 now" in result.stdout + result.stderr
+    heavier = [{**s, "weight": s["weight"] * (3 if i == 0 else 1)} for i, s in enumerate(cfg["data"]["sources"])]
+    changed = f"data.sources={json.dumps(heavier)}"
+    result = launch(micro_config, run, "steps=14", changed, nproc=1)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and f"data.sources.{first}.weight" in out and "resume_allow" in out
+    result = launch(micro_config, run, "steps=14", changed, "resume_allow=[data.sources]", nproc=1)
+    assert result.returncode == 0 and "step_00000012 at step 12" in result.stdout, result.stdout + result.stderr
+    reordered = f"data.sources={json.dumps(cfg['data']['sources'][::-1])}"
+    result = launch(micro_config, run, "steps=16", reordered, "optim.lr=1e-3", nproc=1)
+    assert result.returncode == 0 and "at step 14" in result.stdout, result.stdout + result.stderr

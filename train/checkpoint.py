@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from train import fingerprint as run_fingerprint
+
 CRASH_ENV = "FUSION_TEST_KILL_DURING_SAVE"  # fault injection for the tests: SIGKILL this rank mid-save
 
 
@@ -95,8 +97,11 @@ def _barrier():
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path, keep: int, rank: int):
+    def __init__(self, root: str | Path, keep: int, rank: int, fingerprint: dict | None = None, allow: list[str] = ()):
+        """fingerprint: what this run is (train.fingerprint), written with each save and compared before a load;
+        allow: the differences a resume accepts."""
         self.root, self.keep, self.rank = Path(root), max(1, keep), rank
+        self.fingerprint, self.allow = fingerprint, list(allow)
 
     def latest(self) -> Path | None:
         pointer = self.root / "latest"
@@ -136,6 +141,8 @@ class Checkpointer:
             os.kill(os.getpid(), 9)
         _barrier()
         if self.rank == 0:
+            if self.fingerprint is not None:
+                run_fingerprint.save(path, self.fingerprint)
             _fsync_tree(path)  # every rank's files are written by now (the barrier); on disk before COMPLETE
             (path / "COMPLETE").write_text(f"{step}\n")
             _fsync(path / "COMPLETE")
@@ -158,6 +165,8 @@ class Checkpointer:
                 f"{path} was written by the one-process torch engine; resume it in one process with "
                 f"deepspeed.engine=auto or torch (or start a multi-process run from its export)"
             )
+        if self.fingerprint is not None:
+            run_fingerprint.check(path, self.fingerprint, self.allow)  # before any state is touched
         _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         rank_state = torch.load(path / f"rank_{self.rank}.pt", weights_only=False)
         set_rng_state(rank_state.pop("rng"))

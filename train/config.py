@@ -114,6 +114,9 @@ class TrainConfig:
     seed: int = 0
     resume: str = "auto"  # auto: the run_dir's latest checkpoint if any | none | a checkpoint directory
     init_from: str = ""  # a checkpoint to start from when run_dir has none of its own (a WSD cooldown branch)
+    # differences from the checkpoint's fingerprint a resume accepts (train/fingerprint.py): keys or prefixes, e.g.
+    # [data.sources] to change the mixture; LR, schedule, steps, evaluation and logging are never checked
+    resume_allow: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

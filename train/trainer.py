@@ -23,6 +23,7 @@ from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_dict
 from train.engine import build_engine, quiet_host_threads, step_clip
 from train.evaluate import validate
+from train.fingerprint import fingerprint
 from train.metrics import MetricsWriter, memory_gb, peak_flops
 from train.rundir import RunLock, ensure_run_dir
 from train.schedule import lr_at
@@ -106,7 +107,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     run, lock = prepare_run_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
     engine, optimizer, model = build_engine(cfg, device, world)
-    ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint.keep, rank)
+    ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint.keep, rank, fingerprint(cfg, world), cfg.resume_allow)
     # train_s: the loop (evaluations and checkpoints included); startup_s: launch to the first step; wall_s: launch
     # to the summary. Each summed over the run's segments (a resumed run adds to its checkpoint's).
     state = {"step": 0, "tokens": 0, "flops": 0.0, "flops_6n": 0.0, "skipped_steps": 0}
