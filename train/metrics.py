@@ -71,6 +71,7 @@ class MetricsWriter:
     """Rank 0's sink. Every logged step is one JSON line; the same scalars go to TensorBoard."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool, progress: str):
+        self.total, self.start_step, self.t0 = total_steps, start_step, time.time()
         path = run_dir / "metrics.jsonl"
         drop_after(path, start_step)
         self.file = open(path, "a")  # noqa: SIM115 - open for the run's lifetime
@@ -95,11 +96,19 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float):
                     self.tb.add_scalar(k, v, step)
-        short = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k in _SHOWN or prefix)
+        short = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if (k in _SHOWN or prefix) and k != "step")
         if self.bar is not None:
             self.bar.set_postfix_str(short, refresh=False)
-        else:
-            print(short, flush=True)
+        else:  # a file or a pipe (SLURM logs): where the run is and when it should end, on every line
+            print(f"step {step}/{self.total} {self._eta(step)} {short}", flush=True)
+
+    def _eta(self, step: int) -> str:
+        """Remaining time at this segment's pace so far: (elapsed / steps done) x steps left."""
+        done = step - self.start_step
+        if done <= 0 or step >= self.total:
+            return "eta -"
+        left = (time.time() - self.t0) / done * (self.total - step)
+        return f"eta {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

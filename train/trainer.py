@@ -145,6 +145,20 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
         client = {"train": dict(state), "config": to_dict(cfg)}
         return ckpt.save(engine, state["step"], client, {"data": loader.state_dict()})
 
+    if rank == 0:  # one block at the start: what runs, where, on what, from where
+        start = f"step {state['step']}, from {loaded[0]}" if loaded else "step 0 (a new run)"
+        sources = ", ".join(f"{x.name} {x.weight:g}" for x in cfg.data.sources)
+        print(
+            f"run_dir {run}\n"
+            f"model   {param_count(mc) / 1e6:.2f}M parameters ({param_count(mc, embeddings=False) / 1e6:.2f}M "
+            f"without embeddings), depth {mc.n_layers}, width {mc.d_model}\n"
+            f"batch   {tokens_per_step:,} tokens a step ({world} rank(s) x {G} micro-batch(es) x {B} rows x {T}), "
+            f"{cfg.steps} steps\n"
+            f"data    {sources}\n"
+            f"engine  {getattr(engine, 'kind', 'deepspeed')}, {device.type}\n"
+            f"start   {start}",
+            flush=True,
+        )
     run_step = TrainStep(engine, optimizer, device, clip=step_clip(cfg, getattr(engine, "kind", "deepspeed")))
     signal_group = host_group()
     window_steps, window_t0, last_val = 0, time.perf_counter(), {}
