@@ -1,6 +1,7 @@
 """Stream shards once and report what a training run would see, before spending GPU hours on them.
 
     python -m data.check SHARDS... [--tokenizer tok.model] [--patch-size 8] [--max-image-patches 256] [--limit N]
+    python -m data.check SHARDS... --config configs/tiny.yaml   # the limits a training run will apply
 
 SHARDS are shard files, brace patterns, globs or dataset directories. Prints the good samples, samples by kind,
 skips by reason, shards that could not be read, the token and patch distributions per document, and images/s.
@@ -18,17 +19,29 @@ from pathlib import Path
 import numpy as np
 
 from data.images import ImageSpec
+from data.layout import layout_document
 from data.pipeline import read_shard
 from data.samples import Skip, to_segments
 from data.shards import resolve_shards
 
 
-def check(shards: list[str], tokenizer: str | None, spec: ImageSpec, limit: int | None = None) -> dict:
+def check(
+    shards: list[str],
+    tokenizer: str | None,
+    spec: ImageSpec,
+    limit: int | None = None,
+    seq_len: int | None = None,
+    scheme: str = "mrope",
+) -> dict:
+    """seq_len (with a tokenizer): also lay each document out as training does and count those longer than a row,
+    which packing cuts across rows (`cut/longer_than_seq_len`)."""
     encode = len  # without a tokenizer, report characters
+    special = None
     if tokenizer:
         from data.tokenizer import Tokenizer
 
-        encode = Tokenizer(tokenizer).encode
+        tok = Tokenizer(tokenizer)
+        encode, special = tok.encode, tok.special
     counts: Counter = Counter()
     tokens, patches = [], []
     image_seconds, images = 0.0, 0
@@ -49,6 +62,12 @@ def check(shards: list[str], tokenizer: str | None, spec: ImageSpec, limit: int 
                 image_seconds += time.perf_counter() - t0
                 images += n_img
             counts[f"kind/{kind}"] += 1
+            if (
+                seq_len
+                and special is not None
+                and len(layout_document(segments, special, spec.patch_size, scheme)) > seq_len
+            ):
+                counts["cut/longer_than_seq_len"] += 1
             tokens.append(sum(s if isinstance(s, int) else len(s) for s in segments if not isinstance(s, np.ndarray)))
             patches.append(
                 sum(s.shape[1] * s.shape[2] // spec.patch_size**2 for s in segments if isinstance(s, np.ndarray))
@@ -73,6 +92,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("shards", nargs="+")
     ap.add_argument("--tokenizer")
+    ap.add_argument("--config", help="a training config: check against its tokenizer, patch size, image and row limits")
     ap.add_argument("--patch-size", type=int, default=8)
     ap.add_argument("--max-image-patches", type=int, default=256)
     ap.add_argument("--max-image-pixels", type=int, default=64_000_000)
@@ -80,7 +100,13 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args(argv)
     spec = ImageSpec(args.patch_size, args.max_image_patches, args.max_image_pixels)
-    report = check(args.shards, args.tokenizer, spec, args.limit)
+    seq_len, scheme, tokenizer = None, "mrope", args.tokenizer
+    if args.config:  # the limits a training run will apply: its tokenizer, patches, image size, row length
+        from train.config import load_config
+
+        data = load_config(args.config).data
+        spec, seq_len, scheme, tokenizer = data.image_spec, data.seq_len, data.position_scheme, data.tokenizer
+    report = check(args.shards, tokenizer, spec, args.limit, seq_len, scheme)
     if args.json:
         print(json.dumps(report))
     else:

@@ -532,3 +532,12 @@ def test_stream_positions_are_kept_by_source_name(embedded):
     assert added.sources[0].pos["epoch"] == 0 and added.sources[0].pos["shard"] == 0
     with pytest.raises(ValueError, match="source names repeat"):
         dataclasses.replace(cfg, sources=[cfg.sources[0], cfg.sources[0]])
+
+
+def test_check_flags_documents_a_row_would_cut(embedded):
+    """With a training config's row length, data.check lays documents out as training does and counts those longer
+    than a row; a row long enough flags none."""
+    tok, spec = str(embedded / "tokenizer.model"), ImageSpec(8, 64)
+    short = check([str(embedded / "scenes-caption" / "val")], tok, spec, limit=50, seq_len=48)["counts"]
+    long = check([str(embedded / "scenes-caption" / "val")], tok, spec, limit=50, seq_len=4096)["counts"]
+    assert 0 < short["cut/longer_than_seq_len"] <= short["samples"] and "cut/longer_than_seq_len" not in long
