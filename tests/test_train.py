@@ -529,3 +529,24 @@ def test_the_demo_on_a_run_of_other_data_says_what_it_needs(torch_engine_run, tm
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match="found none there"), pytest.warns(UserWarning):
         run_demo(run, n_show=1, n_score=2)
+
+
+def _weights_on_rank(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from train.step import target_weights
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    counts = [[10, 2], [4, 0]][rank]
+    Path(out, f"{rank}.json").write_text(json.dumps(target_weights(counts)))
+    dist.destroy_process_group()
+
+
+def test_target_weights_count_every_rank(tmp_path):
+    """Two ranks over gloo: the weights use the targets of the whole step (16), so that with DeepSpeed's mean over
+    ranks and over micro-batches every target of the step counts once: n x G x world / N."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_weights_on_rank, args=(f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2)
+    assert json.loads((tmp_path / "0.json").read_text()) == [2.5, 0.5]
+    assert json.loads((tmp_path / "1.json").read_text()) == [1.0, 0.0]
