@@ -150,6 +150,6 @@ def test_resume_checks_what_it_resumes(one_proc_run, micro_config, tmp_path):
     assert result.returncode != 0 and f"data.sources.{first}.weight" in out and "resume_allow" in out
     result = launch(micro_config, run, "steps=14", changed, "resume_allow=[data.sources]", nproc=1)
     assert result.returncode == 0 and "step_00000012 at step 12" in result.stdout, result.stdout + result.stderr
-    reordered = f"data.sources={json.dumps(cfg['data']['sources'][::-1])}"
+    reordered = f"data.sources={json.dumps(heavier[::-1])}"  # the mixture step 14 was saved with, reordered
     result = launch(micro_config, run, "steps=16", reordered, "optim.lr=1e-3", nproc=1)
     assert result.returncode == 0 and "at step 14" in result.stdout, result.stdout + result.stderr

@@ -252,7 +252,8 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             if stop:
                 if rank == 0:  # a marker for launchers that do not pass the exit status through (torchrun)
                     (run / "PREEMPTED").write_text(f"{state['step']}\n")
-                    print(f"received {signals.received}: saved step {state['step']}, exiting {EXIT_REQUEUE}")
+                    received = ", ".join(signals.received)
+                    print(f"received {received}: saved step {state['step']}, exiting {EXIT_REQUEUE}", flush=True)
                 dist.barrier()  # no rank exits (and gets the others killed by srun) before the marker exists
                 raise Preempted()
 
