@@ -52,7 +52,7 @@ def test_resume_passes_over_a_truncated_checkpoint(one_proc_run, micro_config, t
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     (run / "summary.json").unlink()
     explicit = launch(micro_config, tmp_path / "other", f"resume={bad.parent}", nproc=1)
-    assert explicit.returncode != 0  # named explicitly: no fallback
+    assert explicit.returncode != 0 and f"{bad} does not load" in explicit.stdout + explicit.stderr  # no fallback
     result = launch(micro_config, run, nproc=1)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout + result.stderr

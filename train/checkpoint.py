@@ -167,6 +167,7 @@ class Checkpointer:
             )
         if self.fingerprint is not None:
             run_fingerprint.check(path, self.fingerprint, self.allow)  # before any state is touched
+        verify(path)  # a truncated file is named here, before the engine reads anything
         _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         rank_state = torch.load(path / f"rank_{self.rank}.pt", weights_only=False)
         set_rng_state(rank_state.pop("rng"))
@@ -183,13 +184,13 @@ class Checkpointer:
         failures = []
         for path in candidates:
             try:
-                verify(path)
-            except CheckpointError as e:
+                loaded = self.load(engine, path)
+            except CheckpointError as e:  # a file that does not load (verify); nothing was loaded from it
                 failures.append(str(e))
                 continue
             if failures:
                 warnings.warn(f"resume: {'; '.join(failures)}; resuming from {path} instead", stacklevel=2)
-            return (path, *self.load(engine, path))
+            return (path, *loaded)
         if failures:
             raise CheckpointError(f"no checkpoint in {self.root} loads: {'; '.join(failures)}")
         return None
