@@ -1,0 +1,152 @@
+"""Batched generation with a KV cache allocated once: many prompts of different lengths (text, images,
+interleaved) in one batch, or one prompt forked into N samples from a single prefill.
+
+Prompts are one-row batches laid out like training data (`data.packing.document_batch`). A batch of them is
+left-padded to one length; the padding is its own document in the prefill (the document mask keeps every prompt
+from reading it) and is masked out of every cached step by the cache's `key_start`. Each new token takes the next
+position after its own prompt's largest, as M-RoPE prescribes for text after an image. Tokens stay on the device;
+the host reads whether every row has stopped only every `check_every` steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.generate import KVCache
+from model.transformer import FusionTransformer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no cut
+    stop_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+
+class BatchCache(KVCache):
+    """A KVCache whose rows' real keys start at `key_start` (left padding before it)."""
+
+    def __init__(self, model, batch, max_len, device, dtype, key_start: torch.Tensor):
+        super().__init__(model, batch, max_len, device, dtype)
+        self.key_start = key_start
+
+    def fork(self, n: int) -> None:
+        """One prefilled row becomes n identical rows (the prompt's keys and values copied, not recomputed)."""
+        self.k = [k.expand(n, -1, -1, -1).contiguous() for k in self.k]
+        self.v = [v.expand(n, -1, -1, -1).contiguous() for v in self.v]
+        self.key_start = self.key_start.expand(n).contiguous()
+
+
+def _left(t: torch.Tensor, pad: int, fill) -> torch.Tensor:
+    return torch.cat([torch.full((1, pad, *t.shape[2:]), fill, dtype=t.dtype, device=t.device), t], dim=1)
+
+
+def pad_prompts(prompts: list[dict], device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Left-pad one-row prompts into one batch: (batch, key_start (B,), next position (B,))."""
+    lengths = [p["tokens"].shape[1] for p in prompts]
+    T = max(lengths)
+    rows: dict[str, list] = {k: [] for k in ("tokens", "positions", "doc_ids", "image_ids", "patch_mask")}
+    patches = []
+    next_pos = []
+    for p, n in zip(prompts, lengths, strict=True):
+        pad = T - n
+        tokens = p["tokens"]
+        positions = p.get("positions")
+        if positions is None:
+            positions = torch.arange(n).view(1, n)
+        doc = p.get("doc_ids")
+        doc = torch.zeros_like(tokens) if doc is None else doc
+        img = p.get("image_ids")
+        img = torch.full_like(tokens, -1) if img is None else img
+        pm = p.get("patch_mask")
+        pm = torch.zeros_like(tokens, dtype=torch.bool) if pm is None else pm
+
+        rows["tokens"].append(_left(tokens, pad, 0))
+        rows["positions"].append(_left(positions, pad, 0))
+        rows["doc_ids"].append(_left(doc + 1, pad, 0))  # the padding is document 0, the prompt's documents follow
+        rows["image_ids"].append(_left(img, pad, -1))
+        rows["patch_mask"].append(_left(pm, pad, False))
+        if p.get("patches") is not None and p["patches"].shape[0]:
+            patches.append(p["patches"])
+        next_pos.append(int(positions.max()) + 1)
+    batch = {k: torch.cat(v).to(device) for k, v in rows.items()}
+    if patches:
+        batch["patches"] = torch.cat(patches).to(device)
+    key_start = torch.tensor([T - n for n in lengths], device=device)
+    return batch, key_start, torch.tensor(next_pos, device=device)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
+    """logits (B, V) -> ids (B,): greedy at temperature 0; else temperature, top-k, then top-p (nucleus)."""
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Engine:
+    """`generate(prompts, params)`: one prefill over the padded batch, then one cached step per token for every
+    row; `fork(prompt, n, params)`: one prefill, n samples. Returns each row's new tokens (stop id included)."""
+
+    def __init__(self, model: FusionTransformer, check_every: int = 16):
+        self.model, self.check_every = model.eval(), check_every
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    @torch.no_grad()
+    def generate(self, prompts: list[dict], params: SamplingParams, max_new_tokens: list[int] | None = None):
+        batch, key_start, next_pos = pad_prompts(prompts, self.device)
+        limits = max_new_tokens or [params.max_new_tokens] * len(prompts)
+        cache = BatchCache(
+            self.model, len(prompts), batch["tokens"].shape[1] + max(limits), self.device, self.dtype, key_start
+        )
+        logits = self.model(**batch, cache=cache, return_logits=True).logits[:, -1]
+        return self._decode(logits, cache, next_pos, params, limits, batch["positions"].dim())
+
+    @torch.no_grad()
+    def fork(self, prompt: dict, n: int, params: SamplingParams) -> list[list[int]]:
+        batch, key_start, next_pos = pad_prompts([prompt], self.device)
+        cache = BatchCache(
+            self.model, 1, batch["tokens"].shape[1] + params.max_new_tokens, self.device, self.dtype, key_start
+        )
+        logits = self.model(**batch, cache=cache, return_logits=True).logits[:, -1]
+        cache.fork(n)
+        limits = [params.max_new_tokens] * n
+        return self._decode(logits.expand(n, -1), cache, next_pos.expand(n), params, limits, batch["positions"].dim())
+
+    def _decode(self, logits, cache, next_pos, params: SamplingParams, limits: list[int], pos_dims: int):
+        B, steps = logits.shape[0], max(limits)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        out = torch.zeros(B, steps, dtype=torch.long, device=self.device)
+        limit = torch.tensor(limits, device=self.device)
+        stops = torch.tensor(list(params.stop_ids) or [-1], device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        length = torch.zeros(B, dtype=torch.long, device=self.device)
+        for step in range(steps):
+            token = sample_next(logits, params, generator)
+            out[:, step] = token
+            length += (~done).long()
+            done |= torch.isin(token, stops) | (length >= limit)
+            if step + 1 == steps or ((step + 1) % self.check_every == 0 and bool(done.all())):
+                break
+            pos = (next_pos + step).view(B, 1)
+            if pos_dims == 3:  # M-RoPE: text after the prompt takes the same next id on all three axes
+                pos = pos.unsqueeze(-1).expand(B, 1, 3)
+            logits = self.model(token.view(B, 1), positions=pos, cache=cache, return_logits=True).logits[:, -1]
+        lengths = length.tolist()
+        return [row[:n] for row, n in zip(out.tolist(), lengths, strict=True)]
