@@ -24,7 +24,6 @@ from data.tokenizer import Tokenizer
 from infer.engine import Engine, SamplingParams
 from model import load_pretrained
 
-
 # Every character that ends a line (str.splitlines' set), written as an escape: one output line per input
 ONE_LINE = {ord(c): repr(c)[1:-1] for c in "\\\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 
