@@ -81,6 +81,10 @@ def record(out: str | Path, cell: Cell, flops_convention: str) -> bool:
     for k, v in val.items():
         if k.endswith("/text_loss"):
             row["loss_" + k.split("/")[0]] = v
+    for key, value in summary.get("final_tasks", {}).items():  # task scores, for a fit of a downstream column
+        parts = key.split("/")
+        if len(parts) == 3:  # task/<name>/<metric>: the model's score (baselines and timings stay in the summary)
+            row[f"task_{parts[1]}_{parts[2]}"] = value
     for name, epochs in summary.get("data_epochs", {}).items():
         row["epochs_" + name] = round(epochs, 4)
     existing, header = [], []

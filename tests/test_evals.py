@@ -86,3 +86,24 @@ def test_harness_runs_tasks_with_their_baselines(embedded, tmp_path):
     # computed from the items: each type's majority answer is right on at least one item of that type
     assert majority * 12 >= len(results["vqa"]["by_kind"]) >= 1
     assert "majority per type" in result.stdout and "model without the image" in result.stdout
+
+
+def test_tasks_run_during_training_with_their_baselines(micro_config, tmp_path):
+    """eval.tasks: at each evaluation and at the end, the tasks' scores and baselines are logged, and the summary
+    carries the final ones (what a sweep's results.csv takes as task_<name>_<metric>)."""
+    from test_train import launch, metrics
+
+    run = tmp_path / "run"
+    result = launch(
+        micro_config, run, "eval.tasks=[vqa,captioning]", "eval.task_items=4", "eval.task_max_new_tokens=4", nproc=1
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    logged = [m for m in metrics(run) if "task/vqa/exact" in m]
+    assert [m["step"] for m in logged] == [6, 12]
+    for m in logged:
+        assert 0.0 <= m["task/captioning/f1"] <= 1.0 and "task/vqa/baseline/majority per type" in m
+        assert "task/captioning/baseline/model without the image" in m and m["task/vqa/seconds"] > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_tasks"]["task/vqa/exact"] == logged[-1]["task/vqa/exact"]
+    bad = launch(micro_config, tmp_path / "bad", "eval.tasks=[vqq]", nproc=1)
+    assert bad.returncode != 0 and "unknown task(s) ['vqq']" in bad.stdout + bad.stderr  # at config load

@@ -98,6 +98,19 @@ class LoggingConfig:
 class EvalConfig:
     every: int = 500  # steps; 0 = only at the end
     max_batches: int = 50  # per held-out source
+    # evals/ tasks run with the held-out losses (rank 0, batched engine), logged as task/<name>/... with baselines
+    tasks: list[str] = field(default_factory=list)
+    task_items: int = 100  # items per task
+    task_max_new_tokens: int = 48
+    task_data: str = ""  # the dataset root the tasks read; "": beside data.tokenizer (the embedded layout)
+
+    def __post_init__(self):
+        if self.tasks:
+            from evals.registry import TASKS
+
+            unknown = [t for t in self.tasks if t not in TASKS]
+            if unknown:
+                raise ConfigError(f"eval.tasks: unknown task(s) {unknown} (known: {', '.join(sorted(TASKS))})")
 
 
 @dataclass

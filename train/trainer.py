@@ -29,6 +29,7 @@ from train.rundir import RunLock, ensure_run_dir
 from train.schedule import lr_at
 from train.signals import EXIT_REQUEUE, SignalFlags
 from train.step import LOSSES, TrainStep, target_weights
+from train.task_eval import TaskEval
 
 
 class NonFiniteLoss(RuntimeError):
@@ -159,6 +160,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             f"start   {start}",
             flush=True,
         )
+    task_eval = TaskEval(cfg, rank, world)
     run_step = TrainStep(engine, optimizer, device, clip=step_clip(cfg, getattr(engine, "kind", "deepspeed")))
     signal_group = host_group()
     window_steps, window_t0, last_val = 0, time.perf_counter(), {}
@@ -239,6 +241,9 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
                 last_val = validate(engine, cfg.data, cfg.eval.max_batches, device, rank, world)
                 if rank == 0 and last_val:
                     metrics.log(state["step"], last_val, prefix="val/")
+                scores = task_eval(model)
+                if scores:
+                    metrics.log(state["step"], scores)
                 window_t0 += time.perf_counter() - eval_t0  # tokens/s counts training time only
 
             stop, save_now = _any_rank([signals.stop, signals.save], signal_group)
@@ -258,6 +263,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
                 raise Preempted()
 
         last_val = validate(engine, cfg.data, cfg.eval.max_batches, device, rank, world)
+        final_tasks = task_eval(model)
         state["train_s"] = time.perf_counter() - run_t0
         if not ckpt.latest() or ckpt.latest().name != f"step_{state['step']:08d}":
             save()
@@ -282,11 +288,14 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             "launch": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "MASTER_PORT", "SLURM_JOB_ID")},
             "launched_at": launched,  # this segment's launch and end, epoch seconds
             "ended_at": time.time(),
+            "final_tasks": final_tasks,
             "data_counts": loader.skip_counts(),
             "data_epochs": data_epochs(loader.skip_counts(), source_samples(cfg.data), world),
         }
         if rank == 0:
             metrics.log(state["step"], last_val, prefix="val/")
+            if final_tasks:
+                metrics.log(state["step"], final_tasks)
             (run / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
     finally:
