@@ -1,6 +1,6 @@
 """Score a model on named tasks, each next to blind baselines on the same items.
 
-    python -m evals DIR --tasks captioning,vqa [--n 200] [--data ROOT] [--json out.json]
+    python -m evals DIR --tasks captioning,vqa,digits [--n 200] [--data ROOT] [--json out.json]
 
 DIR: an export or a run directory (as `python -m infer` takes it). ROOT: the dataset the tasks read (default: the
 run's data root, beside its tokenizer).
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         prog="python -m evals", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("model")
-    ap.add_argument("--tasks", default="captioning,vqa")
+    ap.add_argument("--tasks", default="captioning,vqa,digits")
     ap.add_argument("--n", type=int, default=200, help="items per task")
     ap.add_argument("--data", help="dataset root (default: the run's, beside its tokenizer)")
     ap.add_argument("--max-new-tokens", type=int, default=48)

@@ -35,7 +35,10 @@ def test_vqa_exact_match_and_its_majority_baseline():
     ]
     assert task.score("two.", items[0])["exact"] == 1.0 and task.score("three", items[0])["exact"] == 0.0
     assert task.baselines(items) == {"majority per type": ["two", "two", "two", "nothing"]}
-    assert set(TASKS) == {"captioning", "vqa"}
+    assert set(TASKS) == {"captioning", "vqa", "digits"}
+    digits = get_task("digits")
+    seven = Item(b"", "a handwritten", "seven")
+    assert digits.score(" seven.", seven)["exact"] == 1.0 and digits.score("one", seven)["exact"] == 0.0
 
 
 def test_harness_runs_tasks_with_their_baselines(embedded, tmp_path):
@@ -77,7 +80,7 @@ def test_harness_runs_tasks_with_their_baselines(embedded, tmp_path):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     results = {r["task"]: r for r in json.loads(out.read_text())}
-    assert set(results) == {"captioning", "vqa"}
+    assert set(results) == {"captioning", "vqa", "digits"}
     for r in results.values():
         assert r["items"] == 12 and 0.0 <= r["model"][r["metric"]] <= 1.0
         assert "model without the image" in r["baselines"] and len(r["baselines"]) == 2
