@@ -23,8 +23,12 @@ from data.packing import document_batch
 from data.pipeline import read_shard
 from data.shards import resolve_shards
 from data.tokenizer import Tokenizer
+from evals.harness import evaluate, table
+from evals.registry import get_task
 from model import generate, load_pretrained
 from train.export import export
+
+DEMO_TASKS = ("vqa", "captioning", "digits")
 
 
 def heldout_scenes(data_root: Path, n: int) -> list[dict]:
@@ -84,6 +88,10 @@ def run_demo(run_dir: str | Path, n_show: int = 6, n_score: int = 100) -> dict:
         f"held-out scenes ({len(scenes)}): objects stated exactly in captions {result['caption_objects']:.0%}, "
         f"answers exactly right {result['answer_exact']:.0%}"
     )
+    # the same kind of scores through evals/, each next to what a blind guess and the model without the image get
+    evals = [evaluate(model, tok, task, task.items(data_root, n_score)) for task in map(get_task, DEMO_TASKS)]
+    result["evals"] = evals
+    print(table(evals))
     (run / "demo.json").write_text(json.dumps(result, indent=1))
     return result
 
