@@ -494,7 +494,8 @@ def test_a_step_weighs_every_text_target_the_same(micro_config):
 
 def test_a_build_lock_left_by_a_killed_start_is_cleared(tmp_path, monkeypatch, capsys):
     """DeepSpeed's CPU op builds under torch's FileBaton, which waits forever on a lock whose builder was killed:
-    an old lock (or one beside a finished build) is removed with a warning naming it; a fresh one is left, named."""
+    an old lock is removed with a warning naming it; a fresh one is left and named, even beside a finished build
+    (every process loading the op takes it for a moment: removing it broke a two-rank start)."""
     from train.engine import clear_stale_build_lock
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
@@ -509,8 +510,7 @@ def test_a_build_lock_left_by_a_killed_start_is_cleared(tmp_path, monkeypatch, c
     assert not lock.exists()
     lock.write_text("")
     (lock.parent / "deepspeed_shm_comm.so").write_bytes(b"")
-    with pytest.warns(UserWarning):
-        assert clear_stale_build_lock() == lock
+    assert clear_stale_build_lock() is None and lock.exists()  # built: a fresh lock is a loader's version check
 
 
 def test_the_demo_on_a_run_of_other_data_says_what_it_needs(torch_engine_run, tmp_path):

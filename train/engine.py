@@ -182,8 +182,10 @@ class TorchEngine:
 
 def clear_stale_build_lock(name: str = "deepspeed_shm_comm", max_age_s: float = 600.0) -> Path | None:
     """DeepSpeed JIT-builds its CPU shared-memory op under torch's FileBaton (`<extensions>/<name>/lock`), which
-    waits forever, silently, on a lock whose builder was killed. A lock beside a finished build, or older than any
-    build takes, is removed (returned, with a warning naming it); a fresh one is left, with a note naming it."""
+    waits forever, silently, on a lock whose builder was killed. The lock is also taken, for moments, by every
+    process that loads the built op (torch checks its version under it), so only its age tells a dead holder: a
+    lock older than any build takes is removed (returned, with a warning naming it); a fresh one is left, with a
+    note naming it."""
     import warnings
 
     from torch.utils.cpp_extension import _get_build_directory
@@ -191,8 +193,11 @@ def clear_stale_build_lock(name: str = "deepspeed_shm_comm", max_age_s: float = 
     lock = Path(_get_build_directory(name, verbose=False)) / "lock"
     if not lock.exists():
         return None
-    built = any(lock.parent.glob("*.so"))
-    if built or time.time() - lock.stat().st_mtime > max_age_s:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:  # released meanwhile
+        return None
+    if age > max_age_s:
         lock.unlink(missing_ok=True)
         warnings.warn(f"removed {lock}, left by a build that was killed", stacklevel=2)
         return lock
