@@ -52,6 +52,20 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
+    def bytes_per_token(self) -> list[int]:
+        """UTF-8 bytes each id stands for in text (0 for control and special ids, 1 for a byte-fallback piece):
+        what bits per byte divides by, so that losses compare across tokenizers (as nanochat reports them)."""
+        out = []
+        for i in range(self.vocab_size):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
+                out.append(0)
+            elif self.sp.is_byte(i):
+                out.append(1)
+            else:
+                out.append(len(piece.replace("\u2581", " ").encode("utf-8")))
+        return out
+
     def token_id(self, piece: str) -> int:
         return self.sp.piece_to_id(piece)
 

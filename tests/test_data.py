@@ -541,3 +541,13 @@ def test_check_flags_documents_a_row_would_cut(embedded):
     short = check([str(embedded / "scenes-caption" / "val")], tok, spec, limit=50, seq_len=48)["counts"]
     long = check([str(embedded / "scenes-caption" / "val")], tok, spec, limit=50, seq_len=4096)["counts"]
     assert 0 < short["cut/longer_than_seq_len"] <= short["samples"] and "cut/longer_than_seq_len" not in long
+
+
+def test_bytes_per_token_add_up_to_the_text(embedded):
+    """Bits per byte divides by the UTF-8 bytes a text's ids stand for: summed over an encoding, they are the text's
+    bytes (with the leading space sentencepiece adds), byte-fallback pieces included; control ids count none."""
+    tok = Tokenizer(embedded / "tokenizer.model")
+    table = tok.bytes_per_token()
+    for text in ["a small red circle at the top left.", "naïve café, 数字 😀 and <0x41>"]:
+        assert sum(table[i] for i in tok.encode(text)) == len((" " + text).encode())
+    assert table[tok.special.bos] == table[tok.special.eos] == table[tok.special.patch] == 0

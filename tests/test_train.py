@@ -104,6 +104,8 @@ def test_zero2_trains_logs_and_summarises(zero2_run):
     assert summary["params"] > summary["params_non_embedding"] > 0
     assert summary["flops"] == pytest.approx(summary["flops_per_token"] * summary["tokens"])
     assert set(summary["final_val"]) >= {"caption/text_loss", "caption_heldout/text_loss", "text_loss"}
+    val = summary["final_val"]  # bits per byte: nats over ln 2, over more bytes than targets (pieces span bytes)
+    assert 0 < val["bits_per_byte"] < val["text_loss"] / math.log(2) and val["caption/bits_per_byte"] > 0
     assert math.isfinite(summary["val_text_loss"])
     resolved = yaml.safe_load((zero2_run / "config.yaml").read_text())
     assert resolved["model"]["d_model"] == 128 and resolved["deepspeed"]["zero_stage"] == 2
