@@ -18,7 +18,7 @@ class Digits(Task):
 
     def item(self, sample: dict) -> Item:
         label = int(json.loads(sample["json"])["label"])
-        return Item(image=sample["png"], prompt="a handwritten", reference=NAMES[label], kind="")
+        return Item(image=sample["png"], prompt="a handwritten", reference=NAMES[label])
 
     def score(self, output: str, item: Item) -> dict[str, float]:
         words = output.strip().rstrip(".").split()

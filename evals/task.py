@@ -4,7 +4,7 @@ metric, so that evaluation and RL score the same way; plus the blind baselines a
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from data.pipeline import read_shard
@@ -17,7 +17,6 @@ class Item:
     prompt: str  # text after the image (the harness tokenizes it)
     reference: str
     kind: str = ""  # a question type, for per-type scores and the majority baseline
-    meta: dict = field(default_factory=dict)
 
 
 class Task:

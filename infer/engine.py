@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.generate import KVCache
+from model.generate import KVCache, sample
 from model.transformer import FusionTransformer
 
 
@@ -82,19 +82,12 @@ def pad_prompts(prompts: list[dict], device) -> tuple[dict, torch.Tensor, torch.
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
-    """logits (B, V) -> ids (B,): greedy at temperature 0; else temperature, top-k, then top-p (nucleus)."""
-    if params.temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / params.temperature
-    if params.top_k:
+    """logits (B, V) -> ids (B,): model.generate's sampler (greedy at temperature 0, else temperature and top-p),
+    after a top-k cut."""
+    if params.top_k and params.temperature > 0:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample(logits, params.temperature, params.top_p, generator)
 
 
 class Engine:

@@ -112,3 +112,30 @@ def mixture(root, **overrides):
     )
     values.update(overrides)
     return DataConfig(**values)
+
+
+@pytest.fixture
+def random_export(embedded, tmp_path):
+    """A run directory holding the export of an untrained model with the embedded tokenizer (what `python -m
+    infer` and `python -m evals` read): RUN/export/{config.json, model.safetensors, tokenizer.model}."""
+    import shutil
+
+    from model import ModelConfig, build_model, save_pretrained
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=1024,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        patch_size=8,
+        max_image_patches=64,
+        max_seq_len=256,
+        attention_backend="sdpa",
+    )
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    export = save_pretrained(build_model(cfg).state_dict(), cfg, run / "export")
+    shutil.copyfile(embedded / "tokenizer.model", export / "tokenizer.model")
+    return run

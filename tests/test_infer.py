@@ -73,33 +73,16 @@ def test_stop_ids_and_per_row_limits(model):
     assert len(rows[3]) == 1 and rows[3] == free[3][:1]
 
 
-def test_cli_captions_and_completes_in_one_batch(embedded, tmp_path):
+def test_cli_captions_and_completes_in_one_batch(random_export, tmp_path):
     """`python -m infer caption|complete` on an export (weights, config, tokenizer) reached through its run
     directory: one line per input, decoded with the export's tokenizer."""
-    import shutil
     import subprocess
     import sys
 
     from conftest import REPO
     from PIL import Image
 
-    from model import save_pretrained
-
-    cfg = ModelConfig(
-        vocab_size=1024,
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        patch_size=8,
-        max_image_patches=64,
-        max_seq_len=256,
-        attention_backend="sdpa",
-    )
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    export = save_pretrained(build_model(cfg).state_dict(), cfg, run / "export")
-    shutil.copyfile(embedded / "tokenizer.model", export / "tokenizer.model")
+    run = random_export
     for name in ("a.png", "b.png"):
         Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / name)
 

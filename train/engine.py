@@ -33,9 +33,9 @@ def quiet_host_threads(device: torch.device) -> None:
 
 def apply_compile(model: FusionTransformer, mode: str = "default") -> None:
     """Compile block by block (regional compilation): one graph reused by every layer, short compile times; and
-        the output layer with its loss as one more region (fused instead of B x T x V fp32 logits in eager). The loss
-        region's input length, the batch's count of text targets, varies: the second length seen makes that dimension
-        symbolic (automatic dynamic shapes), one recompile instead of one per length. `mode` applies to the blocks
+    the output layer with its loss as one more region (fused instead of B x T x V fp32 logits in eager). The loss
+    region's input length, the batch's count of text targets, varies: the second length seen makes that dimension
+    symbolic (automatic dynamic shapes), one recompile instead of one per length. `mode` applies to the blocks
     (reduce-overhead: CUDA graphs for steps too small to keep the GPU ahead of the host)."""
     for block in model.blocks:
         block.compile(dynamic=False, mode=None if mode == "default" else mode)

@@ -68,7 +68,9 @@ class TrainStep:
         self, micro_batches: Sequence[dict], step: int, inject_nan: bool = False, weights: Sequence[float] = ()
     ):
         """Returns the first micro-batch's ModelOutput (its telemetry fields are set on telemetry steps). `weights`:
-        each micro-batch's text-target weight (`target_weights`); the logged losses stay per-micro-batch means."""
+        each micro-batch's text-target weight (`target_weights`). The logged `loss` is the weighted one, whose mean over
+        micro-batches and ranks is the step's objective (every target weighed once); `text_loss` and the other terms
+        stay per-micro-batch means."""
         self.found_inf.zero_()
         step_sums = torch.zeros_like(self.sums)
         first = None

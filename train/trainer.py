@@ -21,7 +21,7 @@ from data.pipeline import StreamingLoader, source_samples
 from model import IGNORE, flops_per_token, param_count
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_dict
-from train.engine import build_engine, quiet_host_threads, step_clip
+from train.engine import build_engine, engine_kind, quiet_host_threads, step_clip
 from train.evaluate import validate
 from train.fingerprint import fingerprint
 from train.metrics import MetricsWriter, memory_gb, peak_flops
@@ -156,12 +156,12 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             f"batch   {tokens_per_step:,} tokens a step ({world} rank(s) x {G} micro-batch(es) x {B} rows x {T}), "
             f"{cfg.steps} steps\n"
             f"data    {sources}\n"
-            f"engine  {getattr(engine, 'kind', 'deepspeed')}, {device.type}\n"
+            f"engine  {engine_kind(cfg, world)}, {device.type}\n"
             f"start   {start}",
             flush=True,
         )
     task_eval = TaskEval(cfg, rank, world)
-    run_step = TrainStep(engine, optimizer, device, clip=step_clip(cfg, getattr(engine, "kind", "deepspeed")))
+    run_step = TrainStep(engine, optimizer, device, clip=step_clip(cfg, engine_kind(cfg, world)))
     signal_group = host_group()
     window_steps, window_t0, last_val = 0, time.perf_counter(), {}
     head_rows = 0  # positions the output head ran at this window, this rank (target_index's length, from its shape)
