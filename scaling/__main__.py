@@ -2,6 +2,7 @@
 
     python -m scaling plan   SPEC     # the cells: N, D, FLOPs (both conventions), batch split, LR, time; warnings
     python -m scaling run    SPEC     # locally (CPU, or spread over this host's GPUs) or as SLURM arrays
+                                     [--launch-for SECONDS]  # local: start no cell after that; rerun to go on
     python -m scaling fit    SPEC     # fit OUT/results.csv: OUT/fit/fit.json and the plots
     python -m scaling report SPEC     # fit, then OUT/fit/report.md
     python -m scaling lrcheck SPEC    # a spec with lr_scales: is the rule's LR within 2x of the best tried?
@@ -72,6 +73,12 @@ def main(argv=None) -> int:
     ap.add_argument("--flops", help="C: 6n, 6n+attn, or a column (default: the spec's, or the CSV's 'flops')")
     ap.add_argument("--bootstrap", type=int, help="resamples for the intervals (default: the spec's, or 1000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--launch-for",
+        type=float,
+        help="run, local: start no cell after this many seconds and exit when the running ones finish (a time-boxed "
+        "allocation ends on a cell boundary; rerun to continue)",
+    )
     ap.add_argument("--target-flops", type=float, help="compute for the allocations and multipliers (default: max)")
     args = ap.parse_args(argv)
     from scaling.report import summarize, write_markdown
@@ -122,7 +129,7 @@ def main(argv=None) -> int:
             else:
                 from scaling.local import run_local
 
-                run_local(spec, cells, slots)
+                run_local(spec, cells, slots, launch_for=args.launch_for)
         else:
             report = _fit_spec(spec, args)
             summarize(report)

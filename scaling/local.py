@@ -88,8 +88,10 @@ def _die_with_driver() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
-def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int]) -> None:
-    """slots: `device_slots(spec)`, asked for before anything starts (a device that does not exist is refused)."""
+def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float | None = None) -> None:
+    """slots: `device_slots(spec)`, asked for before anything starts (a device that does not exist is refused).
+    launch_for: seconds after which no cell starts; the running ones finish, the rest wait for the next run."""
+    deadline = None if launch_for is None else time.monotonic() + launch_for
     nproc = spec.launcher.nproc
     todo = [c for c in p.cells if not finished(c)]
     for c in p.cells:
@@ -116,7 +118,13 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int]) -> None:
             if not cell.is_trunk:
                 record(spec.out, cell, spec.flops_convention)
             print(f"finished {key} ({cell.recipe}, size {cell.size}, {cell.budget})", flush=True)
+        closed = deadline is not None and time.monotonic() > deadline
+        if closed and todo and not running:
+            print(f"--launch-for {launch_for:g} s passed: {len(todo)} cell(s) not started; run again to go on")
+            return
         ready = [c for c in todo if not c.trunk or (Path(spec.out) / "cells" / c.trunk / "summary.json").exists()]
+        if closed:
+            ready = []
         for cell in ready:
             if slots:
                 devices = take_devices(free, nproc)

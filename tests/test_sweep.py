@@ -182,6 +182,9 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
     assert not [p for p in Path("/proc").glob("[0-9]*") if str(out).encode() in _cmdline(p)]
     done = {r["key"]: (out / "cells" / r["key"] / "summary.json").stat().st_mtime for r in rows(out)}
     assert 1 <= len(done) < 4
+    boxed = sweep("run", path, "--launch-for", 0)  # a time box already over: starts nothing, says what is left
+    assert boxed.returncode == 0, boxed.stdout + boxed.stderr
+    assert f"{4 - len(done)} cell(s) not started; run again" in boxed.stdout and len(rows(out)) == len(done)
     result = sweep("run", path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{len(done)} of 4 cells already finished" in result.stdout
