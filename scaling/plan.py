@@ -152,10 +152,17 @@ def plan(spec: SweepSpec) -> Plan:
             for size in _sizes_for(spec, C, shapes, warnings) if C else spec.sizes:
                 mc, seq = sized[size].model, sized[size].data.seq_len
                 N, fpt = shapes[size]
+                D = tpp * N if tpp else C / fpt
                 rows = h.rows_per_step(N, seq)
+                fewer = max(1, int(D / (max(1, spec.grid.min_steps) * seq)) // h.rows_multiple) * h.rows_multiple
+                if spec.grid.min_steps and fewer < rows:
+                    warnings.append(
+                        f"{name}, size {size}, {label}: {rows} rows per step would give fewer than "
+                        f"grid.min_steps={spec.grid.min_steps} steps; {fewer} rows instead"
+                    )
+                    rows = fewer
                 micro, accum = split_rows(rows, launcher.nproc, launcher.max_micro_rows)
                 tokens_per_step = rows * seq
-                D = tpp * N if tpp else C / fpt
                 steps = max(1, math.ceil(D / tokens_per_step))
                 lr, beta2 = h.lr(N) * lr_scale, h.beta2(tokens_per_step)
                 values = {

@@ -19,6 +19,7 @@ from scaling.fit import FLAGGED_SHARE, fit_approach3, format_interval, interval,
 from scaling.isoflop import fit_approach2
 from scaling.law import LAW_PARAMS, Law
 from scaling.multiplier import compute_multiplier, describe
+from scaling.paired import describe_paired, paired_difference
 from scaling.runs import FitError, budgets, read_runs
 
 EXTRAPOLATE = 10.0  # multipliers are also given at this many times the target compute
@@ -144,6 +145,9 @@ def _fit_column(data, col, recipes, report, bootstrap, seed, out, level) -> dict
                 fits[recipe]["compute_multiplier_vs_" + recipes[0]] = [
                     compute_multiplier(base, other, C, cost, level) for C in (target, target * EXTRAPOLATE)
                 ]
+            paired = paired_difference(data, col, recipes[0], recipe, bootstrap, seed, level)
+            if paired:
+                fits[recipe]["paired_vs_" + recipes[0]] = paired
     report["plots"] += plot_column(out, col, data, fits, recipes)
     for entry in fits.values():
         entry["approach3"].pop("_samples", None)
@@ -181,6 +185,8 @@ def summarize(report: dict) -> None:
                 if key.startswith("compute_multiplier"):
                     for m in values:
                         print(f"   {key} at C={m['target_flops']:.3g}: {describe(m)}")
+                if key.startswith("paired_vs_"):
+                    print(f"   {col} cell by cell: {describe_paired(values, key.split('_vs_')[1])}")
     for w in report["warnings"]:
         print(f"warning: {w}")
 
@@ -236,6 +242,9 @@ def write_markdown(report: dict, path: Path, title: str) -> Path:
                             else f"no multiplier against {base}"
                         )
                         lines.append(f"- {name}: {what} at {m['target_flops']:.3g} FLOPs: {describe(m)}.{note}")
+                if key.startswith("paired_vs_"):
+                    base = key.split("_vs_")[1]
+                    lines += ["", f"- {name}, cell by cell (no law): {col} {describe_paired(values, base)}."]
         lines += [""] + [f"![{p}]({p})" for p in report["plots"] if p.endswith(f"_{col}.png")] + [""]
     if report["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]]

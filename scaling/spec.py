@@ -61,16 +61,21 @@ class Grid:
     """Where each budget's sizes sit. sizes_per_budget = 0: every size at every budget. Otherwise that many
     consecutive sizes from the spec's list, centred on the size closest to the expected optimum: the size whose
     tokens per parameter is closest to `tokens_per_param`, or, given `prior` (E, A, B, alpha, beta of an earlier
-    fit), the law's N*(C)."""
+    fit), the law's N*(C). `min_steps`: a cell too short to take that many steps at the batch rule's rows takes
+    fewer rows per step (down to `hparams.rows_multiple`): a loss after a few dozen steps measures the warmup, not
+    N and D (the first GPU study's cells of 34 to 166 steps never learnt the text their budget paid for)."""
 
     sizes_per_budget: int = 0
     tokens_per_param: float = 20.0
     prior: dict = field(default_factory=dict)
     sane_tokens_per_param: list[float] = field(default_factory=lambda: [1.0, 1000.0])  # warn outside
+    min_steps: int = 0
 
     def __post_init__(self):
         if self.prior and set(self.prior) != {"E", "A", "B", "alpha", "beta"}:
             raise ConfigError(f"grid.prior needs exactly E, A, B, alpha, beta; got {sorted(self.prior)}")
+        if self.min_steps < 0:
+            raise ConfigError(f"grid.min_steps must be >= 0; got {self.min_steps}")
 
 
 @dataclass

@@ -131,6 +131,25 @@ def test_grid_places_sizes_around_each_budget_and_warns(spec):
     assert _minutes("1-02:30:00") == 1590 and _minutes("90") == 90 and _minutes("4:00:00") == 240
 
 
+def test_short_cells_take_fewer_rows_to_reach_min_steps(spec):
+    """grid.min_steps: a cell whose budget buys few steps at the rule's batch trains on fewer rows per step
+    (a multiple of rows_multiple), so its loss is not the warmup's; cells that already take enough are unchanged."""
+    rule = {"batch_tokens_ref": 1024, "rows_multiple": 2}
+    plain = {(c.size, c.budget): c for c in plan(load_spec(spec(hparams=rule))).cells}
+    p = plan(load_spec(spec("short.yaml", hparams=rule, grid={"min_steps": 6})))
+    changed = 0
+    for c in p.cells:
+        before = plain[(c.size, c.budget)]
+        assert c.rows % 2 == 0 and c.rows <= before.rows
+        if before.steps >= 6 or before.rows == 2:
+            assert (c.rows, c.key) == (before.rows, before.key)
+        else:
+            changed += 1
+            assert c.rows < before.rows and (c.steps >= 6 or c.rows == 2)
+            assert any(f"size {c.size}, {c.budget}: {before.rows} rows per step" in w for w in p.warnings)
+    assert changed
+
+
 def test_bad_specs_are_refused_before_any_cell_starts(spec, tmp_path):
     for extra, message in (
         ({"launcher": {"gpu": [0]}}, "unknown config key 'launcher.gpu' (did you mean 'gpus'?)"),

@@ -1,0 +1,62 @@
+"""docs/study/STUDY.md cannot drift from its data: the committed results CSV is refitted with the repo's fitter, and
+the document's fit table, cell-by-cell comparison and GPU-time figures are what the CSV gives."""
+
+from __future__ import annotations
+
+import csv
+import re
+
+import pytest
+from conftest import REPO
+
+from scaling.paired import paired_difference
+from scaling.report import fit_csv
+from scaling.runs import read_runs
+
+STUDY = REPO / "docs" / "study"
+COLUMNS = ("loss", "loss_caption", "loss_text")
+
+
+def doc() -> str:
+    return (STUDY / "STUDY.md").read_text()
+
+
+def fit_table() -> dict:
+    table = {}
+    for line in doc().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[0] in COLUMNS:
+            table[(cells[0], cells[1])] = cells[2:]
+    return table
+
+
+def test_the_fit_table_is_what_the_fitter_gives(tmp_path):
+    """Point estimates do not depend on the number of resamples (the doc's came with 300; 10 here)."""
+    report = fit_csv(STUDY / "results.csv", tmp_path, COLUMNS, "recipe", bootstrap=10, seed=0, flops="6n+attn")
+    table = fit_table()
+    assert len(table) == 6
+    for (col, recipe), values in table.items():
+        f3 = report["losses"][col][recipe]["approach3"]
+        for name, text in zip(("E", "A", "B", "alpha", "beta"), values[:5], strict=True):
+            assert f3[name] == pytest.approx(float(text), rel=6e-4), (col, recipe, name)
+        assert values[5] == ("yes" if f3["converged"] else "no")
+    assert f"{report['runs']} of the spec's 40 cells" in doc()
+
+
+def test_the_recipe_comparison_and_gpu_time_are_the_csvs():
+    data = read_runs(STUDY / "results.csv", ["loss", "loss_caption"], "recipe", flops="6n+attn")
+    text = doc()
+    for col in ("loss", "loss_caption"):
+        p = paired_difference(data, col, "causal", "bidirectional", bootstrap=300, seed=0, level=0.95)
+        lo, hi = p["interval"]
+        assert f"{p['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]" in text
+    p = paired_difference(data, "loss", "causal", "bidirectional", 0, 0, 0.95)
+    assert f"lower in {p['lower_in']} of {p['cells']}" in text
+    assert f"{p['largest_budget']['mean']:+.4f} over {p['largest_budget']['cells']} cells" in text
+    with open(STUDY / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    train, startup = (round(sum(float(r[k]) for r in rows)) for k in ("train_s", "startup_s"))
+    assert re.search(rf"training steps of the {len(rows)} finished cells \| {train} \|", text)
+    assert re.search(rf"median [\d.]+ s, at most [\d.]+ s\) \| {startup} \|", text)
+    epochs = max(float(r[f"epochs_{s}"]) for r in rows for s in ("caption", "qa", "text"))
+    assert f"more than {epochs:.2f} times" in text
