@@ -43,3 +43,16 @@ def test_synthetic_batches_are_full_packed_rows(mixed):
     assert (b["targets"][b["patch_mask"]] == -100).all()
     assert (b["image_ids"][b["patch_mask"]] >= 0).all()
     assert (b["image_ids"] >= 0).any() == mixed
+
+
+def test_decode_benchmark_runs_the_engine_and_the_loop_on_cpu():
+    """benchmarks/decode.py on a tiny model: the engine's batch-1 greedy tokens equal the single-row loop's (it
+    raises otherwise), and the bound grows with the batch (the weights are read once per step for every row)."""
+    import torch
+
+    from benchmarks.decode import bench
+
+    rows = bench("configs/gpu-20m.yaml", ["model.depth=1"], 512, [1, 4], 8, 6, 4800.0, torch.device("cpu"))
+    assert [r["batch"] for r in rows] == [1, 4]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["of_bound"] < 1 for r in rows)
+    assert rows[1]["bound_tokens_per_s"] > rows[0]["bound_tokens_per_s"]

@@ -1,0 +1,128 @@
+"""Decode throughput: infer.Engine's batched cached decoding next to the single-row loop (`model.generate`) and to
+the bound set by HBM bandwidth (each step reads every weight and every row's KV cache once).
+
+    python benchmarks/decode.py [--configs 20m,125m] [--batches 1,64,256] [--prompt 64] [--new 256]
+                                [--vocab 32768] [--hbm-gbps 4800] [--set model.depth=2,...] [--json out.json]
+
+Random weights, random text prompts of --prompt tokens, greedy, no stop ids, so every row decodes --new tokens.
+tokens/s counts new tokens over the whole call (prefill included). `bound` is batch x steps over the time to read
+the weights (in the model's dtype) plus the KV cache at its mean length once per step; `of bound` is the share of it
+reached. At batch 1 the engine's greedy tokens are checked equal to the single-row loop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from infer.engine import Engine, SamplingParams
+from model import build_model
+from model.generate import generate
+from train.config import load_config
+
+CONFIGS = {"20m": "configs/gpu-20m.yaml", "125m": "configs/gpu-125m.yaml", "study": "configs/study.yaml"}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int = 1):
+    fn()  # warm-up: kernels, allocator, autotuning
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    sync(device)
+    return out, (time.perf_counter() - t) / repeats
+
+
+def hbm_bound(model, batch: int, prompt: int, new: int, gbps: float) -> float:
+    """New tokens per second if each decode step only read the weights and the KV cache (mean length) from HBM."""
+    cfg = model.cfg
+    itemsize = next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters()) * itemsize
+    kv_per_position = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
+    step_bytes = weights + batch * kv_per_position * (prompt + new / 2)
+    return batch * gbps * 1e9 / step_bytes
+
+
+def bench(config, overrides, vocab: int, batches, prompt: int, new: int, gbps: float, device) -> list[dict]:
+    # random prompts: no tokenizer is read (nor checked against the vocabulary)
+    cfg = load_config(config, [f"model.vocab_size={vocab}", "data.tokenizer=none", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    model.eval()
+    engine = Engine(model, check_every=1 << 30)
+    params = SamplingParams(max_new_tokens=new)
+    g = torch.Generator().manual_seed(0)
+
+    def prompts(n):
+        return [{"tokens": torch.randint(4, vocab, (1, prompt), generator=g)} for _ in range(n)]
+
+    one = prompts(1)[0]
+    row = {k: v.to(device) for k, v in one.items()}
+    single, t_single = timed(lambda: generate(model, row, new), device)
+    loop_tps = new / t_single
+    results = []
+    for b in batches:
+        batch = [one] if b == 1 else prompts(b)
+        out, t = timed(lambda batch=batch: engine.generate(batch, params), device)
+        if b == 1 and out[0] != single.tokens:
+            raise AssertionError("the engine's greedy tokens differ from the single-row loop's")
+        tps = b * new / t
+        bound = hbm_bound(model, b, prompt, new, gbps)
+        results.append(
+            {
+                "config": config,
+                "batch": b,
+                "tokens_per_s": tps,
+                "single_row_loop_tokens_per_s": loop_tps,
+                "vs_loop": tps / loop_tps,
+                "bound_tokens_per_s": bound,
+                "of_bound": tps / bound,
+                "params": sum(p.numel() for p in model.parameters()),
+                "device": str(device),
+            }
+        )
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="20m,125m")
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=32768, help="as benchmarks/gpu_step.py")
+    ap.add_argument("--hbm-gbps", type=float, default=4800.0, help="the H200's HBM3e: 4.8 TB/s")
+    ap.add_argument("--set", default="", help="config overrides, comma-separated (e.g. model.depth=2)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    overrides = [s for s in args.set.split(",") if s]
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for name in args.configs.split(","):
+        config = CONFIGS.get(name, name)
+        rows += bench(config, overrides, args.vocab, batches, args.prompt, args.new, args.hbm_gbps, device)
+    print(f"{'config':28s} {'batch':>5s} {'tokens/s':>10s} {'x loop':>7s} {'bound':>10s} {'of bound':>8s}")
+    for r in rows:
+        print(
+            f"{r['config']:28s} {r['batch']:5d} {r['tokens_per_s']:10.4g} {r['vs_loop']:7.2f} "
+            f"{r['bound_tokens_per_s']:10.4g} {r['of_bound']:8.2%}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
