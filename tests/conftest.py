@@ -38,20 +38,17 @@ def packed_batch(seed=0, n_docs=6, seq_len=48, scheme="mrope", patch=4, rows=Non
     return collate(out[:rows] if rows else out)
 
 
-@pytest.fixture
-def tiny_cfg():
+def tiny_model_config(**changes):
+    """The tests' small model (2 layers of width 32, GQA 4:2, sdpa), with `changes` applied."""
     from model import ModelConfig
 
-    return ModelConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        patch_size=4,
-        max_seq_len=128,
-        attention_backend="sdpa",
-    )
+    values = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, patch_size=4, max_seq_len=128)
+    return ModelConfig(**{**values, "attention_backend": "sdpa", **changes})
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_model_config()
 
 
 @pytest.fixture(autouse=True)
@@ -120,20 +117,10 @@ def random_export(embedded, tmp_path):
     infer` and `python -m evals` read): RUN/export/{config.json, model.safetensors, tokenizer.model}."""
     import shutil
 
-    from model import ModelConfig, build_model, save_pretrained
+    from model import build_model, save_pretrained
 
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=1024,
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        patch_size=8,
-        max_image_patches=64,
-        max_seq_len=256,
-        attention_backend="sdpa",
-    )
+    cfg = tiny_model_config(vocab_size=1024, d_model=64, patch_size=8, max_image_patches=64, max_seq_len=256)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     export = save_pretrained(build_model(cfg).state_dict(), cfg, run / "export")

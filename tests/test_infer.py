@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from data.layout import SpecialIds, layout_document
 from data.packing import document_batch
 from infer import Engine, SamplingParams
-from model import ModelConfig, build_model, generate
+from model import build_model, generate
 
 SPECIAL = SpecialIds(pad=0, bos=2, eos=3, img_start=4, img_end=5, row_sep=6, patch=7)
 
@@ -19,16 +20,7 @@ SPECIAL = SpecialIds(pad=0, bos=2, eos=3, img_start=4, img_end=5, row_sep=6, pat
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=64,
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        patch_size=4,
-        max_seq_len=128,
-        attention_backend="sdpa",
-    )
+    cfg = tiny_model_config(d_model=64)
     return build_model(cfg).eval()
 
 

@@ -439,24 +439,16 @@ def test_a_step_weighs_every_text_target_the_same(micro_config):
     `target_weights`: the gradient is that of one batch holding both (each target weighs the same), not the mean
     of the two micro-batches' means, which the unweighted step gave."""
     import numpy as np
+    from conftest import tiny_model_config
 
     from data.layout import SpecialIds, layout_document
     from data.packing import Packer, collate
-    from model import IGNORE, ModelConfig, build_model
+    from model import IGNORE, build_model
     from train.engine import TorchEngine
     from train.step import TrainStep, target_weights
 
     torch.manual_seed(0)
-    mc = ModelConfig(
-        vocab_size=64,
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        n_kv_heads=2,
-        patch_size=4,
-        max_seq_len=32,
-        attention_backend="sdpa",
-    )
+    mc = tiny_model_config(n_heads=2, max_seq_len=32)
     special = SpecialIds(pad=0, bos=2, eos=3, img_start=4, img_end=5, row_sep=6, patch=7)
     rng = np.random.default_rng(0)
     rows = []
