@@ -1,6 +1,7 @@
 """The study dataset: procedural multimodal data for scaling studies, as large as asked, with known entropy floors.
 
-    python -m data.study --out artifacts/study [--train 200000] [--val 2000] [--workers 16] [--seed 0]
+    python -m data.study --out artifacts/study [--prepared artifacts/study-prepared] [--train 200000] [--val 2000]
+                         [--workers 16] [--seed 0]
 
 The embedded dataset repeats within a few epochs at a study's budgets (1.7M unique positions); this one is drawn
 sample by sample from the seed and the sample's index, so a build of any size is the same on any machine and with
@@ -10,16 +11,17 @@ any number of workers, and no cell of a study need read a sample twice.
                   captioned with every object's attributes and cell, in a random order
   scenes-qa       another scene, a question about it (a count, a colour, a cell's content, a neighbour) and its
                   answer, as an interleaved document
-  text            documents of 64 words from a fixed random Markov chain over 1,024 made-up words
+  text            documents of 8 facts ("zabeko lives in mifa.") about 262,144 made-up names drawn from a Zipf
+                  law, from a fixed random table of 4 relations x 256 values (`FactText`)
 Each has train/ and val/; the scenes also have heldout/, whose scenes all contain a colour-shape pair that never
 occurs in training. The tokenizer skips NFKC normalisation, so its bytes do not depend on sentencepiece's version.
 
 Entropy floors, computed rather than estimated: a caption given its scene carries exactly ln(n!) nats (the order
 in which its n distinct objects are listed is uniform, everything else is a function of the scene); a text document
-carries H(pi) + 63 * H(X_t | X_t-1) nats for the chain's stationary distribution pi. Divided by the tokens they
-take under the build's tokenizer (the mean over the val split), they give the per-token floor of the caption and
-text losses that a fitted E can be compared with (`dataset.json`, `floors`). Answers are functions of their scene:
-their floor is 0.
+carries 8 x (H(Zipf) + ln 4) nats (which names and relations; the values follow from the table). Divided by the
+tokens they take under the build's tokenizer (the mean over the val split), they give the per-token floor of the
+caption and text losses that a fitted E can be compared with (`dataset.json`, `floors`). Answers are functions of
+their scene: their floor is 0.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data.embedded import png
+from data.images import ImageSpec
+from data.prepared import prepare
 from data.shards import DatasetWriter, write_manifest
 from data.tokenizer import Tokenizer, train_tokenizer
 
@@ -59,7 +63,8 @@ HELD_OUT = {("green", "diamond"), ("blue", "cross"), ("orange", "triangle"), ("p
 GRID, CELL = 8, 8
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 MAX_OBJECTS = 6
-WORDS, BRANCHING, DOC_WORDS = 1024, 8, 64
+ENTITIES, ZIPF, VALUES, DOC_FACTS = 262_144, 1.1, 256, 8
+RELATIONS = ("lives in", "likes", "works with", "fears")
 SOURCES = {"scenes-caption": 0, "scenes-qa": 1, "text": 2}
 SPLITS = {"train": 0, "val": 1, "heldout": 2}
 
@@ -135,54 +140,56 @@ def question(objects: list[dict], rng: np.random.Generator) -> tuple[str, str]:
 
 
 # -------------------------------------------------------------------------------------------------------- text
-class MarkovText:
-    """A fixed random first-order chain over made-up words: each word has BRANCHING successors with Dirichlet(1)
-    probabilities. Its entropy rate is exact: sum_i pi_i H(P_i)."""
+class FactText:
+    """Documents of facts about made-up people: a fixed random table gives each of ENTITIES names one value per
+    relation ("zabeko lives in mifa."); a document states DOC_FACTS facts, each about a name drawn from a Zipf law
+    (exponent ZIPF) and a relation drawn uniformly.
+
+    Why facts: the first study's Markov chain (1,024 words, 8 successors each) was learnt to its floor by its
+    smallest model within a few hundred steps, so its loss carried no scaling signal. Recalling 262,144 facts
+    takes memory that grows with the model (a small model holds the frequent names, a larger one the tail) and
+    data that grows with the names' rarity: loss keeps falling in both N and D, as in Hutter's (2021) and Michaud
+    et al.'s (2023) Zipf-distributed models of power-law learning curves. The floor is exact: given the table, a
+    fact carries the name's and the relation's entropy and nothing else (names and values are single words, so a
+    document parses back into its facts)."""
 
     def __init__(self, seed: int):
         rng = np.random.default_rng([seed, 99])
-        syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-        words: set[str] = set()
-        while len(words) < WORDS:
-            words.add("".join(rng.choice(syllables, int(rng.integers(1, 4)))))
-        self.words = sorted(words)
-        self.next = np.stack([rng.choice(WORDS, BRANCHING, replace=False) for _ in range(WORDS)])
-        self.prob = rng.dirichlet(np.ones(BRANCHING), WORDS)
-        self.cum = np.cumsum(self.prob, axis=1)
-        # Power iteration to the stationary distribution over the chain's 8 successors per word, summed in a fixed
-        # order (bincount): no BLAS call, so no thread pool per process (16 build workers each starting 16 BLAS
-        # threads on 16 cores stalled a build for minutes) and the same bits on any machine.
-        pi = np.full(WORDS, 1 / WORDS)
-        successors = self.next.ravel()
-        for _ in range(100000):
-            new = np.bincount(successors, weights=(pi[:, None] * self.prob).ravel(), minlength=WORDS)
-            if np.abs(new - pi).max() < 1e-15:
-                break
-            pi = new
-        self.pi = new / new.sum()
-        self.cdf = np.cumsum(self.pi)
-        self.row_entropy = -(self.prob * np.log(self.prob)).sum(axis=1)
+        syl = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+        s = len(syl)
+        ids = rng.choice(s**3, ENTITIES, replace=False).tolist()  # names: three syllables, all distinct
+        self.names = [syl[i // s**2] + syl[i // s % s] + syl[i % s] for i in ids]
+        ids = rng.choice(s**2, len(RELATIONS) * VALUES, replace=False).tolist()  # values: two syllables, distinct
+        self.values = [
+            [syl[i // s] + syl[i % s] for i in ids[r * VALUES : (r + 1) * VALUES]] for r in range(len(RELATIONS))
+        ]
+        self.table = rng.integers(VALUES, size=(ENTITIES, len(RELATIONS)))
+        weights = np.arange(1, ENTITIES + 1, dtype=np.float64) ** -ZIPF
+        self.prob = weights / weights.sum()
+        self.cdf = np.cumsum(self.prob)
+
+    def fact_entropy(self) -> float:
+        """Nats per fact: the name's Zipf entropy plus ln(number of relations)."""
+        return float(-(self.prob * np.log(self.prob)).sum()) + math.log(len(RELATIONS))
 
     def document_entropy(self) -> float:
-        """Nats per document: the first word from pi, then DOC_WORDS - 1 transitions (the chain stays at pi)."""
-        h_pi = float(-(self.pi[self.pi > 0] * np.log(self.pi[self.pi > 0])).sum())
-        return h_pi + (DOC_WORDS - 1) * float(self.pi @ self.row_entropy)
+        return DOC_FACTS * self.fact_entropy()
 
     def document(self, rng: np.random.Generator) -> str:
-        w = min(int(np.searchsorted(self.cdf, rng.random())), WORDS - 1)
-        out = [w]
-        for _ in range(DOC_WORDS - 1):
-            w = int(self.next[w][min(int(np.searchsorted(self.cum[w], rng.random())), BRANCHING - 1)])
-            out.append(w)
-        return " ".join(self.words[i] for i in out) + "."
+        who = np.minimum(np.searchsorted(self.cdf, rng.random(DOC_FACTS)), ENTITIES - 1)
+        rel = rng.integers(len(RELATIONS), size=DOC_FACTS)
+        return " ".join(
+            f"{self.names[e]} {RELATIONS[r]} {self.values[r][self.table[e, r]]}."
+            for e, r in zip(who.tolist(), rel.tolist())
+        )
 
 
 # ------------------------------------------------------------------------------------------------------- build
-def sample(source: str, split: str, index: int, seed: int, chain: MarkovText) -> dict:
+def sample(source: str, split: str, index: int, seed: int, facts: FactText) -> dict:
     """The members of one sample; a function of (seed, source, split, index) alone."""
     rng = np.random.default_rng([seed, SOURCES[source], SPLITS[split], index])
     if source == "text":
-        return {"txt": chain.document(rng)}
+        return {"txt": facts.document(rng)}
     objects = sample_scene(rng, split == "heldout")
     if source == "scenes-caption":
         text = caption(objects, rng)
@@ -194,9 +201,9 @@ def sample(source: str, split: str, index: int, seed: int, chain: MarkovText) ->
 
 
 @lru_cache(maxsize=2)
-def chain_for(seed: int) -> MarkovText:
-    """One chain per seed and process (building it takes a second)."""
-    return MarkovText(seed)
+def facts_for(seed: int) -> FactText:
+    """One table per seed and process (building it takes a second)."""
+    return FactText(seed)
 
 
 def _write_shard(job: tuple) -> dict:
@@ -204,10 +211,10 @@ def _write_shard(job: tuple) -> dict:
     out, source, split, start, stop, seed = job
     part = Path(out) / source / split / f".part-{start:09d}"
     shutil.rmtree(part, ignore_errors=True)
-    chain = chain_for(seed)
+    facts = facts_for(seed)
     with DatasetWriter(part, max_samples=stop - start) as w:
         for i in range(start, stop):
-            w.write(f"{i:09d}", sample(source, split, i, seed, chain))
+            w.write(f"{i:09d}", sample(source, split, i, seed, facts))
     return {"part": str(part), "start": start}
 
 
@@ -239,10 +246,11 @@ def build(
     workers: int = 0,
     shard_samples: int = 5000,
     tokenizer_samples: int = 20_000,
+    prepared: str | Path | None = None,
 ) -> dict:
     out = Path(out)
     t0 = time.time()
-    chain = chain_for(seed)
+    facts = facts_for(seed)
     workers = workers or os.cpu_count() or 1
     # spawn, not fork: a process that has imported torch (a test, a notebook) does not fork safely. One BLAS/OpenMP
     # thread per worker, the workers being the parallelism: set while the pool lives (it starts its processes on
@@ -268,16 +276,16 @@ def build(
     def texts(split: str, n: int):
         for i in range(n):
             for source in SOURCES:
-                s = sample(source, split, i, seed, chain)
+                s = sample(source, split, i, seed, facts)
                 yield s["txt"] if "txt" in s else s["json"]["segments"][1]["text"]
 
     tok = train_tokenizer(
         texts("train", min(train, tokenizer_samples)), out / "tokenizer.model", vocab_size, normalization="identity"
     )
-    captions = [sample("scenes-caption", "val", i, seed, chain) for i in range(min(val, 500))]
+    captions = [sample("scenes-caption", "val", i, seed, facts) for i in range(min(val, 500))]
     caption_nats = float(np.mean([math.lgamma(len(c["json"]["objects"]) + 1) for c in captions]))
     caption_tokens = tokens_per_sample(tok, [c["txt"] for c in captions])
-    text_tokens = tokens_per_sample(tok, [sample("text", "val", i, seed, chain)["txt"] for i in range(len(captions))])
+    text_tokens = tokens_per_sample(tok, [sample("text", "val", i, seed, facts)["txt"] for i in range(len(captions))])
     info = {
         "seed": seed,
         "train_samples_per_source": train,
@@ -294,14 +302,21 @@ def build(
                 "nats_per_token": caption_nats / caption_tokens,
             },
             "text": {
-                "nats_per_sample": chain.document_entropy(),
+                "nats_per_sample": facts.document_entropy(),
                 "tokens_per_sample": text_tokens,
-                "nats_per_token": chain.document_entropy() / text_tokens,
+                "nats_per_token": facts.document_entropy() / text_tokens,
             },
             "qa_answer": {"nats_per_token": 0.0},
         },
     }
     (out / "dataset.json").write_text(json.dumps(info, indent=1))
+    if prepared is not None:
+        # The study family's image budget (patches of 8, one per grid cell): a loader worker then only reads and
+        # packs, which tripled its tokens/s on these short documents (a cell's step waited on its loader)
+        t1 = time.time()
+        prepare(out, Path(prepared), str(out / "tokenizer.model"), ImageSpec(CELL, GRID * GRID), workers)
+        info["prepare_seconds"] = round(time.time() - t1, 1)
+        (Path(prepared) / "dataset.json").write_text(json.dumps(info, indent=1))
     return info
 
 
@@ -314,12 +329,23 @@ def main(argv=None):
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--workers", type=int, default=0, help="processes (default: every core)")
     ap.add_argument("--shard-samples", type=int, default=5000)
+    ap.add_argument("--prepared", help="also write prepared shards (data.prepared, patches of 8) to this directory")
     args = ap.parse_args(argv)
-    info = build(args.out, args.train, args.val, args.seed, args.vocab_size, args.workers, args.shard_samples)
+    info = build(
+        args.out,
+        args.train,
+        args.val,
+        args.seed,
+        args.vocab_size,
+        args.workers,
+        args.shard_samples,
+        prepared=args.prepared,
+    )
     print(
         f"built {args.out}: {3 * args.train} training samples in {info['build_seconds']} s on {info['workers']} "
         f"worker(s); floors (nats/token): caption {info['floors']['caption']['nats_per_token']:.4f}, "
         f"text {info['floors']['text']['nats_per_token']:.4f}"
+        + (f"; prepared {args.prepared} in {info['prepare_seconds']} s" if args.prepared else "")
     )
 
 

@@ -12,13 +12,22 @@ import numpy as np
 import pytest
 from sentencepiece import sentencepiece_model_pb2
 
-from data.study import DOC_WORDS, HELD_OUT, MarkovText, build, caption, sample, sample_scene
+from data.study import DOC_FACTS, HELD_OUT, RELATIONS, FactText, build, caption, sample, sample_scene
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("study") / "one"
-    build(out, train=300, val=40, vocab_size=512, workers=1, shard_samples=100, tokenizer_samples=300)
+    build(
+        out,
+        train=300,
+        val=40,
+        vocab_size=512,
+        workers=1,
+        shard_samples=100,
+        tokenizer_samples=300,
+        prepared=out.parent / "prepared",
+    )
     return out
 
 
@@ -52,20 +61,24 @@ def test_held_out_pairs_never_reach_training(study):
                 assert bool(pairs & HELD_OUT) == expect
 
 
-def test_text_floor_is_the_chains_entropy():
-    """The mean negative log-likelihood of sampled documents under the chain equals the computed entropy."""
-    chain = MarkovText(0)
-    index = {w: i for i, w in enumerate(chain.words)}
+def test_text_floor_is_the_fact_entropy():
+    """Every sentence parses back into a fact of the table, and the mean negative log-likelihood of sampled
+    documents under the process (a Zipf name, a uniform relation, the table's value) equals the computed entropy."""
+    facts = FactText(0)
+    index = {w: i for i, w in enumerate(facts.names)}
     nll = []
     for i in range(400):
-        words = [index[w] for w in sample("text", "train", i, 0, chain)["txt"].rstrip(".").split()]
-        assert len(words) == DOC_WORDS
-        logp = math.log(chain.pi[words[0]])
-        for a, b in zip(words, words[1:]):
-            logp += math.log(chain.prob[a][list(chain.next[a]).index(b)])
+        sentences = sample("text", "train", i, 0, facts)["txt"].removesuffix(".").split(". ")
+        assert len(sentences) == DOC_FACTS
+        logp = 0.0
+        for sentence in sentences:
+            name, *relation, value = sentence.split(" ")
+            e, r = index[name], RELATIONS.index(" ".join(relation))
+            assert value == facts.values[r][facts.table[e, r]]
+            logp += math.log(facts.prob[e]) - math.log(len(RELATIONS))
         nll.append(-logp)
     nll = np.array(nll)
-    assert abs(nll.mean() - chain.document_entropy()) < 4 * nll.std() / math.sqrt(len(nll))
+    assert abs(nll.mean() - facts.document_entropy()) < 4 * nll.std() / math.sqrt(len(nll))
 
 
 def test_caption_order_is_uniform_and_complete():
@@ -78,20 +91,29 @@ def test_caption_order_is_uniform_and_complete():
         assert all(f"row {o['row']} column {o['col']}" in c for o in scene)
 
 
-def test_pipeline_reads_the_study_shards(study):
+def test_pipeline_reads_the_study_shards_raw_or_prepared(study):
+    """The study config reads the prepared copy; its batches are the raw shards' bit for bit."""
+    import torch
+
     from data.pipeline import DataConfig, SourceConfig, StreamingLoader
 
-    cfg = DataConfig(
-        sources=[
-            SourceConfig("caption", str(study / "scenes-caption" / "train"), 0.4),
-            SourceConfig("qa", str(study / "scenes-qa" / "train"), 0.4),
-            SourceConfig("text", str(study / "text" / "train"), 0.2),
-        ],
-        tokenizer=str(study / "tokenizer.model"),
-        seq_len=256,
-        batch_size=2,
-        workers=0,
-        patch_size=16,
-    )
-    batch = next(StreamingLoader(cfg, 0, 1))
-    assert batch["tokens"].shape[-1] == 256 and int((batch["patches"].abs().sum(-1) > 0).sum()) > 0
+    def first_batch(root: Path) -> dict:
+        cfg = DataConfig(
+            sources=[
+                SourceConfig("caption", str(root / "scenes-caption" / "train"), 0.4),
+                SourceConfig("qa", str(root / "scenes-qa" / "train"), 0.4),
+                SourceConfig("text", str(root / "text" / "train"), 0.2),
+            ],
+            tokenizer=str(root / "tokenizer.model"),
+            seq_len=256,
+            batch_size=2,
+            workers=0,
+            patch_size=8,
+            max_image_patches=64,
+        )
+        return next(StreamingLoader(cfg, 0, 1))
+
+    raw, prepared = first_batch(study), first_batch(study.parent / "prepared")
+    assert raw["tokens"].shape[-1] == 256 and int((raw["patches"].abs().sum(-1) > 0).sum()) > 0
+    assert raw.keys() == prepared.keys() and all(torch.equal(raw[k], prepared[k]) for k in raw)
+    assert json.loads((study.parent / "prepared" / "dataset.json").read_text())["prepare_seconds"] >= 0
