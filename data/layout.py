@@ -12,6 +12,7 @@ Targets are the next token wherever the next position is text; nothing predicts 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -59,6 +60,29 @@ def patchify(image: np.ndarray, patch_size: int) -> np.ndarray:
     return np.ascontiguousarray(x.reshape((h // p) * (w // p), c * p * p))
 
 
+@lru_cache(maxsize=64)
+def _image_template(rows: int, cols: int, scheme: str, special: SpecialIds) -> tuple:
+    """<img> patches... </img> for a rows x cols image, positions relative to the <img> token's: the same for every
+    image of that shape, so built once (a loader lays out tens of thousands of short documents a second)."""
+    if scheme == "mrope":
+        n = rows * cols
+        inner = np.full(n, special.patch, dtype=np.int64)
+        rel = np.stack(
+            [np.ones(n, dtype=np.int64), 1 + np.repeat(np.arange(rows), cols), 1 + np.tile(np.arange(cols), rows)], 1
+        )
+        end = 1 + max(rows, cols)
+    else:  # a <row> after each row of patches, one running position
+        inner = np.tile(np.append(np.full(cols, special.patch), special.row_sep), rows).astype(np.int64)
+        rel = np.repeat(np.arange(1, 1 + len(inner), dtype=np.int64)[:, None], 3, 1)
+        end = 1 + len(inner)
+    tokens = np.concatenate([[special.img_start], inner, [special.img_end]]).astype(np.int64)
+    positions = np.concatenate([np.zeros((1, 3), dtype=np.int64), rel, np.full((1, 3), end, dtype=np.int64)])
+    is_patch = tokens == special.patch
+    for a in (tokens, positions, is_patch):
+        a.flags.writeable = False
+    return tokens, positions, is_patch, end + 1
+
+
 def layout_document(
     segments: list,
     special: SpecialIds,
@@ -69,61 +93,49 @@ def layout_document(
 ) -> LaidOut:
     if scheme not in ("mrope", "rope1d"):
         raise ValueError(f"position scheme '{scheme}' is not 'mrope' or 'rope1d'")
-    # Parallel lists grown a segment at a time: `extend` runs at C speed, and documents are short enough that a numpy
-    # array per segment would cost more than it saves. Position ids are kept as three lists (t, h, w).
-    tokens, is_patch, img_idx, is_target, pt, ph, pw = [], [], [], [], [], [], []
-    patch_arrays = []
-
-    def put(tok, ids, patch, image, target):
-        tokens.extend(tok)
-        is_patch.extend(patch)
-        img_idx.extend(image)
-        is_target.extend(target)
-        for column, values in zip((pt, ph, pw), ids):
-            column.extend(values)
-
-    p = 0
+    # One array per segment, concatenated once: text positions are a range, an image's layout is a cached template
+    # shifted to where it starts. Which positions are patches, inside an image or targets is set afterwards by slice.
+    tokens, positions, images, patch_arrays = [], [], [], []
+    p = at = 0
     if bos:
-        put([special.bos], ([0], [0], [0]), [False], [-1], [False])
-        p = 1
+        tokens.append(np.array([special.bos], dtype=np.int64))
+        positions.append(np.zeros((1, 3), dtype=np.int64))
+        p = at = 1
     for seg in segments:
         if isinstance(seg, np.ndarray):
-            image = len(patch_arrays)
             patch_arrays.append(patchify(seg, patch_size))
             rows, cols = seg.shape[1] // patch_size, seg.shape[2] // patch_size
-            start = p + 1  # after <img>
-            if scheme == "mrope":
-                inner = [special.patch] * (rows * cols)
-                flags = [True] * len(inner)
-                t_ids = [start] * len(inner)
-                h_ids = [start + r for r in range(rows) for _ in range(cols)]
-                w_ids = list(range(start, start + cols)) * rows
-                ids = (t_ids, h_ids, w_ids)
-                end = start + max(rows, cols)
-            else:  # a <row> after each row of patches, one running position
-                inner = ([special.patch] * cols + [special.row_sep]) * rows
-                flags = ([True] * cols + [False]) * rows
-                ids = (range(start, start + len(inner)),) * 3
-                end = start + len(inner)
-            put([special.img_start], ([p],) * 3, [False], [-1], [True])
-            put(inner, ids, flags, [image] * len(inner), [False] * len(inner))
-            put([special.img_end], ([end],) * 3, [False], [-1], [False])
-            p = end + 1
+            tok, rel, flags, span = _image_template(rows, cols, scheme, special)
+            tokens.append(tok)
+            positions.append(rel + p)
+            images.append((at, at + len(tok), flags))
+            p, at = p + span, at + len(tok)
         else:
             n = len(seg)
-            put(seg, (range(p, p + n),) * 3, [False] * n, [-1] * n, [True] * n)
-            p += n
+            tokens.append(np.asarray(seg, dtype=np.int64))
+            positions.append(np.repeat(np.arange(p, p + n, dtype=np.int64)[:, None], 3, 1))
+            p, at = p + n, at + n
     if eos:
-        put([special.eos], ([p],) * 3, [False], [-1], [True])
-    tokens_a = np.asarray(tokens, dtype=np.int64)
-    targets = np.full(len(tokens), IGNORE, dtype=np.int64)
-    next_is_target = np.asarray(is_target[1:], dtype=bool)
-    targets[:-1][next_is_target] = tokens_a[1:][next_is_target]
+        tokens.append(np.array([special.eos], dtype=np.int64))
+        positions.append(np.full((1, 3), p, dtype=np.int64))
+        at += 1
+    tokens_a = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
+    is_patch = np.zeros(at, dtype=bool)
+    image_index = np.full(at, -1, dtype=np.int64)
+    is_target = np.ones(at, dtype=bool)  # text, <img> and <eos> are predicted; nothing inside an image, nor <bos>
+    if bos:
+        is_target[0] = False
+    for k, (a, b, flags) in enumerate(images):
+        is_patch[a:b] = flags
+        image_index[a + 1 : b - 1] = k
+        is_target[a + 1 : b] = False
+    targets = np.full(at, IGNORE, dtype=np.int64)
+    targets[:-1][is_target[1:]] = tokens_a[1:][is_target[1:]]
     return LaidOut(
         tokens=tokens_a,
-        is_patch=np.asarray(is_patch, dtype=bool),
-        positions=np.array([pt, ph, pw], dtype=np.int64).reshape(3, -1).T.copy(),
-        image_index=np.asarray(img_idx, dtype=np.int64),
+        is_patch=is_patch,
+        positions=np.concatenate(positions) if positions else np.zeros((0, 3), dtype=np.int64),
+        image_index=image_index,
         targets=targets,
         patches=np.concatenate(patch_arrays) if patch_arrays else np.zeros((0, 0), dtype=np.uint8),
     )
