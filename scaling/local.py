@@ -5,11 +5,16 @@ cells start as devices free up, the costliest first, and `launcher.cells_per_gpu
 Cells die with the driver (Linux's parent-death signal), so a killed sweep leaves no cell training on its own; a
 cell launched through torchrun (nproc > 1) loses its torchrun that way but not its workers, so stop such a sweep by
 its process group.
+
+SIGTERM or SIGUSR1 to the driver (a time box's `timeout`, SLURM's warning signal) stops the sweep cleanly instead:
+no cell starts, each running cell gets SIGTERM, finishes its step and checkpoints (train/signals.py), and the
+driver exits with EXIT_REQUEUE once they are down; the next `run` resumes them where they stopped.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +25,7 @@ from scaling.plan import Cell, Plan
 from scaling.results import finished, record
 from scaling.spec import SweepSpec
 from train.config import ConfigError
+from train.signals import EXIT_REQUEUE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +98,6 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
     """slots: `device_slots(spec)`, asked for before anything starts (a device that does not exist is refused).
     launch_for: seconds after which no cell starts; the running ones finish, the rest wait for the next run."""
     deadline = None if launch_for is None else time.monotonic() + launch_for
-    nproc = spec.launcher.nproc
     todo = [c for c in p.cells if not finished(c)]
     for c in p.cells:
         if finished(c) and not c.is_trunk:
@@ -105,7 +110,34 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     free = dict(slots)
+    stop: list[str] = []  # the signal that asked the sweep to stop
+    handlers = {sig: signal.signal(sig, lambda n, f: stop.append(signal.Signals(n).name)) for sig in STOP_SIGNALS}
+    try:
+        interrupted = _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop)
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+    if stop:
+        print(
+            f"stopped by {stop[0]}: {interrupted} cell(s) interrupted (checkpointed at their last step), "
+            f"{len(todo)} not started; run again to go on",
+            flush=True,
+        )
+        raise SystemExit(EXIT_REQUEUE)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop) -> int:
+    """Launch and reap cells until all are done, the time box closes, or a stop signal has brought them down;
+    returns how many cells a stop interrupted."""
+    nproc, interrupted, stopping = spec.launcher.nproc, 0, False
     while todo or running:
+        if stop and not stopping:
+            stopping = True
+            for proc, *_ in running.values():
+                proc.terminate()  # SIGTERM: the cell finishes its step, checkpoints and exits with EXIT_REQUEUE
         for key, (proc, cell, log, devices, _) in list(running.items()):
             if proc.poll() is None:
                 continue
@@ -113,15 +145,24 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
             del running[key]
             for d in devices:
                 free[d] += 1
+            if proc.returncode and (stopping or proc.returncode == EXIT_REQUEUE):
+                interrupted += 1  # asked to stop (by us, or by a signal of its own): it resumes on the next run
+                print(f"interrupted {key} (exit {proc.returncode}); it resumes on the next run", flush=True)
+                continue
             if proc.returncode:
                 raise RuntimeError(f"cell {key} failed ({proc.returncode}); see {log_dir / key}.log")
             if not cell.is_trunk:
                 record(spec.out, cell, spec.flops_convention)
             print(f"finished {key} ({cell.recipe}, size {cell.size}, {cell.budget})", flush=True)
+        if stopping:
+            if not running:
+                return interrupted
+            time.sleep(0.5)
+            continue
         closed = deadline is not None and time.monotonic() > deadline
         if closed and todo and not running:
             print(f"--launch-for {launch_for:g} s passed: {len(todo)} cell(s) not started; run again to go on")
-            return
+            return interrupted
         ready = [c for c in todo if not c.trunk or (Path(spec.out) / "cells" / c.trunk / "summary.json").exists()]
         if closed:
             ready = []
@@ -151,3 +192,4 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
             )
             running[cell.key] = (proc, cell, log, devices, port)
         time.sleep(0.5)
+    return interrupted

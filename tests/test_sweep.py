@@ -231,6 +231,29 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
     assert "4 of 4 cells already finished" in again.stdout and len(rows(out)) == 4  # append-only, idempotent
 
 
+def test_sweep_stopped_by_sigterm_checkpoints_its_cells_and_resumes_them(spec, tmp_path):
+    """A time box's SIGTERM to the driver: running cells finish their step and checkpoint, none starts, the driver
+    exits with EXIT_REQUEUE; the next run resumes the interrupted cell rather than starting it over."""
+    path = spec(sizes=[1], tokens_per_param=[0.3], overrides={"logging": {"every": 1}})
+    out = tmp_path / "sweep"
+    proc = sweep("run", path, wait=False)
+    deadline = time.time() + 300
+    logs = out / "logs"
+    while time.time() < deadline and not any("step 3/" in p.read_text() for p in logs.glob("*.log")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stdout
+    assert "stopped by SIGTERM: 1 cell(s) interrupted" in stdout and not (out / "results.csv").exists()
+    (log,) = logs.glob("*.log")
+    saved = int(log.read_text().split("received SIGTERM: saved step ")[1].split(",")[0])
+    result = sweep("run", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from" in log.read_text() and f"at step {saved}" in log.read_text()
+    (row,) = rows(out)
+    assert int(row["steps"]) > saved
+
+
 def test_lr_scales_train_multiples_of_the_rules_lr(spec):
     """An LR check: each (size, budget) at the rule's LR times each factor, as recipes that no fit mixes; the cell at
     factor 1 is the very cell of the plain sweep (same key: same weights)."""
