@@ -9,7 +9,8 @@ and tokens/s (sequence positions, patches included). Target: 500 images/s per wo
 
 --scaling DIR measures what the host can feed: packed rows/s of the real StreamingLoader over the embedded
 mixture in DIR, raw or prepared (`python -m data.prepared`), in batches of 32 rows of 2048, for each worker count
-in --workers, the trainer side only taking batches (no GPU); 0 workers is one StreamWorker in this process.
+in --workers, the trainer side only taking batches (no GPU); 0 workers is one StreamWorker in this process. DIR a
+study build (`python -m data.study`, raw or --prepared): its mixture as configs/study.yaml reads it, 64 rows of 512.
 
 --handoff DIR times the other side: how long the trainer's `next(loader)` takes for a batch that a worker has
 already made (32 rows of 2048 from the embedded mixture in DIR), with torch's two ways of sharing tensors
@@ -117,6 +118,8 @@ def handoff(data_dir: str, strategy: str, batches: int = 4) -> dict:
 
 
 def _mixture(data_dir: str, workers: int) -> DataConfig:
+    if not (Path(data_dir) / "digits").is_dir():  # no MNIST digits: a study build, not the embedded one
+        return _study_mixture(data_dir, workers)
     mix = (("scenes-caption", 0.45), ("scenes-qa", 0.45), ("text", 0.10))
     return DataConfig(
         sources=[SourceConfig(name, f"{data_dir}/{name}/train", w) for name, w in mix],
@@ -128,11 +131,26 @@ def _mixture(data_dir: str, workers: int) -> DataConfig:
     )
 
 
+def _study_mixture(data_dir: str, workers: int) -> DataConfig:
+    """A study build (`python -m data.study`, raw or --prepared) read as configs/study.yaml reads it."""
+    mix = (("scenes-caption", 0.4), ("scenes-qa", 0.3), ("text", 0.3))
+    return DataConfig(
+        sources=[SourceConfig(name, f"{data_dir}/{name}/train", w) for name, w in mix],
+        tokenizer=f"{data_dir}/tokenizer.model",
+        seq_len=512,
+        batch_size=64,
+        workers=workers,
+        patch_size=8,
+        max_image_patches=64,
+    )
+
+
 def scaling(data_dir: str, workers: int, seconds: float) -> dict:
     """Packed rows/s the loader delivers with `workers` processes (after each has made its first batch)."""
     from data.pipeline import StreamingLoader
 
-    loader = StreamingLoader(_mixture(data_dir, workers))
+    cfg = _mixture(data_dir, workers)
+    loader = StreamingLoader(cfg)
     for _ in range(max(1, workers)):
         next(loader)
     batches, rows, pieces, nbytes, t0 = 0, 0, 0, 0, time.perf_counter()
@@ -148,6 +166,7 @@ def scaling(data_dir: str, workers: int, seconds: float) -> dict:
         "workers": workers,
         "rows_per_s": round(rows / dt, 1),
         "per_worker": round(rows / dt / max(1, workers), 1),
+        "row_positions": cfg.seq_len,
         "documents_per_row": round(pieces / rows, 1),  # pieces: a document cut across rows counts in each
         "mb_per_batch": round(nbytes / 1e6 / batches, 2),
     }
@@ -168,7 +187,7 @@ def main(argv=None):
         for r in results:
             print(
                 f"{r['workers']:>3} workers: {r['rows_per_s']:>7} rows/s ({r['per_worker']} per worker), "
-                f"{r['documents_per_row']} documents a row, {r['mb_per_batch']} MB a batch of 32 rows",
+                f"{r['documents_per_row']} documents a row of {r['row_positions']}, {r['mb_per_batch']} MB a batch",
                 flush=True,
             )
         if args.json:

@@ -3,8 +3,9 @@
 # check of its hyperparameter rule on this host's GPUs, then fit, report and check the rule. Restartable: finished
 # cells are skipped. Results: runs/sweeps/study/{results.csv,fit/}, runs/sweeps/study-lr/results.csv.
 set -euo pipefail
-data=artifacts/study
-[ -f "$data/dataset.json" ] || python -m data.study --out "$data" --train "${STUDY_TRAIN:-300000}"
+# the raw shards (artifacts/study) and their prepared copy, which the study config reads (tokenised and decoded once)
+[ -f artifacts/study-prepared/dataset.json ] ||
+  python -m data.study --out artifacts/study --prepared artifacts/study-prepared --train "${STUDY_TRAIN:-300000}"
 python -m scaling run configs/sweeps/study.yaml
 python -m scaling run configs/sweeps/study-lr.yaml
 python -m scaling report configs/sweeps/study.yaml

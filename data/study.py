@@ -11,14 +11,14 @@ any number of workers, and no cell of a study need read a sample twice.
                   captioned with every object's attributes and cell, in a random order
   scenes-qa       another scene, a question about it (a count, a colour, a cell's content, a neighbour) and its
                   answer, as an interleaved document
-  text            documents of 8 facts ("zabeko lives in mifa.") about 262,144 made-up names drawn from a Zipf
+  text            documents of 24 facts ("zabeko lives in mifa.") about 262,144 made-up names drawn from a Zipf
                   law, from a fixed random table of 4 relations x 256 values (`FactText`)
 Each has train/ and val/; the scenes also have heldout/, whose scenes all contain a colour-shape pair that never
 occurs in training. The tokenizer skips NFKC normalisation, so its bytes do not depend on sentencepiece's version.
 
 Entropy floors, computed rather than estimated: a caption given its scene carries exactly ln(n!) nats (the order
 in which its n distinct objects are listed is uniform, everything else is a function of the scene); a text document
-carries 8 x (H(Zipf) + ln 4) nats (which names and relations; the values follow from the table). Divided by the
+carries 24 x (H(Zipf) + ln 4) nats (which names and relations; the values follow from the table). Divided by the
 tokens they take under the build's tokenizer (the mean over the val split), they give the per-token floor of the
 caption and text losses that a fitted E can be compared with (`dataset.json`, `floors`). Answers are functions of
 their scene: their floor is 0.
@@ -63,7 +63,7 @@ HELD_OUT = {("green", "diamond"), ("blue", "cross"), ("orange", "triangle"), ("p
 GRID, CELL = 8, 8
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 MAX_OBJECTS = 6
-ENTITIES, ZIPF, VALUES, DOC_FACTS = 262_144, 1.1, 256, 8
+ENTITIES, ZIPF, VALUES, DOC_FACTS = 262_144, 1.1, 256, 24
 RELATIONS = ("lives in", "likes", "works with", "fears")
 SOURCES = {"scenes-caption": 0, "scenes-qa": 1, "text": 2}
 SPLITS = {"train": 0, "val": 1, "heldout": 2}

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import csv
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 from conftest import REPO
 
+from scaling.lrcheck import lr_check, read_rows
 from scaling.paired import paired_difference
 from scaling.report import fit_csv
 from scaling.runs import read_runs
@@ -40,7 +43,7 @@ def test_the_fit_table_is_what_the_fitter_gives(tmp_path):
         for name, text in zip(("E", "A", "B", "alpha", "beta"), values[:5], strict=True):
             assert f3[name] == pytest.approx(float(text), rel=6e-4), (col, recipe, name)
         assert values[5] == ("yes" if f3["converged"] else "no")
-    assert f"{report['runs']} of the spec's 40 cells" in doc()
+    assert f"{report['runs']} of the spec's 40 cells" in " ".join(doc().split())
 
 
 def test_the_recipe_comparison_and_gpu_time_are_the_csvs():
@@ -60,3 +63,33 @@ def test_the_recipe_comparison_and_gpu_time_are_the_csvs():
     assert re.search(rf"median [\d.]+ s, at most [\d.]+ s\) \| {startup} \|", text)
     epochs = max(float(r[f"epochs_{s}"]) for r in rows for s in ("caption", "qa", "text"))
     assert f"more than {epochs:.2f} times" in text
+
+
+def test_the_depth_one_pairs_and_the_text_column_are_the_csvs():
+    """Without the depth-1 pairs (where the image mask cannot matter) the comparison is what the doc says; the best
+    text loss is the CSV's."""
+    with open(STUDY / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "no-depth-1.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(r for r in rows if r["size"] != "1")
+        data = read_runs(path, ["loss"], "recipe", flops="6n+attn")
+    p = paired_difference(data, "loss", "causal", "bidirectional", bootstrap=300, seed=0, level=0.95)
+    lo, hi = p["interval"]
+    flat = " ".join(doc().split())  # the prose as read, whatever its line breaks
+    assert f"{p['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] over {p['cells']} cells" in flat
+    assert f"the best cell reached {min(float(r['loss_text']) for r in rows):.4f}" in flat
+
+
+def test_the_lr_table_is_the_lr_csv():
+    checks = lr_check(read_rows(STUDY / "lr-results.csv"))
+    lines = [line for line in doc().splitlines() if line.startswith("| size ")]
+    assert len(checks) == len(lines) == 2
+    for c, line in zip(sorted(checks, key=lambda c: c["size"]), lines):
+        assert line.startswith(f"| size {c['size']}, ")
+        assert all(f"| {v:.4f} " in line for v in c["losses"].values()), line
+        assert f"best x{c['best_scale']:g}" in line and f"loses {c['rule_excess']:.4f}" in line
+        assert ("within 2x" in line) == c["rule_within"]
