@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from evals import TASKS, get_task
@@ -92,3 +93,84 @@ def test_tasks_run_during_training_with_their_baselines(micro_config, tmp_path):
     assert summary["final_tasks"]["task/vqa/exact"] == logged[-1]["task/vqa/exact"]
     bad = launch(micro_config, tmp_path / "bad", "eval.tasks=[vqq]", nproc=1)
     assert bad.returncode != 0 and "unknown task(s) ['vqq']" in bad.stdout + bad.stderr  # at config load
+
+
+# --------------------------------------------------------------------------------------------- lm-eval bridge
+LOCAL_TASKS = """task: fusion_local_mc
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {items}}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list: [{{metric: acc}}]
+"""
+LOCAL_GEN = """task: fusion_local_gen
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {items}}}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs: {{until: ["."], max_gen_toks: 12, do_sample: false}}
+metric_list: [{{metric: exact_match}}]
+"""
+ITEMS = [
+    {
+        "question": "how many shapes are there? answer:",
+        "choices": ["two", "three", "seven"],
+        "answer": 1,
+        "target": "a",
+    },
+    {"question": "what color is the circle?", "choices": ["red", "blue"], "answer": 0, "target": "red"},
+    {"question": "the large green", "choices": ["square", "cross", "circle", "diamond"], "answer": 3, "target": "x"},
+]
+
+
+def test_lm_eval_bridge_scores_what_the_model_gives_and_runs_local_tasks(random_export, tmp_path):
+    """Packed log-likelihoods equal one plain forward per request; lm-eval's own CLI runs a multiple-choice and a
+    generate-until task from local files through the bridge, and its accuracy is the argmax of those scores."""
+    import torch
+    import torch.nn.functional as F
+    from lm_eval.api.instance import Instance
+
+    from data.layout import layout_document
+    from data.packing import document_batch
+    from evals.lmeval import FusionLM
+
+    lm = FusionLM(pretrained=str(random_export), batch_size=3)
+    pairs = [(it["question"], " " + c) for it in ITEMS for c in it["choices"]]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, 0) for p in pairs])
+    cfg, special = lm.model.cfg, lm.tok.special
+    for (ctx, cont), (ll, _) in zip(pairs, got, strict=True):
+        c, k = lm._split(ctx, cont)
+        batch = document_batch(layout_document([c + k], special, cfg.patch_size, cfg.position_scheme, eos=False))
+        with torch.no_grad():
+            logp = F.log_softmax(lm.model(**batch, return_logits=True).logits[0].float(), -1)
+        assert ll == pytest.approx(sum(float(logp[len(c) + j, t]) for j, t in enumerate(k)), abs=1e-4)
+    right, at = 0, 0
+    for it in ITEMS:  # lm-eval's acc: the choice of highest log-likelihood is the answer
+        scores = [ll for ll, _ in got[at : at + len(it["choices"])]]
+        right += scores.index(max(scores)) == it["answer"]
+        at += len(it["choices"])
+    expected_acc = right / len(ITEMS)
+
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(it) + "\n" for it in ITEMS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.yaml").write_text(LOCAL_TASKS.format(items=items))
+    (tasks / "gen.yaml").write_text(LOCAL_GEN.format(items=items))
+    args = ["--model", "fusion", "--model_args", f"pretrained={random_export}", "--batch_size", "4", "--tasks"]
+    args += ["fusion_local_mc,fusion_local_gen", "--include_path", str(tasks), "--output_path", str(tmp_path / "out")]
+    env = {**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "evals.lmeval", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (result,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(result.read_text())
+    assert results["results"]["fusion_local_mc"]["acc,none"] == pytest.approx(expected_acc)
+    assert 0.0 <= results["results"]["fusion_local_gen"]["exact_match,none"] <= 1.0
+    assert results["n-samples"]["fusion_local_gen"]["effective"] == len(ITEMS)
