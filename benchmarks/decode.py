@@ -2,7 +2,11 @@
 the bound set by HBM bandwidth (each step reads every weight and every row's KV cache once).
 
     python benchmarks/decode.py [--configs 20m,125m] [--batches 1,64,256] [--prompt 64] [--new 256]
-                                [--vocab 32768] [--hbm-gbps 4800] [--set model.depth=2,...] [--json out.json]
+                                [--engines engine,static,compiled] [--vocab 32768] [--hbm-gbps 4800]
+                                [--set model.depth=2,...] [--json out.json]
+
+Engines: `engine` (the growing cache), `static` (StaticCache: every step one shape), `compiled` (the static step
+compiled with CUDA graphs, torch.compile's reduce-overhead mode; meant for a GPU).
 
 Random weights, random text prompts of --prompt tokens, greedy, no stop ids, so every row decodes --new tokens.
 tokens/s counts new tokens over the whole call (prefill included). `bound` is batch x steps over the time to read
@@ -51,7 +55,16 @@ def hbm_bound(model, batch: int, prompt: int, new: int, gbps: float) -> float:
     return batch * gbps * 1e9 / step_bytes
 
 
-def bench(config, overrides, vocab: int, batches, prompt: int, new: int, gbps: float, device) -> list[dict]:
+ENGINES = {  # Engine options per variant: the growing cache, the static one, the static one compiled with CUDA graphs
+    "engine": {},
+    "static": {"static": True},
+    "compiled": {"compile": True},
+}
+
+
+def bench(
+    config, overrides, vocab: int, batches, prompt: int, new: int, gbps: float, device, engines=("engine",)
+) -> list[dict]:
     # random prompts: no tokenizer is read (nor checked against the vocabulary)
     cfg = load_config(config, [f"model.vocab_size={vocab}", "data.tokenizer=none", *overrides])
     torch.manual_seed(0)
@@ -59,7 +72,6 @@ def bench(config, overrides, vocab: int, batches, prompt: int, new: int, gbps: f
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
     model.eval()
-    engine = Engine(model, check_every=1 << 30)
     params = SamplingParams(max_new_tokens=new)
     g = torch.Generator().manual_seed(0)
 
@@ -71,27 +83,31 @@ def bench(config, overrides, vocab: int, batches, prompt: int, new: int, gbps: f
     single, t_single = timed(lambda: generate(model, row, new), device)
     loop_tps = new / t_single
     results = []
-    for b in batches:
-        batch = [one] if b == 1 else prompts(b)
-        out, t = timed(lambda batch=batch: engine.generate(batch, params), device)
-        if b == 1 and out[0] != single.tokens:
-            raise AssertionError("the engine's greedy tokens differ from the single-row loop's")
-        tps = b * new / t
-        bound = hbm_bound(model, b, prompt, new, gbps)
-        results.append(
-            {
-                "config": config,
-                "batch": b,
-                "tokens_per_s": tps,
-                "single_row_loop_tokens_per_s": loop_tps,
-                "vs_loop": tps / loop_tps,
-                "bound_tokens_per_s": bound,
-                "of_bound": tps / bound,
-                "params": sum(p.numel() for p in model.parameters()),
-                "device": str(device),
-            }
-        )
+    for name in engines:
+        engine = Engine(model, check_every=1 << 30, **ENGINES[name])
+        g.manual_seed(0)  # the same prompts for every engine
+        for b in batches:
+            batch = [one] if b == 1 else prompts(b)
+            out, t = timed(lambda batch=batch, engine=engine: engine.generate(batch, params), device)
+            if b == 1 and out[0] != single.tokens:
+                raise AssertionError(f"{name}: the engine's greedy tokens differ from the single-row loop's")
+            results.append(_row(config, name, b, b * new / t, loop_tps, hbm_bound(model, b, prompt, new, gbps), model))
     return results
+
+
+def _row(config, engine, b, tps, loop_tps, bound, model) -> dict:
+    return {
+        "config": config,
+        "engine": engine,
+        "batch": b,
+        "tokens_per_s": tps,
+        "single_row_loop_tokens_per_s": loop_tps,
+        "vs_loop": tps / loop_tps,
+        "bound_tokens_per_s": bound,
+        "of_bound": tps / bound,
+        "params": sum(p.numel() for p in model.parameters()),
+        "device": str(next(model.parameters()).device),
+    }
 
 
 def main(argv=None) -> int:
@@ -103,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=32768, help="as benchmarks/gpu_step.py")
     ap.add_argument("--hbm-gbps", type=float, default=4800.0, help="the H200's HBM3e: 4.8 TB/s")
     ap.add_argument("--set", default="", help="config overrides, comma-separated (e.g. model.depth=2)")
+    ap.add_argument("--engines", default="engine", help=f"comma-separated, of {', '.join(ENGINES)}")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,11 +128,14 @@ def main(argv=None) -> int:
     rows = []
     for name in args.configs.split(","):
         config = CONFIGS.get(name, name)
-        rows += bench(config, overrides, args.vocab, batches, args.prompt, args.new, args.hbm_gbps, device)
-    print(f"{'config':28s} {'batch':>5s} {'tokens/s':>10s} {'x loop':>7s} {'bound':>10s} {'of bound':>8s}")
+        engines = args.engines.split(",")
+        rows += bench(config, overrides, args.vocab, batches, args.prompt, args.new, args.hbm_gbps, device, engines)
+    print(
+        f"{'config':28s} {'engine':9s} {'batch':>5s} {'tokens/s':>10s} {'x loop':>7s} {'bound':>10s} {'of bound':>8s}"
+    )
     for r in rows:
         print(
-            f"{r['config']:28s} {r['batch']:5d} {r['tokens_per_s']:10.4g} {r['vs_loop']:7.2f} "
+            f"{r['config']:28s} {r['engine']:9s} {r['batch']:5d} {r['tokens_per_s']:10.4g} {r['vs_loop']:7.2f} "
             f"{r['bound_tokens_per_s']:10.4g} {r['of_bound']:8.2%}"
         )
     if args.json:

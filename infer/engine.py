@@ -41,6 +41,46 @@ class BatchCache(KVCache):
         self.v = [v.expand(n, -1, -1, -1).contiguous() for v in self.v]
         self.key_start = self.key_start.expand(n).contiguous()
 
+    def key_mask(self, keys: int, new: int) -> torch.Tensor:
+        return (torch.arange(keys, device=self.key_start.device) >= self.key_start[:, None]).view(-1, 1, 1, keys)
+
+
+class StaticCache(BatchCache):
+    """A BatchCache whose cached steps all have one shape: a step writes its keys at a position held on the device
+    and attends to the whole buffer, masked to [key_start, written). Nothing in a step depends on a Python number
+    that changes, so the step can be captured once as a CUDA graph and replayed (`Engine(compile=True)`); the price
+    is attention over the whole buffer from the first step on."""
+
+    def __init__(self, model, batch, max_len, device, dtype, key_start: torch.Tensor):
+        super().__init__(model, batch, max_len, device, dtype, key_start)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # the next write index, the same for every row
+        self.steps = False  # set after the prefill: from then on every forward is a fixed-shape cached step
+
+    @property
+    def decoding(self) -> bool:
+        return self.steps
+
+    def advance(self, n: int) -> None:
+        if self.steps:
+            self.pos += n  # in place: a captured graph advances the same tensor
+        else:
+            super().advance(n)
+            self.pos.fill_(self.length)
+            self.steps = True
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if not self.steps:  # the prefill: written and read as the parent does
+            return super().update(layer, k, v)
+        at = self.pos + torch.arange(k.shape[2], device=k.device)
+        self.k[layer].index_copy_(2, at, k)
+        self.v[layer].index_copy_(2, at, v)
+        return self.k[layer], self.v[layer]
+
+    def key_mask(self, keys: int, new: int) -> torch.Tensor:
+        index = torch.arange(keys, device=self.key_start.device)
+        allowed = (index >= self.key_start[:, None]) & (index < self.pos + new)
+        return allowed.view(-1, 1, 1, keys)
+
 
 def _left(t: torch.Tensor, pad: int, fill) -> torch.Tensor:
     return torch.cat([torch.full((1, pad, *t.shape[2:]), fill, dtype=t.dtype, device=t.device), t], dim=1)
@@ -94,16 +134,26 @@ class Engine:
     """`generate(prompts, params)`: one prefill over the padded batch, then one cached step per token for every
     row; `fork(prompt, n, params)`: one prefill, n samples. Returns each row's new tokens (stop id included)."""
 
-    def __init__(self, model: FusionTransformer, check_every: int = 16):
+    def __init__(self, model: FusionTransformer, check_every: int = 16, static: bool = False, compile: bool = False):
+        """static: decode with a StaticCache (one step shape); compile: also compile the step with CUDA graphs
+        (torch.compile's reduce-overhead mode, on a GPU), which implies static."""
         self.model, self.check_every = model.eval(), check_every
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.static = static or compile
+        self.cache_class = StaticCache if self.static else BatchCache
+        self.step = self._step
+        if compile:
+            self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False, fullgraph=True)
+
+    def _step(self, token: torch.Tensor, positions: torch.Tensor, cache: BatchCache) -> torch.Tensor:
+        return self.model(token, positions=positions, cache=cache, return_logits=True).logits[:, -1]
 
     @torch.no_grad()
     def generate(self, prompts: list[dict], params: SamplingParams, max_new_tokens: list[int] | None = None):
         batch, key_start, next_pos = pad_prompts(prompts, self.device)
         limits = max_new_tokens or [params.max_new_tokens] * len(prompts)
-        cache = BatchCache(
+        cache = self.cache_class(
             self.model, len(prompts), batch["tokens"].shape[1] + max(limits), self.device, self.dtype, key_start
         )
         logits = self.model(**batch, cache=cache, return_logits=True).logits[:, -1]
@@ -112,7 +162,7 @@ class Engine:
     @torch.no_grad()
     def fork(self, prompt: dict, n: int, params: SamplingParams) -> list[list[int]]:
         batch, key_start, next_pos = pad_prompts([prompt], self.device)
-        cache = BatchCache(
+        cache = self.cache_class(
             self.model, 1, batch["tokens"].shape[1] + params.max_new_tokens, self.device, self.dtype, key_start
         )
         logits = self.model(**batch, cache=cache, return_logits=True).logits[:, -1]
@@ -130,16 +180,23 @@ class Engine:
         stops = torch.tensor(list(params.stop_ids) or [-1], device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         length = torch.zeros(B, dtype=torch.long, device=self.device)
-        for step in range(steps):
-            token = sample_next(logits, params, generator)
-            out[:, step] = token
-            length += (~done).long()
-            done |= torch.isin(token, stops) | (length >= limit)
-            if step + 1 == steps or ((step + 1) % self.check_every == 0 and bool(done.all())):
-                break
-            pos = (next_pos + step).view(B, 1)
-            if pos_dims == 3:  # M-RoPE: text after the prompt takes the same next id on all three axes
-                pos = pos.unsqueeze(-1).expand(B, 1, 3)
-            logits = self.model(token.view(B, 1), positions=pos, cache=cache, return_logits=True).logits[:, -1]
+        if self.static:  # the buffers a captured step reads and writes in place stay where they are
+            for t in (*cache.k, *cache.v, cache.key_start, cache.pos):
+                torch._dynamo.mark_static_address(t)
+        checking, self.model.check_inputs = self.model.check_inputs, False  # its check reads the batch on the host
+        try:
+            for step in range(steps):
+                token = sample_next(logits, params, generator)
+                out[:, step] = token
+                length += (~done).long()
+                done |= torch.isin(token, stops) | (length >= limit)
+                if step + 1 == steps or ((step + 1) % self.check_every == 0 and bool(done.all())):
+                    break
+                pos = (next_pos + step).view(B, 1)
+                if pos_dims == 3:  # M-RoPE: text after the prompt takes the same next id on all three axes
+                    pos = pos.unsqueeze(-1).expand(B, 1, 3)
+                logits = self.step(token.view(B, 1), pos.contiguous(), cache)
+        finally:
+            self.model.check_inputs = checking
         lengths = length.tolist()
         return [row[:n] for row, n in zip(out.tolist(), lengths, strict=True)]

@@ -245,10 +245,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         if self.track_max_logit and mask is not None:
             self.max_logit = self._max_logit(q, k, mask)
-        key_start = getattr(cache, "key_start", None)
-        if mask is None and key_start is not None:  # a cached step of rows whose prompts were left-padded
-            keys = torch.arange(k.shape[2], device=k.device)
-            allowed = (keys >= key_start[:, None]).view(B, 1, 1, -1)
+        if mask is None and cache is not None:  # a cached step: the cache says which of its keys are real
+            allowed = cache.key_mask(k.shape[2], T)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
         else:
             out = attend(q, k, v, mask)

@@ -24,6 +24,18 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.length = 0  # positions already written, advanced by the model after all layers ran
 
+    @property
+    def decoding(self) -> bool:
+        """Whether the next forward is a cached step (new tokens attend to the cache, no mask built)."""
+        return self.length > 0
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def key_mask(self, keys: int, new: int) -> torch.Tensor | None:
+        """Which cached keys a cached step may read, (B, 1, 1, keys) or None for all of them."""
+        return None
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         end = self.length + k.shape[2]
         if end > self.k[layer].shape[2]:

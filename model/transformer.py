@@ -249,7 +249,7 @@ class FusionTransformer(nn.Module):
         patch_index = _patch_index(patch_mask, patches.shape[0]) if with_patches else None
         x = self.drop(self.embed(tokens, patches, patch_index))
         cos, sin = self.rotary(positions)
-        decoding = cache is not None and cache.length > 0  # one new token attends to the whole cache
+        decoding = cache is not None and cache.decoding  # new tokens attend to the cache; no mask to build
         mask = (
             None
             if decoding
@@ -260,7 +260,7 @@ class FusionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         h = self.norm_f(x)
         out = ModelOutput()
         if return_logits or targets is None or self.telemetry:

@@ -52,7 +52,8 @@ def test_decode_benchmark_runs_the_engine_and_the_loop_on_cpu():
 
     from benchmarks.decode import bench
 
-    rows = bench("configs/gpu-20m.yaml", ["model.depth=1"], 512, [1, 4], 8, 6, 4800.0, torch.device("cpu"))
-    assert [r["batch"] for r in rows] == [1, 4]
+    engines = ("engine", "static")
+    rows = bench("configs/gpu-20m.yaml", ["model.depth=1"], 512, [1, 4], 8, 6, 4800.0, torch.device("cpu"), engines)
+    assert [(r["engine"], r["batch"]) for r in rows] == [(e, b) for e in engines for b in (1, 4)]
     assert all(r["tokens_per_s"] > 0 and 0 < r["of_bound"] < 1 for r in rows)
     assert rows[1]["bound_tokens_per_s"] > rows[0]["bound_tokens_per_s"]

@@ -36,21 +36,25 @@ def prompts():
     return [document_batch(layout_document(d, SPECIAL, 4, eos=False)) for d in docs]
 
 
-def test_batched_greedy_matches_row_by_row(model):
-    engine = Engine(model, check_every=4)
+@pytest.mark.parametrize("static", [False, True], ids=["growing-cache", "static-cache"])
+def test_batched_greedy_matches_row_by_row(model, static):
+    """Also with the static cache (one step shape, attention over the whole buffer masked to what is written)."""
+    engine = Engine(model, check_every=4, static=static)
     rows = engine.generate(prompts(), SamplingParams(max_new_tokens=12))
     for prompt, got in zip(prompts(), rows, strict=True):
         assert got == generate(model, prompt, max_new_tokens=12).tokens
 
 
-def test_fork_draws_from_one_prefill(model):
-    engine = Engine(model)
+@pytest.mark.parametrize("static", [False, True], ids=["growing-cache", "static-cache"])
+def test_fork_draws_from_one_prefill(model, static):
+    engine = Engine(model, static=static)
     prompt = prompts()[1]
     greedy = engine.fork(prompt, 3, SamplingParams(max_new_tokens=10))
     assert greedy == [generate(model, prompt, max_new_tokens=10).tokens] * 3
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=7)
     a, b = engine.fork(prompt, 4, params), engine.fork(prompt, 4, params)
     assert a == b and len({tuple(r) for r in a}) > 1  # seeded: repeats; rows differ from one another
+    assert a == Engine(model, static=not static).fork(prompt, 4, params)  # both caches sample the same tokens
 
 
 def test_stop_ids_and_per_row_limits(model):
