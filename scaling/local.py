@@ -113,14 +113,15 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
     stop: list[str] = []  # the signal that asked the sweep to stop
     handlers = {sig: signal.signal(sig, lambda n, f: stop.append(signal.Signals(n).name)) for sig in STOP_SIGNALS}
     try:
-        interrupted = _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop)
+        saved, lost = _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop)
     finally:
         for sig, old in handlers.items():
             signal.signal(sig, old)
     if stop:
         print(
-            f"stopped by {stop[0]}: {interrupted} cell(s) interrupted (checkpointed at their last step), "
-            f"{len(todo)} not started; run again to go on",
+            f"stopped by {stop[0]}: {saved + lost} cell(s) interrupted ({saved} checkpointed at their step, {lost} "
+            f"stopped without saving: they resume from their last periodic checkpoint), {len(todo)} not started; "
+            "run again to go on",
             flush=True,
         )
         raise SystemExit(EXIT_REQUEUE)
@@ -129,10 +130,10 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop) -> int:
+def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop) -> tuple[int, int]:
     """Launch and reap cells until all are done, the time box closes, or a stop signal has brought them down;
-    returns how many cells a stop interrupted."""
-    nproc, interrupted, stopping = spec.launcher.nproc, 0, False
+    returns how many interrupted cells saved their step (exit EXIT_REQUEUE) and how many did not."""
+    nproc, saved, lost, stopping = spec.launcher.nproc, 0, 0, False
     while todo or running:
         if stop and not stopping:
             stopping = True
@@ -146,7 +147,8 @@ def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, 
             for d in devices:
                 free[d] += 1
             if proc.returncode and (stopping or proc.returncode == EXIT_REQUEUE):
-                interrupted += 1  # asked to stop (by us, or by a signal of its own): it resumes on the next run
+                # asked to stop (by us, or by a signal of its own): it resumes on the next run
+                saved, lost = (saved + 1, lost) if proc.returncode == EXIT_REQUEUE else (saved, lost + 1)
                 print(f"interrupted {key} (exit {proc.returncode}); it resumes on the next run", flush=True)
                 continue
             if proc.returncode:
@@ -156,13 +158,13 @@ def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, 
             print(f"finished {key} ({cell.recipe}, size {cell.size}, {cell.budget})", flush=True)
         if stopping:
             if not running:
-                return interrupted
+                return saved, lost
             time.sleep(0.5)
             continue
         closed = deadline is not None and time.monotonic() > deadline
         if closed and todo and not running:
             print(f"--launch-for {launch_for:g} s passed: {len(todo)} cell(s) not started; run again to go on")
-            return interrupted
+            return saved, lost
         ready = [c for c in todo if not c.trunk or (Path(spec.out) / "cells" / c.trunk / "summary.json").exists()]
         if closed:
             ready = []
@@ -192,4 +194,4 @@ def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, 
             )
             running[cell.key] = (proc, cell, log, devices, port)
         time.sleep(0.5)
-    return interrupted
+    return saved, lost
