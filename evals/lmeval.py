@@ -100,13 +100,12 @@ class FusionLM(LM):
         """A whole text's log-likelihood, in windows of the model's context that each score only new tokens."""
         out = []
         for r in requests:
-            ids, total, step = self.tok.encode(r.args[0]), 0.0, self.max_length - 1
+            ids, step = self.tok.encode(r.args[0]), self.max_length - 1
             windows = []
             for start in range(0, len(ids), step):
                 new = ids[start : start + step]
                 windows.append((ids[max(0, start + len(new) - step) : start], new))
-            total = sum(s for s, _ in self._score(windows))
-            out.append(total)
+            out.append(sum(s for s, _ in self._score(windows)))
         return out
 
     # --------------------------------------------------------------------------------------- generation
@@ -128,7 +127,8 @@ class FusionLM(LM):
                 for i in chunk:
                     context, kw = requests[i].args
                     limit = int(kw.get("max_gen_toks", self.max_gen_toks))
-                    ids = self.tok.encode(context)[-(self.max_length - limit - 1) :]
+                    keep = max(1, self.max_length - limit - 1)  # <bos>, the prompt's tail and the new tokens fit
+                    ids = self.tok.encode(context)[-keep:]
                     layout = layout_document([ids], special, cfg.patch_size, cfg.position_scheme, eos=False)
                     prompts.append(document_batch(layout))
                     limits.append(limit)

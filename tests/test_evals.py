@@ -149,6 +149,9 @@ def test_lm_eval_bridge_scores_what_the_model_gives_and_runs_local_tasks(random_
         with torch.no_grad():
             logp = F.log_softmax(lm.model(**batch, return_logits=True).logits[0].float(), -1)
         assert ll == pytest.approx(sum(float(logp[len(c) + j, t]) for j, t in enumerate(k)), abs=1e-4)
+    text = "how many shapes are there? two."  # shorter than the context: one window, scored from <bos>
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert rolling == pytest.approx(lm.loglikelihood([Instance("loglikelihood", {}, ("", text), 0)])[0][0], abs=1e-4)
     right, at = 0, 0
     for it in ITEMS:  # lm-eval's acc: the choice of highest log-likelihood is the answer
         scores = [ll for ll, _ in got[at : at + len(it["choices"])]]
