@@ -35,7 +35,9 @@ def main(argv=None) -> int:
             return 0
     except (ConfigError, FileNotFoundError) as e:
         if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # once, not once per process
-            print(f"config error: {e}", file=sys.stderr)
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+        else:  # torchrun stops every rank when the first one exits: give rank 0 the time to say why
+            time.sleep(5)
         return 2
     from train.trainer import train  # heavy imports (DeepSpeed) only once the config is known to be good
 
