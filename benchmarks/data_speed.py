@@ -132,17 +132,18 @@ def _mixture(data_dir: str, workers: int) -> DataConfig:
 
 
 def _study_mixture(data_dir: str, workers: int) -> DataConfig:
-    """A study build (`python -m data.study`, raw or --prepared) read as configs/study.yaml reads it."""
-    mix = (("scenes-caption", 0.4), ("scenes-qa", 0.3), ("text", 0.3))
-    return DataConfig(
-        sources=[SourceConfig(name, f"{data_dir}/{name}/train", w) for name, w in mix],
-        tokenizer=f"{data_dir}/tokenizer.model",
-        seq_len=512,
-        batch_size=64,
-        workers=workers,
-        patch_size=8,
-        max_image_patches=64,
-    )
+    """A study build (`python -m data.study`, raw or --prepared) read as configs/study.yaml reads it: that config's
+    data section with its sources moved under DIR."""
+    import dataclasses
+
+    from train.config import load_config
+
+    data = load_config("configs/study.yaml", [f"data.tokenizer={data_dir}/tokenizer.model"]).data
+    root = Path(data.sources[0].shards).parents[1]  # artifacts/study-prepared
+    sources = [
+        dataclasses.replace(s, shards=str(Path(data_dir) / Path(s.shards).relative_to(root))) for s in data.sources
+    ]
+    return dataclasses.replace(data, sources=sources, workers=workers)
 
 
 def scaling(data_dir: str, workers: int, seconds: float) -> dict:

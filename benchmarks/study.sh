@@ -6,6 +6,13 @@ set -euo pipefail
 # the raw shards (artifacts/study) and their prepared copy, which the study config reads (tokenised and decoded once)
 [ -f artifacts/study-prepared/dataset.json ] ||
   python -m data.study --out artifacts/study --prepared artifacts/study-prepared --train "${STUDY_TRAIN:-300000}"
+# the GPU's busy share and the host's load every 5 s while the sweeps run (docs/study/STUDY.md, "GPU time")
+mkdir -p runs/sweeps/study
+while sleep 5; do
+  echo "$(date +%s) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader) $(cut -d' ' -f1-3 /proc/loadavg)"
+done >> runs/sweeps/study/util.log &
+sampler=$!
+trap 'kill $sampler' EXIT
 python -m scaling run configs/sweeps/study.yaml
 python -m scaling run configs/sweeps/study-lr.yaml
 python -m scaling report configs/sweeps/study.yaml

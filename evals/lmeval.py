@@ -42,7 +42,7 @@ class FusionLM(LM):
         batch_size: int | str = 16,
         max_length: int | None = None,
         max_gen_toks: int = 256,
-        **kwargs,
+        max_batch_size: int | None = None,  # lm-eval passes it with --max_batch_size; batches here are batch_size
     ):
         super().__init__()
         export = resolve_model(pretrained)
@@ -53,7 +53,7 @@ class FusionLM(LM):
         self._device = torch.device(device)
         self.model = load_pretrained(export, self._device).eval()
         self.engine = Engine(self.model)
-        self.batch_size = int(str(batch_size).split(":")[0]) if str(batch_size) != "auto" else 16
+        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)  # no autotuning: "auto" is 16
         self.max_length = int(max_length or self.model.cfg.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
 

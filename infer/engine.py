@@ -140,7 +140,7 @@ class Engine:
         self.model, self.check_every = model.eval(), check_every
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.static = static or compile
+        self.static, self.compiled = static or compile, compile
         self.cache_class = StaticCache if self.static else BatchCache
         self.step = self._step
         if compile:
@@ -180,7 +180,7 @@ class Engine:
         stops = torch.tensor(list(params.stop_ids) or [-1], device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         length = torch.zeros(B, dtype=torch.long, device=self.device)
-        if self.static:  # the buffers a captured step reads and writes in place stay where they are
+        if self.compiled:  # the buffers a captured step reads and writes in place stay where they are
             for t in (*cache.k, *cache.v, cache.key_start, cache.pos):
                 torch._dynamo.mark_static_address(t)
         checking, self.model.check_inputs = self.model.check_inputs, False  # its check reads the batch on the host

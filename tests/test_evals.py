@@ -96,25 +96,21 @@ def test_tasks_run_during_training_with_their_baselines(micro_config, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- lm-eval bridge
-LOCAL_TASKS = """task: fusion_local_mc
+LOCAL_TASK = """task: {name}
 dataset_path: json
 dataset_kwargs: {{data_files: {{test: {items}}}}}
 test_split: test
-output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list: [{{metric: acc}}]
 """
-LOCAL_GEN = """task: fusion_local_gen
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {items}}}}}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs: {{until: ["."], max_gen_toks: 12, do_sample: false}}
-metric_list: [{{metric: exact_match}}]
+LOCAL_MC = """output_type: multiple_choice
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list: [{metric: acc}]
+"""
+LOCAL_GEN = """output_type: generate_until
+doc_to_target: "{{target}}"
+generation_kwargs: {until: ["."], max_gen_toks: 12, do_sample: false}
+metric_list: [{metric: exact_match}]
 """
 ITEMS = [
     {
@@ -163,8 +159,8 @@ def test_lm_eval_bridge_scores_what_the_model_gives_and_runs_local_tasks(random_
     items.write_text("".join(json.dumps(it) + "\n" for it in ITEMS))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "mc.yaml").write_text(LOCAL_TASKS.format(items=items))
-    (tasks / "gen.yaml").write_text(LOCAL_GEN.format(items=items))
+    for name, body in (("fusion_local_mc", LOCAL_MC), ("fusion_local_gen", LOCAL_GEN)):
+        (tasks / f"{name}.yaml").write_text(LOCAL_TASK.format(name=name, items=items) + body)
     args = ["--model", "fusion", "--model_args", f"pretrained={random_export}", "--batch_size", "4", "--tasks"]
     args += ["fusion_local_mc,fusion_local_gen", "--include_path", str(tasks), "--output_path", str(tmp_path / "out")]
     env = {**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}

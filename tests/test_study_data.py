@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import mixture
 from sentencepiece import sentencepiece_model_pb2
 
 from data.study import DOC_FACTS, HELD_OUT, RELATIONS, FactText, build, caption, sample, sample_scene
@@ -95,22 +96,18 @@ def test_pipeline_reads_the_study_shards_raw_or_prepared(study):
     """The study config reads the prepared copy; its batches are the raw shards' bit for bit."""
     import torch
 
-    from data.pipeline import DataConfig, SourceConfig, StreamingLoader
+    from data.pipeline import SourceConfig, StreamingLoader
 
     def first_batch(root: Path) -> dict:
-        cfg = DataConfig(
-            sources=[
-                SourceConfig("caption", str(root / "scenes-caption" / "train"), 0.4),
-                SourceConfig("qa", str(root / "scenes-qa" / "train"), 0.4),
-                SourceConfig("text", str(root / "text" / "train"), 0.2),
-            ],
-            tokenizer=str(root / "tokenizer.model"),
-            seq_len=256,
-            batch_size=2,
-            workers=0,
-            patch_size=8,
-            max_image_patches=64,
-        )
+        sources = [
+            SourceConfig(name, str(root / directory / "train"), weight)
+            for name, directory, weight in (
+                ("caption", "scenes-caption", 0.4),
+                ("qa", "scenes-qa", 0.4),
+                ("text", "text", 0.2),
+            )
+        ]
+        cfg = mixture(root, sources=sources, seq_len=256, workers=0, max_image_patches=64)
         return next(StreamingLoader(cfg, 0, 1))
 
     raw, prepared = first_batch(study), first_batch(study.parent / "prepared")
