@@ -11,7 +11,8 @@ compiled with CUDA graphs, torch.compile's reduce-overhead mode; meant for a GPU
 Random weights, random text prompts of --prompt tokens, greedy, no stop ids, so every row decodes --new tokens.
 tokens/s counts new tokens over the whole call (prefill included). `bound` is batch x steps over the time to read
 the weights (in the model's dtype) plus the KV cache at its mean length once per step; `of bound` is the share of it
-reached. At batch 1 the engine's greedy tokens are checked equal to the single-row loop's.
+reached. At batch 1 the share of the engine's greedy tokens equal to the single-row loop's is reported (bf16 near-ties
+may flip one between cache layouts; the tests check equality in fp32).
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ ENGINES = {  # Engine options per variant: the growing cache, the static one, th
 
 
 def bench(
-    config, overrides, vocab: int, batches, prompt: int, new: int, gbps: float, device, engines=("engine",)
+    config, overrides, vocab: int, batches, prompt: int, new: int, gbps: float, device, engines=("engine",), emit=None
 ) -> list[dict]:
+    """One row per engine and batch; `emit` sees each as it is measured (a run cut short keeps what it printed)."""
     # random prompts: no tokenizer is read (nor checked against the vocabulary)
     cfg = load_config(config, [f"model.vocab_size={vocab}", "data.tokenizer=none", *overrides])
     torch.manual_seed(0)
@@ -84,14 +86,21 @@ def bench(
     loop_tps = new / t_single
     results = []
     for name in engines:
-        engine = Engine(model, check_every=1 << 30, **ENGINES[name])
-        g.manual_seed(0)  # the same prompts for every engine
-        for b in batches:
-            batch = [one] if b == 1 else prompts(b)
-            out, t = timed(lambda batch=batch, engine=engine: engine.generate(batch, params), device)
-            if b == 1 and out[0] != single.tokens:
-                raise AssertionError(f"{name}: the engine's greedy tokens differ from the single-row loop's")
-            results.append(_row(config, name, b, b * new / t, loop_tps, hbm_bound(model, b, prompt, new, gbps), model))
+        try:  # one engine that fails (a compile error on a new GPU stack) leaves the others' numbers standing
+            engine = Engine(model, check_every=1 << 30, **ENGINES[name])
+            g.manual_seed(0)  # the same prompts for every engine
+            for b in batches:
+                batch = [one] if b == 1 else prompts(b)
+                out, t = timed(lambda batch=batch, engine=engine: engine.generate(batch, params), device)
+                row_ = _row(config, name, b, b * new / t, loop_tps, hbm_bound(model, b, prompt, new, gbps), model)
+                if b == 1:  # bf16 near-ties may flip a token between cache layouts: counted, not fatal
+                    same = sum(x == y for x, y in zip(out[0], single.tokens, strict=False))
+                    row_["greedy_match"] = same / max(1, len(single.tokens))
+                results.append(row_)
+                emit and emit(row_)
+        except Exception as e:  # noqa: BLE001
+            results.append({"config": config, "engine": name, "error": f"{type(e).__name__}: {e}"[:500]})
+            emit and emit(results[-1])
     return results
 
 
@@ -110,6 +119,18 @@ def _row(config, engine, b, tps, loop_tps, bound, model) -> dict:
     }
 
 
+def print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['config']:28s} {r['engine']:9s} failed: {r['error']}", flush=True)
+        return
+    print(
+        f"{r['config']:28s} {r['engine']:9s} {r['batch']:5d} {r['tokens_per_s']:10.4g} {r['vs_loop']:7.2f} "
+        f"{r['bound_tokens_per_s']:10.4g} {r['of_bound']:8.2%}"
+        + (f"  greedy tokens as the loop's: {r['greedy_match']:.0%}" if "greedy_match" in r else ""),
+        flush=True,
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="20m,125m")
@@ -125,18 +146,16 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     overrides = [s for s in args.set.split(",") if s]
     batches = [int(b) for b in args.batches.split(",")]
+    print(
+        f"{'config':28s} {'engine':9s} {'batch':>5s} {'tokens/s':>10s} {'x loop':>7s} {'bound':>10s} {'of bound':>8s}",
+        flush=True,
+    )
     rows = []
     for name in args.configs.split(","):
         config = CONFIGS.get(name, name)
         engines = args.engines.split(",")
-        rows += bench(config, overrides, args.vocab, batches, args.prompt, args.new, args.hbm_gbps, device, engines)
-    print(
-        f"{'config':28s} {'engine':9s} {'batch':>5s} {'tokens/s':>10s} {'x loop':>7s} {'bound':>10s} {'of bound':>8s}"
-    )
-    for r in rows:
-        print(
-            f"{r['config']:28s} {r['engine']:9s} {r['batch']:5d} {r['tokens_per_s']:10.4g} {r['vs_loop']:7.2f} "
-            f"{r['bound_tokens_per_s']:10.4g} {r['of_bound']:8.2%}"
+        rows += bench(
+            config, overrides, args.vocab, batches, args.prompt, args.new, args.hbm_gbps, device, engines, print_row
         )
     if args.json:
         with open(args.json, "w") as f:

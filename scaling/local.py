@@ -3,12 +3,14 @@
 On a GPU host each cell gets `launcher.nproc` devices through CUDA_VISIBLE_DEVICES and its own rendezvous port;
 cells start as devices free up, the costliest first, and `launcher.cells_per_gpu` lets tiny cells share a device.
 Cells die with the driver (Linux's parent-death signal), so a killed sweep leaves no cell training on its own; a
-cell launched through torchrun (nproc > 1) loses its torchrun that way but not its workers, so stop such a sweep by
-its process group.
+cell launched through torchrun (nproc > 1) loses its torchrun that way but not its workers.
 
 SIGTERM or SIGUSR1 to the driver (a time box's `timeout`, SLURM's warning signal) stops the sweep cleanly instead:
 no cell starts, each running cell gets SIGTERM, finishes its step and checkpoints (train/signals.py), and the
-driver exits with EXIT_REQUEUE once they are down; the next `run` resumes them where they stopped.
+driver exits with EXIT_REQUEUE once they are down; the next `run` resumes them where they stopped. Each cell runs
+in a session of its own, so a signal to the driver's process group (coreutils' `timeout` signals the whole group,
+as does Ctrl-C) reaches the driver alone and each cell gets it once, from the driver, in its trainer only. Signalled
+with the group on an H200, 14 of 15 running study cells exited on SIGTERM (-15) without saving (docs/study/STUDY.md).
 """
 
 from __future__ import annotations
@@ -146,12 +148,14 @@ def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, 
             del running[key]
             for d in devices:
                 free[d] += 1
-            if proc.returncode and (stopping or proc.returncode == EXIT_REQUEUE):
+            if proc.returncode and finished(cell):  # its summary is written: a signal caught it on its way out
+                print(f"{key} exited {proc.returncode} after writing its summary: finished", flush=True)
+            elif proc.returncode and (stopping or proc.returncode == EXIT_REQUEUE):
                 # asked to stop (by us, or by a signal of its own): it resumes on the next run
                 saved, lost = (saved + 1, lost) if proc.returncode == EXIT_REQUEUE else (saved, lost + 1)
                 print(f"interrupted {key} (exit {proc.returncode}); it resumes on the next run", flush=True)
                 continue
-            if proc.returncode:
+            elif proc.returncode:
                 raise RuntimeError(f"cell {key} failed ({proc.returncode}); see {log_dir / key}.log")
             if not cell.is_trunk:
                 record(spec.out, cell, spec.flops_convention)
@@ -191,6 +195,7 @@ def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, 
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_driver if sys.platform == "linux" else None,
+                start_new_session=True,  # a signal to the driver's group (`timeout`, Ctrl-C) is the driver's to pass on
             )
             running[cell.key] = (proc, cell, log, devices, port)
         time.sleep(0.5)

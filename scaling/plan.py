@@ -232,7 +232,7 @@ def _trunk(group: list[Cell], out: Path) -> Cell:
 
 def _estimate(spec: SweepSpec, cell: Cell, warnings: list[str]) -> None:
     t = spec.throughput
-    seconds = cell.flops / (t.flops_per_s * spec.launcher.nproc) + t.startup_s
+    seconds = max(cell.flops / (t.flops_per_s * spec.launcher.nproc), cell.steps * t.step_s) + t.startup_s
     if cell.trunk:
         seconds = (1 - cell.branch_step / cell.steps) * (seconds - t.startup_s) + t.startup_s
     cell.minutes = seconds / 60
@@ -262,7 +262,7 @@ def print_plan(spec: SweepSpec, p: Plan) -> None:
     total = sum(c.minutes for c in p.cells)
     print(
         f"{len(p.cells)} runs, {total:.0f} process-minutes in all (at {spec.throughput.flops_per_s:.3g} model "
-        f"FLOP/s per process, {spec.throughput.startup_s:g} s start-up); budgets in FLOPs as "
+        f"FLOP/s per process, at least {spec.throughput.step_s:g} s a step, {spec.throughput.startup_s:g} s start-up); budgets in FLOPs as "
         f"{spec.flops_convention}" + (f"; up to {at_once} at once on SLURM" if at_once else "")
     )
     for w in p.warnings:

@@ -80,11 +80,14 @@ class Grid:
 
 @dataclass
 class Throughput:
-    """For the time estimates in `plan`: model FLOPs per second per process (in the spec's convention) and a
-    cell's start-up."""
+    """For the time estimates in `plan` (and the driver's longest-first order): model FLOPs per second per process
+    (in the spec's convention), a cell's start-up, and the host's floor per optimizer step. A tiny cell is bound by
+    its steps, not its FLOPs: on an H200 a study cell of 36K parameters took 10-13 ms a step with the GPU busy 1.8 ms
+    of it (docs/study/STUDY.md), so its time is the larger of the two."""
 
     flops_per_s: float = 1e10
     startup_s: float = 20.0
+    step_s: float = 0.0
 
 
 @dataclass

@@ -20,11 +20,22 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def one_proc_run(micro_config, tmp_path_factory):
-    """12 steps on the one-process engine: checkpoints at 4, 8, 12; 8 and 12 kept."""
+    """12 steps on the one-process engine: checkpoints at 4, 8, 12; 8 and 12 kept; steps 5 and 6 profiled."""
     run = tmp_path_factory.mktemp("runs") / "run"
-    result = launch(micro_config, run, nproc=1)
+    result = launch(micro_config, run, "logging.profile=[5,7]", nproc=1)
     assert result.returncode == 0, result.stdout + result.stderr
     return run
+
+
+def test_a_profiled_window_writes_its_report_and_trace(one_proc_run):
+    """logging.profile=[5,7]: the report names the two steps and their time, and ranks ops that ran in them; the
+    Chrome trace is JSON with events."""
+    report = (one_proc_run / "profile.txt").read_text()
+    head = report.splitlines()[0]
+    assert head.startswith("steps 5-6: ") and float(head.split(": ")[1].split(" ms")[0]) > 0
+    assert "aten::" in report and "Self CPU" in report
+    trace = json.loads((one_proc_run / "profile.json").read_text())
+    assert len(trace["traceEvents"]) > 10
 
 
 def test_a_fresh_start_in_a_used_directory_keeps_what_it_writes(one_proc_run, micro_config, tmp_path):

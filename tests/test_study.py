@@ -93,3 +93,19 @@ def test_the_lr_table_is_the_lr_csv():
         assert all(f"| {v:.4f} " in line for v in c["losses"].values()), line
         assert f"best x{c['best_scale']:g}" in line and f"loses {c['rule_excess']:.4f}" in line
         assert ("within 2x" in line) == c["rule_within"]
+
+
+def test_the_third_runs_partial_numbers_are_its_csv():
+    """The third design's cells finished so far, as STUDY.md quotes them, and the spec they come from."""
+    from scaling.plan import plan
+    from scaling.spec import load_spec
+
+    with open(STUDY / "run3-partial.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    text = " ".join(doc().split())
+    assert f"finished {len(rows)} of the 40 cells" in text
+    keys = {c.key for c in plan(load_spec(REPO / "configs" / "sweeps" / "study.yaml")).cells}
+    assert {r["key"] for r in rows} <= keys  # cells of the spec as committed, not of an earlier one
+    at = {(r["recipe"], int(r["size"]), r["budget"]): float(r["loss"]) for r in rows}
+    depth1, depth2 = at[("causal", 1, "flops=1e+14")], at[("causal", 2, "flops=1e+14")]
+    assert f"ends at {depth1:.4f} and depth 2 at {depth2:.4f} (causal)" in text and depth2 < depth1

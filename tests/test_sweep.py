@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -55,8 +56,10 @@ def spec(micro_config, tmp_path):
 
 def sweep(*args, wait=True, env=None):
     cmd = [sys.executable, "-m", "scaling", *map(str, args)]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    if not wait:  # in a session of its own, as under `timeout`: a signal to its group reaches nothing of pytest
+        return subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -129,6 +132,10 @@ def test_grid_places_sizes_around_each_budget_and_warns(spec):
     assert any("exceeds the launcher's limit" in w for w in p.warnings)
     assert any("expected optimum is at the" in w for w in p.warnings)
     assert _minutes("1-02:30:00") == 1590 and _minutes("90") == 90 and _minutes("4:00:00") == 240
+    # a host floor per step: a many-step cell costs its steps, not its FLOPs, and the driver starts it first
+    floor = plan(load_spec(spec("floor.yaml", throughput={"flops_per_s": 1e15, "startup_s": 2, "step_s": 0.5})))
+    for c in floor.cells:
+        assert c.minutes * 60 == pytest.approx(max(c.flops / 1e15, c.steps * 0.5) + 2)
 
 
 def test_short_cells_take_fewer_rows_to_reach_min_steps(spec):
@@ -232,8 +239,9 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
 
 
 def test_sweep_stopped_by_sigterm_checkpoints_its_cells_and_resumes_them(spec, tmp_path):
-    """A time box's SIGTERM to the driver: running cells finish their step and checkpoint, none starts, the driver
-    exits with EXIT_REQUEUE; the next run resumes the interrupted cell rather than starting it over."""
+    """A time box's SIGTERM, sent as coreutils' `timeout` sends it, to the driver's whole process group: running
+    cells finish their step and checkpoint, none starts, the driver exits with EXIT_REQUEUE; the next run resumes
+    the interrupted cell rather than starting it over."""
     path = spec(sizes=[1], tokens_per_param=[0.3], overrides={"logging": {"every": 1}})
     out = tmp_path / "sweep"
     proc = sweep("run", path, wait=False)
@@ -241,7 +249,7 @@ def test_sweep_stopped_by_sigterm_checkpoints_its_cells_and_resumes_them(spec, t
     logs = out / "logs"
     while time.time() < deadline and not any("step 3/" in p.read_text() for p in logs.glob("*.log")):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, stdout
     assert "stopped by SIGTERM: 1 cell(s) interrupted (1 checkpointed at their step, 0 stopped" in stdout

@@ -236,6 +236,8 @@ def test_config_errors_stop_before_any_work(micro_config):
         assert time.time() - t0 < 20  # refused at parse time, not after starting DeepSpeed
     with pytest.raises(ConfigError, match="did you mean 'sources'"):
         load_config(micro_config, ["data.source=[]"])
+    with pytest.raises(ConfigError, match=r"logging.profile must be \[first, last\) steps"):
+        load_config(micro_config, ["logging.profile=[5,3]"])
     assert load_config(micro_config, ['steps="8"']).steps == 8  # a whole number as a string, like "3e-3" for floats
     two = launch(micro_config, Path("/tmp/unused-run"), "optim.lrr=1")  # two ranks: the error is printed once
     assert two.returncode != 0 and (two.stdout + two.stderr).count("config error: unknown config key") == 1

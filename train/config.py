@@ -92,6 +92,11 @@ class LoggingConfig:
     peak_tflops: float = 0.0  # 0: look the device up in the peak table (CPU has none: MFU is not reported)
     progress: str = "auto"  # auto | bar | lines
     sample_log: bool = False  # each rank appends the (sample key, start, end) of every row it trains on
+    profile: list[int] = field(default_factory=list)  # [first, last): steps torch.profiler records (train.profile)
+
+    def __post_init__(self):
+        if self.profile and (len(self.profile) != 2 or not 0 <= self.profile[0] < self.profile[1]):
+            raise ConfigError(f"logging.profile must be [first, last) steps with first < last; got {self.profile}")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from train.engine import build_engine, engine_kind, quiet_host_threads, step_cli
 from train.evaluate import validate
 from train.fingerprint import fingerprint
 from train.metrics import MetricsWriter, memory_gb, peak_flops
+from train.profile import StepProfiler
 from train.rundir import RunLock, ensure_run_dir
 from train.schedule import lr_at
 from train.signals import EXIT_REQUEUE, SignalFlags
@@ -162,6 +163,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
         )
     task_eval = TaskEval(cfg, rank, world)
     run_step = TrainStep(engine, optimizer, device, clip=step_clip(cfg, engine_kind(cfg, world)))
+    profiler = StepProfiler(cfg.logging.profile, run, device, rank)
     signal_group = host_group()
     window_steps, window_t0, last_val = 0, time.perf_counter(), {}
     head_rows = 0  # positions the output head ran at this window, this rank (target_index's length, from its shape)
@@ -176,6 +178,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     try:
         while state["step"] < cfg.steps:
             step = state["step"]
+            profiler.before(step)
             lr = lr_at(step, cfg.steps, cfg.optim.lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -201,6 +204,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             state["flops_6n"] += fpt_6n * tokens_per_step
             window_steps += 1
             metrics and metrics.advance()
+            profiler.after(step)
 
             if log_now:  # the only host sync of a training step, every logging.every steps
                 window = run_step.take()
