@@ -262,7 +262,8 @@ def print_plan(spec: SweepSpec, p: Plan) -> None:
     total = sum(c.minutes for c in p.cells)
     print(
         f"{len(p.cells)} runs, {total:.0f} process-minutes in all (at {spec.throughput.flops_per_s:.3g} model "
-        f"FLOP/s per process, at least {spec.throughput.step_s:g} s a step, {spec.throughput.startup_s:g} s start-up); budgets in FLOPs as "
+        f"FLOP/s per process, at least {spec.throughput.step_s:g} s a step, {spec.throughput.startup_s:g} s "
+        "start-up); budgets in FLOPs as "
         f"{spec.flops_convention}" + (f"; up to {at_once} at once on SLURM" if at_once else "")
     )
     for w in p.warnings:
