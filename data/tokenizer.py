@@ -1,8 +1,9 @@
 """A sentencepiece tokenizer with the special tokens the model needs at fixed, reserved ids.
 
 Specials are sentencepiece *control* symbols: encoding text never produces them (a caption that contains the
-string "<img>" stays text), and they sit at ids 0..N right after pad/unk/bos/eos. Spare <reserved_k> slots keep
-room for later reasoning markers without retraining.
+string "<img>" stays text), and they sit at ids 0..N right after pad/unk/bos/eos: the image markers, the reasoning
+markers and the chat roles (data.chat), then spare <reserved_k> slots. The roles took the first three spare slots'
+places (same ids), so a tokenizer built before them still loads: its `<reserved_0..2>` answer for the roles.
 
     python -m data.tokenizer train --out tok.model --vocab-size 4096 [--type bpe|unigram] FILES_OR_SHARDS...
 """
@@ -22,15 +23,22 @@ from data.layout import SpecialIds
 
 IMAGE_TOKENS = ["<img>", "</img>", "<row>", "<patch>"]
 REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
-N_RESERVED = 8
-CONTROL_SYMBOLS = IMAGE_TOKENS + REASONING_TOKENS + [f"<reserved_{i}>" for i in range(N_RESERVED)]
+ROLE_TOKENS = ["<system>", "<user>", "<assistant>"]
+SPARE = [f"<reserved_{i}>" for i in range(len(ROLE_TOKENS), 8)]  # the spare slots keep their names and ids
+CONTROL_SYMBOLS = IMAGE_TOKENS + REASONING_TOKENS + ROLE_TOKENS + SPARE
+# a role's name in tokenizers built before the roles were named: the spare slot whose id it took
+FORMER_NAMES = {role: f"<reserved_{i}>" for i, role in enumerate(ROLE_TOKENS)}
 
 
 class Tokenizer:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self.sp = spm.SentencePieceProcessor(model_file=self.path)
-        missing = [s for s in CONTROL_SYMBOLS if self.sp.piece_to_id(s) == self.sp.unk_id()]
+        self.aliases = {}
+        if all(self.sp.piece_to_id(s) == self.sp.unk_id() for s in ROLE_TOKENS):  # built before the roles had names
+            self.aliases = dict(FORMER_NAMES)
+        names = [self.aliases.get(s, s) for s in IMAGE_TOKENS + REASONING_TOKENS + ROLE_TOKENS]
+        missing = [s for s in names if self.sp.piece_to_id(s) == self.sp.unk_id()]
         if missing:
             raise ValueError(f"{path} lacks the reserved tokens {missing}; train it with `python -m data.tokenizer`")
         self.special = SpecialIds(
@@ -67,7 +75,8 @@ class Tokenizer:
         return out
 
     def token_id(self, piece: str) -> int:
-        return self.sp.piece_to_id(piece)
+        """The id of a piece; a role token by its former name in a tokenizer built before roles were named."""
+        return self.sp.piece_to_id(self.aliases.get(piece, piece))
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -75,7 +84,7 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if not self.sp.is_control(i)])
 
-    def __getstate__(self):  # picklable for dataloader workers
+    def __getstate__(self):  # picklable for dataloader workers (aliases are read again from the file)
         return {"path": self.path}
 
     def __setstate__(self, state):

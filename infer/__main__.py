@@ -2,10 +2,12 @@
 
     python -m infer caption IMAGE... --model DIR [--max-new-tokens 48] [--temperature 0] [--seed 0]
     python -m infer complete "text" [--image IMG] --model DIR [--max-new-tokens 48] [--temperature 0.8] [--top-p 0.9]
+    python -m infer serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch 32] [--chains 4] [--name NAME]
 
 DIR is an export directory (`python -m train.export RUN_DIR`, which writes the weights, the config and the
 tokenizer) or a run directory; a run directory without an export is exported first (by running train.export, so
-that this package never imports the trainer). Every prompt of one command is decoded in one batch.
+that this package never imports the trainer). Every prompt of one command is decoded in one batch. `serve` starts
+the OpenAI-compatible chat server (infer/server.py) on the model.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=["caption", "complete"])
-    ap.add_argument("inputs", nargs="+", help="caption: image files; complete: prompt texts")
+    ap.add_argument("command", choices=["caption", "complete", "serve"])
+    ap.add_argument("inputs", nargs="*", help="caption: image files; complete: prompt texts")
     ap.add_argument("--model", required=True)
     ap.add_argument("--image", help="complete: an image placed before the text")
     ap.add_argument("--tokenizer", help="default: DIR/tokenizer.model")
@@ -54,8 +56,20 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--host", default="127.0.0.1", help="serve: the address to listen on")
+    ap.add_argument("--port", type=int, default=8000, help="serve")
+    ap.add_argument("--max-batch", type=int, default=32, help="serve: most requests decoded together")
+    ap.add_argument("--chains", type=int, default=4, help="serve: chains a contemplating request draws")
+    ap.add_argument("--name", help="serve: the model id clients ask for (default: the run directory's name)")
     args = ap.parse_args(argv)
+    if args.command != "serve" and not args.inputs:
+        ap.error(f"{args.command} needs at least one input")
     export = resolve_model(args.model)
+    if args.command == "serve":
+        from infer.server import serve
+
+        serve(export, args.host, args.port, max_batch=args.max_batch, chains=args.chains, name=args.name)
+        return 0
     tok_path = Path(args.tokenizer or export / "tokenizer.model")
     if not tok_path.exists():
         raise SystemExit(f"error: no tokenizer at {tok_path}: pass --tokenizer (exports since train.export copy it)")

@@ -150,14 +150,18 @@ class Engine:
         return self.model(token, positions=positions, cache=cache, return_logits=True).logits[:, -1]
 
     @torch.no_grad()
-    def generate(self, prompts: list[dict], params: SamplingParams, max_new_tokens: list[int] | None = None):
+    def generate(
+        self, prompts: list[dict], params: SamplingParams, max_new_tokens: list[int] | None = None, on_tokens=None
+    ):
+        """on_tokens(tokens, done): called after every step with each row's new token and whether the row is done
+        (a host read per step: what streaming costs); it may return rows to finish now (a stop string seen)."""
         batch, key_start, next_pos = pad_prompts(prompts, self.device)
         limits = max_new_tokens or [params.max_new_tokens] * len(prompts)
         cache = self.cache_class(
             self.model, len(prompts), batch["tokens"].shape[1] + max(limits), self.device, self.dtype, key_start
         )
         logits = self.model(**batch, cache=cache, return_logits=True).logits[:, -1]
-        return self._decode(logits, cache, next_pos, params, limits, batch["positions"].dim())
+        return self._decode(logits, cache, next_pos, params, limits, batch["positions"].dim(), on_tokens)
 
     @torch.no_grad()
     def fork(self, prompt: dict, n: int, params: SamplingParams) -> list[list[int]]:
@@ -170,7 +174,9 @@ class Engine:
         limits = [params.max_new_tokens] * n
         return self._decode(logits.expand(n, -1), cache, next_pos.expand(n), params, limits, batch["positions"].dim())
 
-    def _decode(self, logits, cache, next_pos, params: SamplingParams, limits: list[int], pos_dims: int):
+    def _decode(
+        self, logits, cache, next_pos, params: SamplingParams, limits: list[int], pos_dims: int, on_tokens=None
+    ):
         B, steps = logits.shape[0], max(limits)
         generator = None
         if params.seed is not None:
@@ -190,6 +196,11 @@ class Engine:
                 out[:, step] = token
                 length += (~done).long()
                 done |= torch.isin(token, stops) | (length >= limit)
+                if on_tokens is not None:
+                    for row in on_tokens(token.tolist(), done.tolist()) or ():
+                        done[row] = True
+                    if bool(done.all()):
+                        break
                 if step + 1 == steps or ((step + 1) % self.check_every == 0 and bool(done.all())):
                     break
                 pos = (next_pos + step).view(B, 1)

@@ -55,6 +55,21 @@ def test_tokenizer_round_trips_and_reserves_specials(embedded):
     assert sp.img_start not in tok.encode("<img> is only text here")  # specials are never produced by encoding
 
 
+def test_a_tokenizer_built_before_the_chat_roles_loads_with_them_at_the_same_ids(tmp_path, monkeypatch):
+    """The roles took the first spare slots: a tokenizer whose slots still carry the old names answers for the roles
+    with those slots' ids, the ids a new tokenizer gives the roles."""
+    import data.tokenizer as tokenizer
+
+    texts = ["a red circle above a blue square. two green triangles."] * 50
+    new = tokenizer.train_tokenizer(iter(texts), tmp_path / "new.model", vocab_size=300)
+    old_names = tokenizer.IMAGE_TOKENS + tokenizer.REASONING_TOKENS + [f"<reserved_{i}>" for i in range(8)]
+    monkeypatch.setattr(tokenizer, "CONTROL_SYMBOLS", old_names)
+    old = tokenizer.train_tokenizer(iter(texts), tmp_path / "old.model", vocab_size=300)
+    for role, former in tokenizer.FORMER_NAMES.items():
+        assert old.token_id(role) == old.sp.piece_to_id(former) == new.token_id(role) != old.sp.unk_id()
+    assert old.encode("<user> hi") == new.encode("<user> hi")  # never the control id, in either
+
+
 def test_embedded_build_is_byte_identical_under_its_seed(embedded, tmp_path):
     """The same seed gives the same bytes, tokenizer included (with the same sentencepiece: the embedded tokenizer
     keeps NFKC, whose compiled table differs between sentencepiece versions)."""
