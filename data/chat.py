@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.layout import no_loss
+
 MODES = ("instant", "thinking", "contemplating")
 ROLES = ("system", "user", "assistant")
 
@@ -92,6 +94,13 @@ def render(messages: list[dict], tok, mode: str | None = None) -> tuple[list, li
     if mode is not None:
         add(opening(mode, t))
     return segments, assistant
+
+
+def training_segments(messages: list[dict], tok) -> list:
+    """The conversation laid out for fine-tuning: only what the assistant wrote is a target (the rest through
+    `data.layout.no_loss`: read, never predicted)."""
+    segments, mine = render(messages, tok)
+    return [seg if m else no_loss(seg) for seg, m in zip(segments, mine, strict=True)]
 
 
 def opening(mode: str, t: ChatTokens) -> list[int]:

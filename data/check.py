@@ -36,7 +36,7 @@ def check(
     """seq_len (with a tokenizer): also lay each document out as training does and count those longer than a row,
     which packing cuts across rows (`cut/longer_than_seq_len`)."""
     encode = len  # without a tokenizer, report characters
-    special = None
+    special = tok = None
     if tokenizer:
         from data.tokenizer import Tokenizer
 
@@ -53,7 +53,7 @@ def check(
             counts["samples"] += 1
             t0 = time.perf_counter()
             try:
-                kind, segments = to_segments(sample, encode, spec)
+                kind, segments = to_segments(sample, encode, spec, tok=tok)
             except Skip as e:
                 counts[f"skip/{e.reason}"] += 1
                 continue

@@ -83,6 +83,22 @@ def _image_template(rows: int, cols: int, scheme: str, special: SpecialIds) -> t
     return tokens, positions, is_patch, end + 1
 
 
+class NoLoss(list):
+    """Token ids the model reads but is not trained to predict: the prompt side of a fine-tuning conversation
+    (data.chat flags what the assistant wrote; everything else is laid out through `no_loss`)."""
+
+
+class NoLossImage(np.ndarray):
+    """An image whose markers are not predicted either (an image in a fine-tuning prompt)."""
+
+
+def no_loss(segment):
+    """The segment, read by the model but never a target."""
+    if isinstance(segment, np.ndarray):
+        return segment.view(NoLossImage)
+    return NoLoss(segment)
+
+
 def layout_document(
     segments: list,
     special: SpecialIds,
@@ -95,7 +111,7 @@ def layout_document(
         raise ValueError(f"position scheme '{scheme}' is not 'mrope' or 'rope1d'")
     # One array per segment, concatenated once: text positions are a range, an image's layout is a cached template
     # shifted to where it starts. Which positions are patches, inside an image or targets is set afterwards by slice.
-    tokens, positions, images, patch_arrays = [], [], [], []
+    tokens, positions, images, patch_arrays, quiet = [], [], [], [], []
     p = at = 0
     if bos:
         tokens.append(np.array([special.bos], dtype=np.int64))
@@ -103,15 +119,19 @@ def layout_document(
         p = at = 1
     for seg in segments:
         if isinstance(seg, np.ndarray):
-            patch_arrays.append(patchify(seg, patch_size))
+            patch_arrays.append(patchify(np.asarray(seg), patch_size))
             rows, cols = seg.shape[1] // patch_size, seg.shape[2] // patch_size
             tok, rel, flags, span = _image_template(rows, cols, scheme, special)
             tokens.append(tok)
             positions.append(rel + p)
             images.append((at, at + len(tok), flags))
+            if isinstance(seg, NoLossImage):
+                quiet.append((at, at + len(tok)))
             p, at = p + span, at + len(tok)
         else:
             n = len(seg)
+            if isinstance(seg, NoLoss):
+                quiet.append((at, at + n))
             tokens.append(np.asarray(seg, dtype=np.int64))
             positions.append(np.repeat(np.arange(p, p + n, dtype=np.int64)[:, None], 3, 1))
             p, at = p + n, at + n
@@ -129,6 +149,8 @@ def layout_document(
         is_patch[a:b] = flags
         image_index[a + 1 : b - 1] = k
         is_target[a + 1 : b] = False
+    for a, b in quiet:
+        is_target[a:b] = False
     targets = np.full(at, IGNORE, dtype=np.int64)
     targets[:-1][is_target[1:]] = tokens_a[1:][is_target[1:]]
     return LaidOut(

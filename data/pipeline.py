@@ -71,6 +71,7 @@ class DataConfig:
     position_scheme: str = "mrope"
     max_skip_rate: float = 0.05  # skipped / read samples above this stops the run...
     skip_rate_min_samples: int = 200  # ...once a stream has read this many
+    kinds: list[str] = field(default_factory=list)  # sample kinds read (text, caption, interleaved, chat); []: all
 
     def __post_init__(self):
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
@@ -299,7 +300,9 @@ class StreamWorker:
             self.counts["samples"] += 1
             self.counts[f"source/{self.sources[i].name}"] += 1  # per source: how many epochs a run read (summary)
             try:
-                kind, segments = to_segments(sample, self.tok.encode, self.cfg.image_spec, fingerprint=self.fingerprint)
+                kind, segments = to_segments(
+                    sample, self.tok.encode, self.cfg.image_spec, fingerprint=self.fingerprint, tok=self.tok
+                )
                 doc = layout_document(segments, self.tok.special, self.cfg.patch_size, self.cfg.position_scheme)
             except Skip as e:
                 self._skip(e.reason)
@@ -308,6 +311,9 @@ class StreamWorker:
                 raise DataError(f"source '{self.sources[i].name}': {e}") from e
             except SAMPLE_ERRORS as e:  # a sample that does not decode is counted under its type, not fatal
                 self._skip(f"error_{type(e).__name__}")
+                continue
+            if self.cfg.kinds and kind not in self.cfg.kinds:  # counted against max_skip_rate: a wrong source stops
+                self._skip(f"kind_{kind}_not_in_data.kinds")
                 continue
             self.counts[f"kind/{kind}"] += 1
             doc.meta = {"key": f"{self.sources[i].name}/{sample['__key__']}", "source": i, "before": before}

@@ -181,10 +181,12 @@ def _prepare_shard(job: tuple) -> dict:
         for sample in read_shard(str(src), counts):
             counts["samples"] += 1
             try:
-                kind, segments = to_segments(sample, tok.encode, spec, fp)
+                kind, segments = to_segments(sample, tok.encode, spec, fp, tok=tok)
             except Skip as e:
                 counts[f"skip/{e.reason}"] += 1
                 continue
+            if kind == "chat":  # a prepared copy keeps ids, not which of them are targets
+                raise ValueError(f"{src}: chat samples are read raw (their loss mask is not kept in a prepared copy)")
             chunk.append((sample["__key__"], encode_sample(kind, segments, fp)))
             if len(chunk) == CHUNK_SAMPLES:
                 flush(writer)

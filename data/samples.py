@@ -28,6 +28,8 @@ def sample_kind(sample: dict) -> str:
     meta = sample.get("json")
     if meta is not None and b'"segments"' in meta:
         return "interleaved"
+    if meta is not None and b'"messages"' in meta:
+        return "chat"
     if any(ext in sample for ext in IMAGE_EXTS):
         return "caption"
     if "txt" in sample:
@@ -46,14 +48,43 @@ def _text(data: bytes | None, what: str) -> str:
         raise Skip("bad_utf8", f"{what}: {e}") from e
 
 
+def _chat(sample: dict, tok, spec: ImageSpec) -> list:
+    """A conversation (data.chat's messages; an image part is {"image": member}) laid out for fine-tuning: the
+    assistant's writing is the only target."""
+    from data.chat import ChatError, training_segments
+
+    try:
+        messages = json.loads(sample["json"])["messages"]
+        for m in messages:
+            parts = m.get("content", "")
+            if isinstance(parts, list):
+                m["content"] = [_part(p, sample, spec) for p in parts]
+        return training_segments(messages, tok)
+    except (ValueError, KeyError, TypeError, AttributeError, ChatError) as e:
+        raise Skip("bad_json", f"chat: {e}") from e
+
+
+def _part(part, sample: dict, spec: ImageSpec):
+    if isinstance(part, dict) and isinstance(part.get("image"), str):
+        member = part["image"].lower()
+        if member not in sample:
+            raise Skip("missing_image", f"a message refers to '{member}', not in the sample")
+        return load_image(sample[member], spec)
+    if isinstance(part, dict) and isinstance(part.get("text"), str):
+        return part["text"]
+    raise ValueError(f"a part is {{'text': ...}} or {{'image': member}}, got {part!r}")
+
+
 def to_segments(
     sample: dict,
     encode: Callable[[str], list[int]],
     spec: ImageSpec,
     fingerprint: int | None = None,
+    tok=None,
 ) -> tuple[str, list]:
     """(kind, segments): segments are token-id lists and (3, H, W) uint8 images, in reading order.
-    fingerprint: what prepared samples must have been made with (`data.prepared.fingerprint`); None accepts any."""
+    fingerprint: what prepared samples must have been made with (`data.prepared.fingerprint`); None accepts any.
+    tok: the tokenizer, which a chat sample needs for its role and reasoning tokens."""
     kind = sample_kind(sample)
     if kind == "prepared":
         return decode_sample(sample["seg"], fingerprint)
@@ -83,4 +114,8 @@ def to_segments(
             else:
                 raise Skip("bad_json", f"segment {seg!r} has neither 'text' nor 'image'")
         return kind, out
+    if kind == "chat":
+        if tok is None:
+            raise Skip("needs_tokenizer", "a chat sample is laid out with the tokenizer's role tokens")
+        return kind, _chat(sample, tok, spec)
     raise Skip("unknown_kind", f"members {sorted(k for k in sample if not k.startswith('__'))}")

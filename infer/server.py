@@ -30,11 +30,12 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from data.chat import MODES, ChatError, ChatTokens, parse, render, synthesis_prompt
+from data.chat import MODES, ChatError, ChatTokens, parse, render
 from data.images import ImageSpec, Skip, load_image
 from data.layout import layout_document
 from data.packing import document_batch
 from infer.engine import Engine, SamplingParams
+from infer.modes import contemplate, stop_ids
 
 EFFORT = {"none": "instant", "minimal": "instant", "low": "instant", "medium": "thinking", "high": "contemplating"}
 
@@ -164,7 +165,7 @@ class ChatService:
             raise BadRequest("stop must be a string or a list of up to 4 non-empty strings", "stop")
         seed = body.get("seed")
         max_tokens = asked if asked is not None else context - n
-        params = SamplingParams(max_tokens, float(temperature), float(top_p), 0, (self.t.eos, self.t.end_answer), seed)
+        params = SamplingParams(max_tokens, float(temperature), float(top_p), 0, stop_ids(self.t), seed)
         return Job(messages, document_batch(laid), n, mode, params, max_tokens, stop, loop)
 
     def _messages(self, raw) -> list[dict]:
@@ -254,29 +255,22 @@ class ChatService:
             text.end(len(ids))
 
     def _contemplate(self, job: Job) -> None:
-        """N chains from one prefill (at the request's temperature, or 1.0 where it is 0: greedy chains would all be
-        one), then the synthesis pass over their answers, streamed as the answer."""
-        p = job.params
-        chain_params = SamplingParams(p.max_new_tokens, p.temperature or 1.0, p.top_p, 0, p.stop_ids, p.seed)
-        chains = self.engine.fork(job.prompt, self.chains, chain_params)
-        replies = [parse(c, "thinking", self.t) for c in chains]
-        thoughts = "\n".join(f"Chain {k + 1}: {self.tok.decode(r.thought)}" for k, r in enumerate(replies))
+        """The chains (infer.modes.contemplate), sent whole as the thought; the synthesis, streamed as the answer."""
+        c = contemplate(self.engine, self.tok, job.messages, self.chains, job.params)
+        thoughts = "\n".join(f"Chain {k + 1}: {self.tok.decode(r.thought)}" for k, r in enumerate(c.chains))
         job.emit("reasoning_content", thoughts)
-        answers = [self.tok.decode(r.answer) for r in replies]
-        cfg = self.model.cfg
-        segments = synthesis_prompt(job.messages, answers, self.tok)
-        laid = layout_document(segments, self.tok.special, cfg.patch_size, cfg.position_scheme, eos=False)
-        room = cfg.max_seq_len - len(laid)
+        room = self.model.cfg.max_seq_len - c.synthesis_prompt["tokens"].shape[1]
         if room < 1:
-            raise BadRequest(f"the synthesis prompt of {len(laid)} positions leaves no room in the context")
+            raise BadRequest("the synthesis prompt leaves no room in the context")
         text = Text(job, self.tok, self.t, mode="instant")
         text.sent["reasoning_content"] = thoughts  # sent above, whole
+        p = job.params
         out = self.engine.generate(
-            [document_batch(laid)],
+            [c.synthesis_prompt],
             SamplingParams(min(job.max_tokens, room), p.temperature, p.top_p, 0, p.stop_ids, p.seed),
             on_tokens=_streamer([text]),
         )
-        used = sum(map(len, chains)) + len(out[0])
+        used = c.chain_tokens + len(out[0])
         self._record(self.chains, used)
         text.texts["reasoning_content"] = thoughts
         text.end(used)

@@ -132,6 +132,8 @@ class TrainConfig:
     seed: int = 0
     resume: str = "auto"  # auto: the run_dir's latest checkpoint if any | none | a checkpoint directory
     init_from: str = ""  # a checkpoint to start from when run_dir has none of its own (a WSD cooldown branch)
+    init_weights: str = ""  # an export (or a run directory with one): its weights only, fine-tuning's start
+    objective: str = "lm"  # lm: every text target | sft: chat samples only, their assistant turns (data.chat)
     # differences from the checkpoint's fingerprint a resume accepts (train/fingerprint.py): keys or prefixes, e.g.
     # [data.sources] to change the mixture; LR, schedule, steps, evaluation and logging are never checked
     resume_allow: list[str] = field(default_factory=list)
@@ -146,6 +148,14 @@ class TrainConfig:
     nan: NanConfig = field(default_factory=NanConfig)
 
     def __post_init__(self):
+        if self.objective not in ("lm", "sft"):
+            raise ConfigError(f"objective='{self.objective}' is not 'lm' or 'sft'")
+        if self.objective == "sft":
+            if not (self.init_weights or self.init_from):
+                raise ConfigError("objective=sft fine-tunes a model: give init_weights (an export or a run directory)")
+            self.data.kinds = self.data.kinds or ["chat"]
+            if self.data.kinds != ["chat"]:
+                raise ConfigError(f"objective=sft trains on chat samples only; data.kinds={self.data.kinds}")
         if self.data.patch_size != self.model.patch_size:
             raise ConfigError(f"data.patch_size={self.data.patch_size} != model.patch_size={self.model.patch_size}")
         if self.data.position_scheme != self.model.position_scheme:

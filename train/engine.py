@@ -213,6 +213,10 @@ def build_engine(cfg: TrainConfig, device: torch.device, world: int = 1):
 
         zero_waits.apply()  # DeepSpeed's ZeRO-1/2 step without its host waits
     model = build_model(cfg.model)
+    if cfg.init_weights:  # before the engine: ZeRO's optimizers copy the weights they start from
+        from train.finetune import load_weights
+
+        load_weights(model, cfg.init_weights)
     choose_mlp_kernels(model, cfg)
     if cfg.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
