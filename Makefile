@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup data test lint demo study clean
+.PHONY: setup data test lint demo study reasoning clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: data
 test: setup
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The reasoning modes on the demo model (docs/REASONING.md): tasks, two fine-tuning stages, measurements.
+reasoning: setup
+	BIN=$(BIN) bash benchmarks/reasoning.sh
 
 # The scaling study on this host's GPUs (docs/study/STUDY.md), with a CUDA build of torch on the path.
 study:

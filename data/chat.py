@@ -1,8 +1,9 @@
 """The chat template: one layout of a conversation for fine-tuning, evaluation and serving.
 
 A message is {"role": "system" | "user" | "assistant", "content": text or a list of parts (text, or an image as
-`data.images.load_image` returns it), and for an assistant turn an optional "thought"}. Laid out as segments for
-`data.layout.layout_document` (images where the parts place them):
+`data.images.load_image` returns it), and for an assistant turn an optional "thought" (with "thought_given": true
+when the thought is context the model reads rather than writes: a synthesis turn's list of candidates)}. Laid out
+as segments for `data.layout.layout_document` (images where the parts place them):
 
     <bos> [<system> text] <user> parts <assistant> <think> thought </think> <answer> answer </answer> ... <eos>
 
@@ -80,7 +81,7 @@ def render(messages: list[dict], tok, mode: str | None = None) -> tuple[list, li
         if role == "assistant":
             add([t.assistant])
             thought = m.get("thought") or ""
-            add([t.think, *tok.encode(thought), t.end_think, t.answer], mine=True)
+            add([t.think, *tok.encode(thought), t.end_think, t.answer], mine=not m.get("thought_given"))
             add([*tok.encode(m.get("content") or ""), t.end_answer], mine=True)
             continue
         add([getattr(t, role)])
@@ -135,10 +136,13 @@ def parse(ids: list[int], mode: str, t: ChatTokens) -> Reply:
     return Reply(thought, ids, False)
 
 
+def synthesis_thought(candidates: list[str]) -> str:
+    return " ".join(f"Candidate {k + 1}: {c.strip()}." for k, c in enumerate(candidates))
+
+
 def synthesis_prompt(messages: list[dict], candidates: list[str], tok) -> list:
     """Contemplating's second pass, as layout segments: the conversation, then an assistant turn whose thought lists
     the candidates' answers (<assistant> <think> Candidate 1: ... </think> <answer>), open for the one answer."""
     t = ChatTokens.of(tok)
-    thought = " ".join(f"Candidate {k + 1}: {c.strip()}." for k, c in enumerate(candidates))
     segments, _ = render(messages, tok)
-    return [*segments, [t.assistant, t.think, *tok.encode(thought), t.end_think, t.answer]]
+    return [*segments, [t.assistant, t.think, *tok.encode(synthesis_thought(candidates)), t.end_think, t.answer]]

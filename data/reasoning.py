@@ -15,7 +15,7 @@ reasoning has room to compress. Held out: scenes holding one of `HELD_OUT`'s col
 digits from a disjoint part of the MNIST sample (digitsum), expressions whose first two operands end in one of
 `HELD_OUT_DIGITS`' pairs (arith). Every item is a function of (seed, split, task, index): builds are byte-identical.
 
-    python -m data.reasoning --out artifacts/reasoning [--train 4000] [--val 200] [--seed 0]
+    python -m data.reasoning --out artifacts/reasoning [--train 4000] [--val 200] [--seed 0] [--instant-share 0.25]
 """
 
 from __future__ import annotations
@@ -198,12 +198,13 @@ def make_item(task: str, split: str, index: int, seed: int, pools) -> dict:
     return arith_item(rng, held_out)
 
 
-def sample(item: dict, task: str, key: str) -> dict:
-    """The item as a chat sample (data.samples reads it: the assistant's thought and answer are the targets)."""
+def sample(item: dict, task: str, key: str, instant: bool = False) -> dict:
+    """The item as a chat sample (data.samples reads it: the assistant's thought and answer are the targets);
+    instant: with an empty thought, as Instant mode answers."""
     content = ([{"image": "0.png"}] if item["image"] is not None else []) + [{"text": item["question"]}]
     messages = [
         {"role": "user", "content": content},
-        {"role": "assistant", "thought": item["trace"], "content": item["answer"]},
+        {"role": "assistant", "thought": "" if instant else item["trace"], "content": item["answer"]},
     ]
     out = {"__key__": key, "json": {"messages": messages, "task": task, "answer": item["answer"]}}
     if item["image"] is not None:
@@ -211,16 +212,20 @@ def sample(item: dict, task: str, key: str) -> dict:
     return out
 
 
-def build(out: Path, train: int = 4000, val: int = 200, seed: int = 0) -> dict:
+def build(out: Path, train: int = 4000, val: int = 200, seed: int = 0, instant_share: float = 0.25) -> dict:
+    """instant_share: the share of training items whose answer comes with an empty thought (Instant mode is
+    trained, not only prompted); validation and held-out items keep their traces."""
     pools = mnist_pools(seed)
     sizes = {"train": train, "val": val, "heldout": val}
     for task in TASKS:
         for split in SPLITS:
+            pick = np.random.default_rng([seed, SPLITS.index(split), TASKS.index(task), 1 << 20])
             with DatasetWriter(out / task / split, 1000) as w:
                 for i in range(sizes[split]):
-                    s = sample(make_item(task, split, i, seed, pools), task, f"{task}-{split}-{i:07d}")
+                    instant = split == "train" and pick.random() < instant_share
+                    s = sample(make_item(task, split, i, seed, pools), task, f"{task}-{split}-{i:07d}", instant)
                     w.write(s.pop("__key__"), s)
-    meta = {"tasks": list(TASKS), "sizes": sizes, "seed": seed}
+    meta = {"tasks": list(TASKS), "sizes": sizes, "seed": seed, "instant_share": instant_share}
     (out / "reasoning.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -231,8 +236,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train", type=int, default=4000, help="training items per task")
     ap.add_argument("--val", type=int, default=200, help="validation and held-out items per task")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--instant-share", type=float, default=0.25, help="training items answered with no thought")
     args = ap.parse_args(argv)
-    print(json.dumps(build(Path(args.out), args.train, args.val, args.seed)))
+    print(json.dumps(build(Path(args.out), args.train, args.val, args.seed, args.instant_share)))
     return 0
 
 

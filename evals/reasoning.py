@@ -1,7 +1,8 @@
 """The reasoning tasks (data.reasoning) as evaluation tasks, asked in each reasoning mode through the chat template.
 
-Per mode: accuracy (the exact answer), mean thought and answer tokens; Contemplating adds majority vote over the
-same N chains and pass@N (any chain right), which is what its synthesis is to be compared with. Next to them, on
+Per mode: accuracy (the exact answer, with its 95% Wilson interval over the items), mean thought and answer tokens;
+Contemplating adds majority vote over the same N chains and pass@N (any chain right), which is what its synthesis
+is to be compared with. Next to them, on
 the same items: the task's majority answer (a blind guess) and the model in Instant mode without the image (what
 the question alone gets). The score is the task's, so RL can use it as the reward (`Task.reward`).
 
@@ -52,6 +53,15 @@ def _messages(item: Item, spec: ImageSpec, image: bool = True) -> list[dict]:
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
+
+
+def wilson(share: float, n: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson score interval of an accuracy over n items (sound at 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((share * (1 - share) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def evaluate_modes(
@@ -107,6 +117,8 @@ def evaluate_modes(
                 "answer_tokens": _mean(len(r.answer) for r in replies),
                 "closed": _mean(float(r.finished) for r in replies),  # answers that ended, not cut by the limit
             }
+        for key in [k for k in results[mode] if k in ("accuracy", "majority_vote") or k.startswith("pass@")]:
+            results[mode][f"{key}_95"] = wilson(results[mode][key], len(items))
         results[mode]["seconds"] = round(time.perf_counter() - t_mode, 2)
     baselines = {
         name: _mean(task.score(p, it)["exact"] for p, it in zip(preds, items, strict=True))
@@ -120,19 +132,45 @@ def evaluate_modes(
         "items": len(items),
         "modes": results,
         "baselines": baselines,
+        "baselines_95": {k: wilson(v, len(items)) for k, v in baselines.items()},
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
 def modes_table(results: list[dict]) -> str:
-    lines = [f"{'task':<9} {'mode':<14} {'items':>5} {'accuracy':>8} {'thought':>8} {'answer':>7}  also"]
+    lines = [f"{'task':<9} {'mode':<14} {'items':>5} {'accuracy [95%]':>21} {'thought':>8} {'answer':>7}  also"]
     for r in results:
         for mode, m in r["modes"].items():
-            extra = "; ".join(f"{k} {v:.3f}" for k, v in m.items() if k == "majority_vote" or k.startswith("pass@"))
+            keys = [k for k in m if k == "majority_vote" or (k.startswith("pass@") and not k.endswith("_95"))]
+            extra = "; ".join(f"{k} {m[k]:.3f}" for k in keys)
+            lo, hi = m["accuracy_95"]
             lines.append(
-                f"{r['task']:<9} {mode:<14} {r['items']:>5} {m['accuracy']:>8.3f} {m['thought_tokens']:>8.1f} "
-                f"{m['answer_tokens']:>7.1f}  {extra}"
+                f"{r['task']:<9} {mode:<14} {r['items']:>5} {m['accuracy']:>6.3f} [{lo:.3f}, {hi:.3f}] "
+                f"{m['thought_tokens']:>8.1f} {m['answer_tokens']:>7.1f}  {extra}"
             )
         base = "; ".join(f"{k} {v:.3f}" for k, v in r["baselines"].items())
         lines.append(f"{'':<9} {'baselines':<14} {'':>5} {base}")
+    return "\n".join(lines)
+
+
+def modes_markdown(results: list[dict]) -> str:
+    """The same table as markdown (docs/REASONING.md quotes it; tests/test_reasoning.py checks it against the JSON)."""
+    lines = [
+        "| task | mode | accuracy [95%] | thought tokens | answer tokens | majority vote | pass@N |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        for mode, m in r["modes"].items():
+            lo, hi = m["accuracy_95"]
+            vote = f"{m['majority_vote']:.3f}" if "majority_vote" in m else ""
+            at = next(
+                (f"{m[k]:.3f} (N={m['chains']})" for k in m if k.startswith("pass@") and not k.endswith("_95")), ""
+            )
+            lines.append(
+                f"| {r['task']} | {mode} | {m['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {m['thought_tokens']:.1f} | "
+                f"{m['answer_tokens']:.1f} | {vote} | {at} |"
+            )
+        for name, value in r["baselines"].items():
+            lo, hi = r["baselines_95"][name]
+            lines.append(f"| {r['task']} | baseline: {name} | {value:.3f} [{lo:.3f}, {hi:.3f}] | | | | |")
     return "\n".join(lines)

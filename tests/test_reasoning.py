@@ -133,6 +133,11 @@ def test_modes_are_scored_next_to_their_baselines(reasoning, random_export, embe
     assert set(r["modes"]) == {"instant", "thinking", "contemplating"} and r["items"] == 4
     c = r["modes"]["contemplating"]
     assert c["pass@3"] >= c["majority_vote"] and 0 <= c["accuracy"] <= 1
+    for m in r["modes"].values():  # each accuracy inside its 95% interval over the 4 items
+        assert (
+            m["accuracy_95"][0] <= m["accuracy"] <= m["accuracy_95"][1]
+            and m["accuracy_95"][1] - m["accuracy_95"][0] > 0.3
+        )
     assert r["modes"]["instant"]["thought_tokens"] == 0  # instant's thought is empty by construction
     assert set(r["baselines"]) == {"majority answer", "instant without the image"}
     majority = Counter(it.reference for it in items).most_common(1)[0][1] / 4
@@ -164,3 +169,47 @@ def test_sft_runs_under_torchrun_from_an_export_on_chat_data_only(micro_config, 
     kinds = {k for k, v in summary["data_counts"].items() if k.startswith("kind/") and v}
     assert kinds == {"kind/chat"} and summary["steps"] == 6
     assert set(summary["final_val"]) >= {"count/text_loss", "arith/text_loss"}
+
+
+def test_synthesis_sets_from_the_models_own_samples_train_only_the_answer(reasoning, random_export, embedded, tmp_path):
+    """infer.synthesis: each training item becomes a synthesis turn whose given thought lists the model's N answers
+    (read, not a target) and whose answer is the reference; the share of sets with a wrong majority is recorded."""
+    from infer.synthesis import build as build_synthesis
+    from model import load_pretrained
+
+    tok = Tokenizer(embedded / "tokenizer.model")
+    t = ChatTokens.of(tok)
+    out = tmp_path / "synth"
+    stats = build_synthesis(
+        load_pretrained(random_export), tok, reasoning, out, items=3, chains=2, batch=2, seed=0, max_new=6
+    )
+    assert set(stats) == set(TASKS) and all(s["sets"] == 3 and 0 <= s["majority_wrong"] <= 1 for s in stats.values())
+    for task in TASKS:
+        got = samples(out, task, "train")
+        assert len(got) == 3
+        meta = json.loads(got[0]["json"])
+        turn = meta["messages"][1]
+        assert (
+            turn["thought_given"] and turn["thought"].startswith("Candidate 1: ") and "Candidate 2: " in turn["thought"]
+        )
+        kind, segments = to_segments(got[0], tok.encode, ImageSpec(8, 64), tok=tok)
+        doc = layout_document(segments, tok.special, 8)
+        assert doc.targets[doc.targets >= 0].tolist() == [*tok.encode(meta["answer"]), t.end_answer, tok.special.eos]
+
+
+def test_the_reasoning_doc_quotes_the_committed_measurements():
+    """docs/REASONING.md's tables are what evals.reasoning.modes_markdown makes of the committed JSON."""
+    from conftest import REPO
+
+    from evals.reasoning import modes_markdown
+
+    doc = (REPO / "docs" / "REASONING.md").read_text()
+    for run in ("sft-demo", "sft-synthesis"):
+        results = json.loads((REPO / "docs" / "reasoning" / f"modes-{run}.json").read_text())
+        assert modes_markdown(results) in doc
+    sets = json.loads((REPO / "docs" / "reasoning" / "synthesis-sets.json").read_text())["tasks"]
+    for task, v in sets.items():
+        assert f"| {task} | {v['sets']} | {v['majority_wrong']:.1%} | {v['none_right']:.1%} |" in doc
+    latency = json.loads((REPO / "docs" / "reasoning" / "latency-cpu.json").read_text())["modes"]
+    for mode, v in latency.items():
+        assert f"| {mode} | {v['requests']} | {v['median_s']:.3f} | {v['mean_s']:.3f} |" in doc
