@@ -44,7 +44,20 @@ def _dotted(d: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# Config fields added after sweeps had keyed their cells: left out of the key while at their defaults, so that a new
+# field does not re-key (and rerun) every finished cell. A field added later joins this list.
+ADDED_SINCE_KEYED = {("init_weights",): "", ("objective",): "lm", ("data", "kinds"): []}
+
+
 def weights_key(config: dict, extra: dict | None = None) -> str:
+    config = json.loads(json.dumps(config))  # a copy to prune
+    for path, default in ADDED_SINCE_KEYED.items():
+        *parents, leaf = path
+        node = config
+        for p in parents:
+            node = node.get(p, {})
+        if leaf in node and node[leaf] == default:
+            del node[leaf]
     d = {k: v for k, v in config.items() if k not in NOT_WEIGHTS}
     d["eval"] = {k: v for k, v in config["eval"].items() if k != "every"}
     d.update(extra or {})
