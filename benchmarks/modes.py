@@ -20,7 +20,7 @@ import torch
 from data.chat import ChatTokens
 from data.images import ImageSpec
 from data.tokenizer import Tokenizer
-from evals.reasoning import ReasoningTask, _messages
+from evals.reasoning import ReasoningTask, user_turn
 from infer.__main__ import resolve_model
 from infer.engine import Engine, SamplingParams
 from infer.modes import contemplate, prompt, stop_ids
@@ -55,18 +55,18 @@ def main(argv=None) -> int:
 
     rows = {m: {"seconds": [], "tokens": []} for m in MODES}
     with torch.inference_mode():
-        engine.generate([prompt(_messages(items[0], spec), tok, "thinking", cfg)], greedy)  # warm-up
+        engine.generate([prompt(user_turn(items[0], spec), tok, "thinking", cfg)], greedy)  # warm-up
         for k, it in enumerate(items):
             for mode in MODES:
                 sync()
                 t0 = time.perf_counter()
                 if mode == "contemplating":
                     params = SamplingParams(args.max_new_tokens, 1.0, 1.0, 0, stop_ids(t), k)
-                    c = contemplate(engine, tok, _messages(it, spec), args.chains, params)
+                    c = contemplate(engine, tok, user_turn(it, spec), args.chains, params)
                     (final,) = engine.generate([c.synthesis_prompt], greedy)
                     tokens = c.chain_tokens + len(final)
                 else:
-                    (ids,) = engine.generate([prompt(_messages(it, spec), tok, mode, cfg)], greedy)
+                    (ids,) = engine.generate([prompt(user_turn(it, spec), tok, mode, cfg)], greedy)
                     tokens = len(ids)
                 sync()
                 rows[mode]["seconds"].append(time.perf_counter() - t0)

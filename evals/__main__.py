@@ -21,7 +21,7 @@ import yaml
 from data.chat import MODES
 from data.tokenizer import Tokenizer
 from evals.harness import evaluate, table
-from evals.reasoning import ReasoningTask, evaluate_modes, modes_table
+from evals.reasoning import ReasoningTask, evaluate_modes, modes_markdown
 from evals.registry import get_task
 from infer.__main__ import resolve_model
 from model import load_pretrained
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if results:
         print(table(results))
     if reasoning:
-        print(modes_table(reasoning))
+        print(modes_markdown(reasoning))
     results += reasoning
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -45,7 +45,8 @@ class ReasoningTask(Task):
         return {"majority answer": [top] * len(items)}
 
 
-def _messages(item: Item, spec: ImageSpec, image: bool = True) -> list[dict]:
+def user_turn(item: Item, spec: ImageSpec, image: bool = True) -> list[dict]:
+    """The item as a conversation to answer: its image (unless image=False) and its question."""
     content = ([load_image(item.image, spec)] if item.image and image else []) + [item.prompt]
     return [{"role": "user", "content": content}]
 
@@ -96,7 +97,7 @@ def evaluate_modes(
             rows = []
             for k, it in enumerate(items):
                 params = SamplingParams(max_new_tokens, 1.0, 1.0, 0, stop_ids(t), seed + k)
-                rows.append(contemplate(engine, tok, _messages(it, spec), chains, params))
+                rows.append(contemplate(engine, tok, user_turn(it, spec), chains, params))
             final = ask([r.synthesis_prompt for r in rows], "instant")
             votes = [Counter(normalise(tok.decode(c.answer)) for c in r.chains).most_common(1)[0][0] for r in rows]
             results[mode] = {
@@ -110,7 +111,7 @@ def evaluate_modes(
                 "chains": chains,
             }
         else:
-            replies = ask([prompt(_messages(it, spec), tok, mode, cfg) for it in items], mode)
+            replies = ask([prompt(user_turn(it, spec), tok, mode, cfg) for it in items], mode)
             results[mode] = {
                 "accuracy": _mean(right(r.answer, it) for r, it in zip(replies, items, strict=True)),
                 "thought_tokens": _mean(len(r.thought) for r in replies),
@@ -125,7 +126,7 @@ def evaluate_modes(
         for name, preds in task.baselines(items).items()
     }
     if any(it.image for it in items):
-        blind = ask([prompt(_messages(it, spec, image=False), tok, "instant", cfg) for it in items], "instant")
+        blind = ask([prompt(user_turn(it, spec, image=False), tok, "instant", cfg) for it in items], "instant")
         baselines["instant without the image"] = _mean(right(r.answer, it) for r, it in zip(blind, items, strict=True))
     return {
         "task": task.name,
@@ -137,24 +138,9 @@ def evaluate_modes(
     }
 
 
-def modes_table(results: list[dict]) -> str:
-    lines = [f"{'task':<9} {'mode':<14} {'items':>5} {'accuracy [95%]':>21} {'thought':>8} {'answer':>7}  also"]
-    for r in results:
-        for mode, m in r["modes"].items():
-            keys = [k for k in m if k == "majority_vote" or (k.startswith("pass@") and not k.endswith("_95"))]
-            extra = "; ".join(f"{k} {m[k]:.3f}" for k in keys)
-            lo, hi = m["accuracy_95"]
-            lines.append(
-                f"{r['task']:<9} {mode:<14} {r['items']:>5} {m['accuracy']:>6.3f} [{lo:.3f}, {hi:.3f}] "
-                f"{m['thought_tokens']:>8.1f} {m['answer_tokens']:>7.1f}  {extra}"
-            )
-        base = "; ".join(f"{k} {v:.3f}" for k, v in r["baselines"].items())
-        lines.append(f"{'':<9} {'baselines':<14} {'':>5} {base}")
-    return "\n".join(lines)
-
-
 def modes_markdown(results: list[dict]) -> str:
-    """The same table as markdown (docs/REASONING.md quotes it; tests/test_reasoning.py checks it against the JSON)."""
+    """The scores as a markdown table: what `python -m evals` prints and docs/REASONING.md quotes (checked against
+    the JSON by tests/test_reasoning.py)."""
     lines = [
         "| task | mode | accuracy [95%] | thought tokens | answer tokens | majority vote | pass@N |",
         "| --- | --- | --- | --- | --- | --- | --- |",

@@ -30,12 +30,10 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from data.chat import MODES, ChatError, ChatTokens, parse, render
+from data.chat import MODES, ChatError, ChatTokens, parse
 from data.images import ImageSpec, Skip, load_image
-from data.layout import layout_document
-from data.packing import document_batch
 from infer.engine import Engine, SamplingParams
-from infer.modes import contemplate, stop_ids
+from infer.modes import contemplate, prompt, stop_ids
 
 EFFORT = {"none": "instant", "minimal": "instant", "low": "instant", "medium": "thinking", "high": "contemplating"}
 
@@ -138,13 +136,10 @@ class ChatService:
             raise BadRequest("n must be 1 (several samples and their synthesis: mode 'contemplating')", "n")
         messages = self._messages(body.get("messages"))
         try:
-            segments, _ = render(messages, self.tok, mode)
+            batch = prompt(messages, self.tok, mode, self.model.cfg)
         except ChatError as e:
             raise BadRequest(str(e), "messages") from e
-        cfg = self.model.cfg
-        laid = layout_document(segments, self.tok.special, cfg.patch_size, cfg.position_scheme, eos=False)
-        n = len(laid)
-        context = cfg.max_seq_len
+        n, context = batch["tokens"].shape[1], self.model.cfg.max_seq_len
         asked = body.get("max_completion_tokens", body.get("max_tokens"))
         if asked is not None and (not isinstance(asked, int) or asked < 1):
             raise BadRequest(f"max_tokens must be a positive integer, got {asked!r}", "max_tokens")
@@ -166,7 +161,7 @@ class ChatService:
         seed = body.get("seed")
         max_tokens = asked if asked is not None else context - n
         params = SamplingParams(max_tokens, float(temperature), float(top_p), 0, stop_ids(self.t), seed)
-        return Job(messages, document_batch(laid), n, mode, params, max_tokens, stop, loop)
+        return Job(messages, batch, n, mode, params, max_tokens, stop, loop)
 
     def _messages(self, raw) -> list[dict]:
         if not isinstance(raw, list) or not raw:

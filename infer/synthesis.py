@@ -63,9 +63,14 @@ def build(model, tok, data: Path, out: Path, items: int, chains: int, batch: int
                     counts["sets"] += 1
                     counts["majority_right"] += vote == truth
                     counts["any_right"] += truth in answers
-                    user = json.loads(s["json"])["messages"][0]
                     turn = {"role": "assistant", "thought": synthesis_thought(answers), "thought_given": True}
-                    members = {"json": {"messages": [user, {**turn, "content": truth}], "task": task, "answer": truth}}
+                    members = {
+                        "json": {
+                            "messages": [meta["messages"][0], {**turn, "content": truth}],
+                            "task": task,
+                            "answer": truth,
+                        }
+                    }
                     if "0.png" in s:
                         members["0.png"] = s["0.png"]
                     w.write(f"{task}-synth-{b + k:07d}", members)

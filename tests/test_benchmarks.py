@@ -56,4 +56,5 @@ def test_decode_benchmark_runs_the_engine_and_the_loop_on_cpu():
     rows = bench("configs/gpu-20m.yaml", ["model.depth=1"], 512, [1, 4], 8, 6, 4800.0, torch.device("cpu"), engines)
     assert [(r["engine"], r["batch"]) for r in rows] == [(e, b) for e in engines for b in (1, 4)]
     assert all(r["tokens_per_s"] > 0 and 0 < r["of_bound"] < 1 for r in rows)
+    assert [r["greedy_match"] for r in rows if r["batch"] == 1] == [1.0, 1.0]  # fp32: the single-row loop's tokens
     assert rows[1]["bound_tokens_per_s"] > rows[0]["bound_tokens_per_s"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import re
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -109,3 +110,8 @@ def test_the_third_runs_partial_numbers_are_its_csv():
     at = {(r["recipe"], int(r["size"]), r["budget"]): float(r["loss"]) for r in rows}
     depth1, depth2 = at[("causal", 1, "flops=1e+14")], at[("causal", 2, "flops=1e+14")]
     assert f"ends at {depth1:.4f} and depth 2 at {depth2:.4f} (causal)" in text and depth2 < depth1
+    samples = [line.split() for line in (STUDY / "run3-util.log").read_text().splitlines()]
+    running = [(int(r[1]), float(r[5])) for r in samples if len(r) >= 6 and r[2] == "%," and int(r[3]) > 0]
+    busy, load = statistics.median(b for b, _ in running), statistics.median(x for _, x in running)
+    assert f"busy a median {busy:.0f}% of the {len(running)} five-second samples" in text
+    assert f"load average a median {load:.1f} on 16 cores" in text
