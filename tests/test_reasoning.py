@@ -210,6 +210,7 @@ def test_the_reasoning_doc_quotes_the_committed_measurements():
     sets = json.loads((REPO / "docs" / "reasoning" / "synthesis-sets.json").read_text())["tasks"]
     for task, v in sets.items():
         assert f"| {task} | {v['sets']} | {v['majority_wrong']:.1%} | {v['none_right']:.1%} |" in doc
-    latency = json.loads((REPO / "docs" / "reasoning" / "latency-cpu.json").read_text())["modes"]
-    for mode, v in latency.items():
-        assert f"| {mode} | {v['requests']} | {v['median_s']:.3f} | {v['mean_s']:.3f} |" in doc
+    for device in ("cpu", "gpu"):
+        latency = json.loads((REPO / "docs" / "reasoning" / f"latency-{device}.json").read_text())["modes"]
+        for mode, v in latency.items():
+            assert f"| {mode} | {v['requests']} | {v['median_s']:.3f} | {v['mean_s']:.3f} |" in doc
