@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q --no-build-isolation -e '.[dev,data,eval,serve]'
+	$(BIN)/python -m pip install -q --no-build-isolation -e '.[dev,data,eval,serve,hf]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,4 +1,5 @@
-"""Consolidated weights on disk: DIR/config.json (the ModelConfig) + DIR/model.safetensors. No DeepSpeed needed."""
+"""Consolidated weights on disk: DIR/config.json (the ModelConfig) + DIR/model.safetensors. No DeepSpeed needed.
+`load_pretrained` also reads the Hugging Face folder `python -m train.export --hf` writes."""
 
 from __future__ import annotations
 
@@ -31,9 +32,16 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Fus
     if not (path / "config.json").exists():
         hint = f": python -m train.export {path}" if (path / "checkpoints").is_dir() else ""
         raise FileNotFoundError(f"{path} holds no exported model (config.json, model.safetensors){hint}")
-    cfg = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
+    config = json.loads((path / "config.json").read_text())
+    weights = load_file(str(path / "model.safetensors"))
+    if config.get("model_type") == "fusion":  # a Hugging Face folder of `train.export --hf`: ours under `fusion`
+        config = config["fusion"]
+        weights = {k.removeprefix("model."): v for k, v in weights.items()}
+    elif "model_type" in config:
+        raise ValueError(f"{path} holds a '{config['model_type']}' model, not one of this codebase's")
+    cfg = ModelConfig.from_dict(config)
     model = FusionTransformer(cfg)
-    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     allowed = {"lm_head.weight"} if cfg.tie_embeddings else set()
     if set(missing) - allowed or unexpected:
         raise ValueError(f"{path}: missing weights {sorted(set(missing) - allowed)}, unexpected {sorted(unexpected)}")

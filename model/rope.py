@@ -17,7 +17,7 @@ class Rotary(torch.nn.Module):
         pairs = head_dim // 2
         inv_freq = 1.0 / (theta ** (torch.arange(pairs, dtype=torch.float64) * 2 / head_dim))
         # Which of the three position components drives each frequency pair.
-        component = torch.repeat_interleave(torch.arange(3), torch.tensor(sections))
+        component = torch.repeat_interleave(torch.arange(3), torch.tensor(sections), output_size=pairs)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.register_buffer("component", component, persistent=False)
 

@@ -24,10 +24,9 @@ from torch import nn
 from model import cross_entropy
 from model.attention import Attention, AttentionMask, resolve_backend
 from model.config import ModelConfig
+from model.cross_entropy import IGNORE
 from model.mlp import MLP
 from model.rope import Rotary
-
-IGNORE = -100
 
 
 def unit_pixels(patches: torch.Tensor) -> torch.Tensor:

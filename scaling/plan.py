@@ -30,7 +30,7 @@ from scaling.law import Law
 from scaling.spec import SweepSpec
 from train.config import TrainConfig, build, load_config, to_dict
 
-NOT_WEIGHTS = ("run_dir", "resume", "init_from", "resume_allow", "logging", "checkpoint")
+NOT_WEIGHTS = ("run_dir", "resume", "init_from", "resume_allow", "logging", "checkpoint", "export")
 
 
 def _dotted(d: dict, prefix: str = "") -> list[str]:

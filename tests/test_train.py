@@ -73,7 +73,7 @@ def samples_by_step(run_dir: Path) -> dict[tuple, list]:
 @pytest.fixture(scope="module")
 def zero2_run(micro_config, tmp_path_factory):
     run = tmp_path_factory.mktemp("zero2") / "run"
-    result = launch(micro_config, run, "deepspeed.zero_stage=2")
+    result = launch(micro_config, run, "deepspeed.zero_stage=2", "export.hf=true")  # exported when it ends
     assert result.returncode == 0, result.stdout + result.stderr
     return run
 
@@ -113,6 +113,16 @@ def test_zero2_trains_logs_and_summarises(zero2_run):
     assert ckpts == ["step_00000008", "step_00000012"]  # keep=2
     assert (zero2_run / "checkpoints" / "latest").read_text() == "step_00000012"
     assert any((zero2_run / "tensorboard").iterdir())
+    # `export.hf: true`: the final checkpoint (two ZeRO-2 ranks' shards) as a transformers folder, the same model
+    import transformers
+
+    from model import load_pretrained
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(zero2_run / "hf", trust_remote_code=True).eval()
+    tokens = torch.randint(7, 1024, (1, 16))
+    with torch.no_grad():
+        theirs, ours = hf(tokens).logits, load_pretrained(zero2_run).eval()(tokens, return_logits=True).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("stage", [3, 0])
@@ -238,6 +248,8 @@ def test_config_errors_stop_before_any_work(micro_config):
         load_config(micro_config, ["data.source=[]"])
     with pytest.raises(ConfigError, match=r"logging.profile must be \[first, last\) steps"):
         load_config(micro_config, ["logging.profile=[5,3]"])
+    with pytest.raises(ConfigError, match="export.hf_text: norm_order='post'"):
+        load_config(micro_config, ["model.norm_order=post", "export.hf_text=true"])  # before training, not after
     assert load_config(micro_config, ['steps="8"']).steps == 8  # a whole number as a string, like "3e-3" for floats
     two = launch(micro_config, Path("/tmp/unused-run"), "optim.lrr=1")  # two ranks: the error is printed once
     assert two.returncode != 0 and (two.stdout + two.stderr).count("config error: unknown config key") == 1

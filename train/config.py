@@ -85,6 +85,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What a run writes when it ends, beside its checkpoints (train.export): RUN/export always when either is on."""
+
+    hf: bool = False  # RUN/hf: a transformers folder of the whole model (trust_remote_code=True)
+    hf_text: bool = False  # RUN/hf-text: a stock Llama/Qwen3 folder for text; the run fails if the config cannot map
+
+
+@dataclass
 class LoggingConfig:
     every: int = 10
     tensorboard: bool = True
@@ -146,6 +154,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     nan: NanConfig = field(default_factory=NanConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self):
         if self.objective not in ("lm", "sft"):
@@ -156,6 +165,13 @@ class TrainConfig:
             self.data.kinds = self.data.kinds or ["chat"]
             if self.data.kinds != ["chat"]:
                 raise ConfigError(f"objective=sft trains on chat samples only; data.kinds={self.data.kinds}")
+        if self.export.hf_text:  # refused when the run starts, not after it has trained
+            from train.hf.export import ExportError, text_architecture
+
+            try:
+                text_architecture(self.model)
+            except ExportError as e:
+                raise ConfigError(f"export.hf_text: {e}") from None
         if self.data.patch_size != self.model.patch_size:
             raise ConfigError(f"data.patch_size={self.data.patch_size} != model.patch_size={self.model.patch_size}")
         if self.data.position_scheme != self.model.position_scheme:

@@ -23,6 +23,7 @@ from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_dict
 from train.engine import build_engine, engine_kind, quiet_host_threads, step_clip
 from train.evaluate import validate
+from train.export import at_end as export_at_end
 from train.fingerprint import fingerprint
 from train.metrics import MetricsWriter, memory_gb, peak_flops
 from train.profile import StepProfiler
@@ -301,6 +302,11 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             if final_tasks:
                 metrics.log(state["step"], final_tasks)
             (run / "summary.json").write_text(json.dumps(summary, indent=1))
+        if cfg.export.hf or cfg.export.hf_text:
+            dist.barrier()  # every rank's shard of the final checkpoint is on disk before rank 0 reads them
+            if rank == 0:
+                for path in export_at_end(run, cfg.export.hf, cfg.export.hf_text):
+                    print(f"exported {path}", flush=True)
         return summary
     finally:
         if lock:
