@@ -107,3 +107,13 @@ def test_text_export_refuses_what_does_not_map_and_remote_code_takes_it(tmp_path
     with torch.no_grad():
         theirs, ours = model.eval()(text).logits, load_pretrained(src)(text, return_logits=True).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_inlining_refuses_a_name_defined_twice():
+    """The generated modeling file is one namespace: a name two inlined files define would silently shadow one."""
+    from train.hf.export import inline, modeling_source
+
+    with pytest.raises(ExportError, match=r"model/config.py redefines .*'ModelConfig'"):
+        inline("modeling_fusion", "model", ("config", "config"))
+    source = modeling_source()
+    assert "\nfrom model" not in source and "class FusionTransformer" in source and "class FusionForCausalLM" in source
