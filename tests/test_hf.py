@@ -117,3 +117,48 @@ def test_inlining_refuses_a_name_defined_twice():
         inline("modeling_fusion", "model", ("config", "config"))
     source = modeling_source()
     assert "\nfrom model" not in source and "class FusionTransformer" in source and "class FusionForCausalLM" in source
+
+
+def test_lm_eval_hf_backend_runs_the_text_folder(random_export, tmp_path):
+    """lm-evaluation-harness's stock `hf` model (no plugin of ours) scores a local multiple-choice task on the
+    --hf-text folder, and its log-likelihoods are the native model's on the same token ids."""
+    import json
+    import subprocess
+    import sys
+
+    import torch.nn.functional as F
+    from conftest import REPO
+
+    from data.tokenizer import Tokenizer
+
+    out = hf_text(random_export, tmp_path / "text")
+    items = [
+        {"question": "how many shapes are there? answer:", "choices": [" two", " three"], "answer": 1},
+        {"question": "what color is the circle?", "choices": [" red", " blue", " green"], "answer": 0},
+    ]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mc.yaml").write_text(
+        f"task: fusion_hf_mc\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {tmp_path}/items.jsonl}}}}\n"
+        'test_split: test\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "output_type: multiple_choice\ntarget_delimiter: ''\nmetric_list: [{metric: acc}]\n"
+    )
+    args = ["--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True,dtype=float32", "--device"]
+    args += ["cpu", "--tasks", "fusion_hf_mc", "--include_path", str(tmp_path / "tasks"), "--log_samples"]
+    args += ["--output_path", str(tmp_path / "results"), "--batch_size", "2"]
+    env = {**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "lm_eval", *args], cwd=REPO, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (samples,) = (tmp_path / "results").rglob("samples_fusion_hf_mc_*.jsonl")
+    tok, native = Tokenizer(random_export / "export" / "tokenizer.model"), load_pretrained(random_export)
+    logged = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(logged) == len(items)
+    for sample in logged:
+        item = items[sample["doc_id"]]
+        for choice, ((ll, _),) in zip(item["choices"], sample["resps"], strict=True):
+            context = tok.encode(item["question"])  # lm-eval encodes the pair whole and splits it at the context
+            ids = tok.encode(item["question"] + choice)
+            with torch.no_grad():
+                logp = F.log_softmax(native(torch.tensor([ids]), return_logits=True).logits[0], -1)
+            want = sum(float(logp[j - 1, ids[j]]) for j in range(len(context), len(ids)))
+            assert float(ll) == pytest.approx(want, abs=1e-3)
