@@ -17,3 +17,4 @@ python -m scaling run configs/sweeps/study.yaml
 python -m scaling run configs/sweeps/study-lr.yaml
 python -m scaling report configs/sweeps/study.yaml
 python -m scaling lrcheck configs/sweeps/study-lr.yaml
+python -m scaling time configs/sweeps/study.yaml --peak-tflops "${PEAK_TFLOPS:-989}"  # H200 dense bf16

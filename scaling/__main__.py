@@ -6,6 +6,8 @@
     python -m scaling fit    SPEC     # fit OUT/results.csv: OUT/fit/fit.json and the plots
     python -m scaling report SPEC     # fit, then OUT/fit/report.md
     python -m scaling lrcheck SPEC    # a spec with lr_scales: is the rule's LR within 2x of the best tried?
+    python -m scaling time   SPEC     # where the device time went: training, start-up, the rest; aggregate MFU
+                                     [--peak-tflops 989]
     python -m scaling fit RUNS.csv --out DIR [--loss loss ...] [--recipe-col recipe] [--params-col params]
                                      [--flops 6n+attn] [--bootstrap 1000] [--seed 0] [--target-flops 1e18]
 
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=["plan", "run", "fit", "report", "lrcheck"])
+    ap.add_argument("command", choices=["plan", "run", "fit", "report", "lrcheck", "time"])
     ap.add_argument("target", help="a sweep spec (YAML), or for `fit` a CSV of runs")
     ap.add_argument("--out", help="fit a CSV: the directory for fit.json and the plots")
     ap.add_argument("--loss", action="append", help="loss column(s) to fit, each separately")
@@ -80,10 +82,20 @@ def main(argv=None) -> int:
         "allocation ends on a cell boundary; rerun to continue)",
     )
     ap.add_argument("--target-flops", type=float, help="compute for the allocations and multipliers (default: max)")
+    ap.add_argument("--peak-tflops", type=float, help="time: one device's peak, for the aggregate MFU (H200 bf16: 989)")
     args = ap.parse_args(argv)
     from scaling.report import summarize, write_markdown
 
     try:
+        if args.command == "time":
+            from scaling.gputime import gpu_time, markdown
+            from scaling.spec import load_spec
+
+            out = Path(load_spec(args.target).out)
+            if not (out / "results.csv").exists():
+                raise SystemExit(f"error: {out / 'results.csv'} does not exist yet: `python -m scaling run` first")
+            print(markdown(gpu_time(out, args.peak_tflops)))
+            return 0
         if args.command == "lrcheck":
             from scaling.lrcheck import describe, lr_check, read_rows
 

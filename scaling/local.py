@@ -15,6 +15,7 @@ with the group on an H200, 14 of 15 running study cells exited on SIGTERM (-15) 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -107,6 +108,7 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
     todo.sort(key=lambda c: (not c.is_trunk, -c.minutes))  # trunks first, then the longest cells
     where = f"{len(slots)} GPU(s), {spec.launcher.cells_per_gpu} cell(s) each" if slots else "CPU"
     print(f"{len(p.cells) - len(todo)} of {len(p.cells)} cells already finished; running {len(todo)} on {where}")
+    run_id = _span(spec.out, start=time.time(), slots=sum(slots.values()) or spec.launcher.parallel, gpus=len(slots))
     running: dict = {}
     log_dir = Path(spec.out) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +121,7 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
     finally:
         for sig, old in handlers.items():
             signal.signal(sig, old)
+        _span(spec.out, run=run_id, end=time.time())
     if stop:
         print(
             f"stopped by {stop[0]}: {saved + lost} cell(s) interrupted ({saved} checkpointed at their step, {lost} "
@@ -130,6 +133,16 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _span(out: str, **fields) -> str:
+    """One line of OUT/driver.jsonl, the driver's own time (`python -m scaling time` reads it): a run's start (and
+    its cell slots), later its end; a killed driver leaves a start alone."""
+    fields.setdefault("run", f"{os.getpid()}-{time.time():.6f}")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / "driver.jsonl", "a") as f:
+        f.write(json.dumps(fields) + "\n")
+    return fields["run"]
 
 
 def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop) -> tuple[int, int]:

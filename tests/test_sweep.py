@@ -236,6 +236,18 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
         assert sum(v for k, v in summary["data_counts"].items() if k.startswith("source/")) > 0
     again = sweep("run", path)
     assert "4 of 4 cells already finished" in again.stdout and len(rows(out)) == 4  # append-only, idempotent
+    # the driver's own time: four runs started, the killed one never recorded its end; the split is the CSV's
+    from scaling.gputime import gpu_time
+
+    spans = [json.loads(line) for line in (out / "driver.jsonl").read_text().splitlines()]
+    assert sum("start" in s for s in spans) == 4 and sum("end" in s for s in spans) == 3
+    t = gpu_time(out)
+    assert t["runs"] == 3 and t["runs_without_end"] == 1 and t["cells"] == 4
+    assert t["train_s"] == pytest.approx(sum(float(r["train_s"]) for r in final))
+    assert t["slot_s"] == pytest.approx(t["wall_s"])  # the spec runs one cell at a time on CPU
+    shown = sweep("time", path)
+    assert shown.returncode == 0 and f"| {t['train_s']:.0f} | {100 * t['train_share']:.1f}% |" in shown.stdout
+    assert "1 driver run(s) started and never recorded an end (killed)" in shown.stdout
 
 
 def test_sweep_stopped_by_sigterm_checkpoints_its_cells_and_resumes_them(spec, tmp_path):
