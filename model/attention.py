@@ -13,7 +13,6 @@ Tests check that all kernels compute the same function.
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 from dataclasses import dataclass
 
@@ -26,6 +25,11 @@ from model.config import ConfigError, ModelConfig
 from model.rope import apply_rotary
 
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+if HAS_FLASH_ATTN:  # in a try: transformers' remote-code check (train.hf) takes what a try imports as optional
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:  # installed but unusable here: the backend check says so when it is asked for
+        HAS_FLASH_ATTN = False
 # flex tiles: the block mask's granularity, and the forward kernel's tiles per head dim. With heads of 64, 64 x 64
 # tiles waste less work on the partial blocks of short packed documents than torch's defaults (+8% tokens/s for a
 # 125M step on an H100); with heads of 128 torch's defaults are best (benchmarks/attention.py; PERFORMANCE.md).
@@ -211,7 +215,6 @@ def attend(q, k, v, mask: AttentionMask | None) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
     if mask.backend == "flex":
         return _flex(q, k, v, mask.block, gqa)
-    flash_attn_varlen_func = importlib.import_module("flash_attn").flash_attn_varlen_func  # optional: by name
 
     B, H, T, D = q.shape
     half = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
