@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from data.chat import ChatTokens
+from data.chat import MODES, ChatTokens
 from data.images import ImageSpec
 from data.tokenizer import Tokenizer
 from evals.reasoning import ReasoningTask, user_turn
@@ -25,8 +25,6 @@ from infer.__main__ import resolve_model
 from infer.engine import Engine, SamplingParams
 from infer.modes import contemplate, prompt, stop_ids
 from model import load_pretrained
-
-MODES = ("instant", "thinking", "contemplating")
 
 
 def main(argv=None) -> int:

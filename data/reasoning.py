@@ -21,14 +21,13 @@ digits from a disjoint part of the MNIST sample (digitsum), expressions whose fi
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.embedded import COLORS, HELD_OUT, SHAPES
+from data.embedded import COLORS, HELD_OUT, SHAPES, png
 from data.shards import DatasetWriter
 
 TASKS = ("count", "twohop", "digitsum", "arith")
@@ -42,12 +41,6 @@ PHRASE = {"left": "left of", "right": "right of", "above": "above", "below": "be
 
 def cell_name(r: int, c: int) -> str:
     return f"{ROWS[r]} {COLS[c]}"
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
 
 
 def grid_scene(rng: np.random.Generator, held_out: bool) -> dict:
@@ -208,7 +201,7 @@ def sample(item: dict, task: str, key: str, instant: bool = False) -> dict:
     ]
     out = {"__key__": key, "json": {"messages": messages, "task": task, "answer": item["answer"]}}
     if item["image"] is not None:
-        out["0.png"] = _png(item["image"])
+        out["0.png"] = png(item["image"])
     return out
 
 

@@ -12,10 +12,14 @@ from data.packing import document_batch
 from infer.engine import Engine, SamplingParams
 
 
+def as_prompt(segments: list, tok, cfg) -> dict:
+    """Chat segments as the engine's one-row prompt (open at the end: no <eos>)."""
+    return document_batch(layout_document(segments, tok.special, cfg.patch_size, cfg.position_scheme, eos=False))
+
+
 def prompt(messages: list[dict], tok, mode: str, cfg) -> dict:
     """A conversation with the mode's opening, as the engine's one-row prompt."""
-    segments, _ = render(messages, tok, mode)
-    return document_batch(layout_document(segments, tok.special, cfg.patch_size, cfg.position_scheme, eos=False))
+    return as_prompt(render(messages, tok, mode)[0], tok, cfg)
 
 
 def stop_ids(t: ChatTokens) -> tuple[int, ...]:
@@ -40,5 +44,4 @@ def contemplate(engine: Engine, tok, messages: list[dict], n: int, params: Sampl
     ids = engine.fork(prompt(messages, tok, "thinking", cfg), n, chain_params)
     chains = [parse(c, "thinking", t) for c in ids]
     segments = synthesis_prompt(messages, [tok.decode(c.answer) for c in chains], tok)
-    laid = layout_document(segments, tok.special, cfg.patch_size, cfg.position_scheme, eos=False)
-    return Contemplation(chains, sum(map(len, ids)), document_batch(laid))
+    return Contemplation(chains, sum(map(len, ids)), as_prompt(segments, tok, cfg))

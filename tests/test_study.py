@@ -123,7 +123,8 @@ def test_the_cells_util_log_and_causal_law_are_the_committed_data(tmp_path):
     assert f"E = {f3['E']:.4g} [{lo[0]:.3g}, {hi[0]:.3g}]" in text and f"alpha = {f3['alpha']:.4g} [" in text
     assert f"predicts the five 3e15 cells to a mean {100 * fit['held_out']['mean_rel_error']:.1f}%" in text
     optimal = fit["compute_optimal"]
-    assert f"beta / (alpha + beta) = **{optimal['N_exponent']:.2f}**" in text
+    ratio = f3["beta"] / (f3["alpha"] + f3["beta"])
+    assert f"beta / (alpha + beta) alone gives {ratio:.3f}) is **{optimal['N_exponent']:.2f}**" in text
     for budget, v in ((k, v) for k, v in optimal.items() if isinstance(v, dict)):
         n, (nlo, nhi) = v["N"], v["N_interval"]
         row = f"{n:.2e} [{nlo:.2e}, {nhi:.2e}] | {v['tokens_per_param']:.0f} ["

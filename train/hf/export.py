@@ -145,7 +145,7 @@ def hf(src: str | Path, out: str | Path) -> Path:
     if model.cfg.tie_embeddings:
         state.pop("model.lm_head.weight")
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "configuration_fusion.py").write_text((HERE / "configuration_fusion.py").read_text())
+    shutil.copyfile(HERE / "configuration_fusion.py", out / "configuration_fusion.py")
     (out / "modeling_fusion.py").write_text(modeling_source())
     _generation_config(model.cfg, ids, out, cache=False)
     _write_tokenizer(tokenizer, out, processor=True)
