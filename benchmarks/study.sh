@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The study in one command (`make study`): build the study data unless present, run the IsoFLOP sweep and the LR
 # check of its hyperparameter rule on this host's GPUs, then fit, report and check the rule. Restartable: finished
-# cells are skipped. Results: runs/sweeps/study/{results.csv,fit/}, runs/sweeps/study-lr/results.csv.
+# cells are skipped. Results: runs/sweeps/study/{results.csv,fit/}, runs/sweeps/study-lr{,-next}/results.csv.
 set -euo pipefail
 # the raw shards (artifacts/study) and their prepared copy, which the study config reads (tokenised and decoded once)
 [ -f artifacts/study-prepared/dataset.json ] ||
@@ -15,6 +15,8 @@ sampler=$!
 trap 'kill $sampler' EXIT
 python -m scaling run configs/sweeps/study.yaml
 python -m scaling run configs/sweeps/study-lr.yaml
+python -m scaling run configs/sweeps/study-lr-next.yaml  # the same check at the study's own horizon, below the rule
 python -m scaling report configs/sweeps/study.yaml
 python -m scaling lrcheck configs/sweeps/study-lr.yaml
+python -m scaling lrcheck configs/sweeps/study-lr-next.yaml runs/sweeps/study/results.csv  # factor 1: the study's
 python -m scaling time configs/sweeps/study.yaml --peak-tflops "${PEAK_TFLOPS:-989}"  # H200 dense bf16

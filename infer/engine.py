@@ -46,15 +46,27 @@ class BatchCache(KVCache):
 
 
 class StaticCache(BatchCache):
-    """A BatchCache whose cached steps all have one shape: a step writes its keys at a position held on the device
-    and attends to the whole buffer, masked to [key_start, written). Nothing in a step depends on a Python number
-    that changes, so the step can be captured once as a CUDA graph and replayed (`Engine(compile=True)`); the price
-    is attention over the whole buffer from the first step on."""
+    """A BatchCache whose cached steps have few shapes: a step writes its keys at a position held on the device and
+    attends to the buffer's first `view` positions, masked to [key_start, written). `view` is the written length
+    rounded up to a multiple of `grain` (set by the engine on the host before each step, from the step count, so
+    no step reads the device to learn it), and nothing else in a step depends on a Python number that changes: each
+    of the few views is captured once as a CUDA graph and replayed (`Engine(compile=True)`), and a step reads the
+    keys written so far plus less than one grain of empty buffer rather than the whole buffer."""
+
+    MAX_VIEWS = 6  # CUDA graphs (and compilations) per generate call at most: the grain doubles until it fits
 
     def __init__(self, model, batch, max_len, device, dtype, key_start: torch.Tensor):
         super().__init__(model, batch, max_len, device, dtype, key_start)
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # the next write index, the same for every row
         self.steps = False  # set after the prefill: from then on every forward is a fixed-shape cached step
+        self.max_len, self.grain = max_len, 64
+        while -(-max_len // self.grain) > self.MAX_VIEWS:
+            self.grain *= 2
+        self.view = max_len
+
+    def set_view(self, keys: int) -> None:
+        """The next step reads `keys` positions or more: the view becomes that rounded up to the grain."""
+        self.view = min(self.max_len, -(-keys // self.grain) * self.grain)
 
     @property
     def decoding(self) -> bool:
@@ -74,7 +86,7 @@ class StaticCache(BatchCache):
         at = self.pos + torch.arange(k.shape[2], device=k.device)
         self.k[layer].index_copy_(2, at, k)
         self.v[layer].index_copy_(2, at, v)
-        return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, : self.view], self.v[layer][:, :, : self.view]
 
     def key_mask(self, keys: int, new: int) -> torch.Tensor:
         index = torch.arange(keys, device=self.key_start.device)
@@ -145,6 +157,11 @@ class Engine:
         self.step = self._step
         if compile:
             self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False, fullgraph=True)
+            # one compilation per (batch, view) met: StaticCache.MAX_VIEWS views for each batch size, and dynamo's
+            # limit (8 per function, across engines) fell on an H200 at the second batch size of one process
+            limits = torch._dynamo.config
+            limits.recompile_limit = max(limits.recompile_limit, 64)
+            limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 1024)
 
     def _step(self, token: torch.Tensor, positions: torch.Tensor, cache: BatchCache) -> torch.Tensor:
         return self.model(token, positions=positions, cache=cache, return_logits=True).logits[:, -1]
@@ -203,6 +220,8 @@ class Engine:
                         break
                 if step + 1 == steps or ((step + 1) % self.check_every == 0 and bool(done.all())):
                     break
+                if self.static:  # this step writes position length + step and reads every key before it
+                    cache.set_view(cache.length + step + 1)
                 pos = (next_pos + step).view(B, 1)
                 if pos_dims == 3:  # M-RoPE: text after the prompt takes the same next id on all three axes
                     pos = pos.unsqueeze(-1).expand(B, 1, 3)

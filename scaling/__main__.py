@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("command", choices=["plan", "run", "fit", "report", "lrcheck", "time"])
     ap.add_argument("target", help="a sweep spec (YAML), or for `fit` a CSV of runs")
+    ap.add_argument(
+        "more", nargs="*", help="lrcheck: more results CSVs whose cells join the target's (a study's factor-1 cells)"
+    )
     ap.add_argument("--out", help="fit a CSV: the directory for fit.json and the plots")
     ap.add_argument("--loss", action="append", help="loss column(s) to fit, each separately")
     ap.add_argument("--recipe-col", help="fit a CSV: the column naming recipes; multipliers are against the first")
@@ -84,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target-flops", type=float, help="compute for the allocations and multipliers (default: max)")
     ap.add_argument("--peak-tflops", type=float, help="time: one device's peak, for the aggregate MFU (H200 bf16: 989)")
     args = ap.parse_args(argv)
+    if args.more and args.command != "lrcheck":
+        ap.error(f"`{args.command}` takes one target; more CSVs only join an lrcheck")
     from scaling.report import summarize, write_markdown
 
     try:
@@ -106,7 +111,12 @@ def main(argv=None) -> int:
                 path = Path(load_spec(args.target).out) / "results.csv"
             if not path.exists():
                 raise SystemExit(f"error: {path} does not exist yet: `python -m scaling run` first")
-            print(describe(lr_check(read_rows(path), (args.loss or ["loss"])[0])))
+            rows = read_rows(path)
+            for extra in args.more:
+                if not Path(extra).exists():
+                    raise SystemExit(f"error: {extra} does not exist")
+                rows += read_rows(extra)
+            print(describe(lr_check(rows, (args.loss or ["loss"])[0])))
             return 0
         if args.target.endswith(".csv"):
             if args.command != "fit":

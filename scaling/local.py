@@ -116,13 +116,16 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
     free = dict(slots)
     stop: list[str] = []  # the signal that asked the sweep to stop
     handlers = {sig: signal.signal(sig, lambda n, f: stop.append(signal.Signals(n).name)) for sig in STOP_SIGNALS}
+    failed: list[str] = []
     try:
-        saved, lost = _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop)
+        saved, lost = _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop, failed)
     finally:
         for sig, old in handlers.items():
             signal.signal(sig, old)
         _span(spec.out, run=run_id, end=time.time())
     if stop:
+        if failed:
+            print(f"{len(failed)} cell(s) failed: {', '.join(failed)} (logs in {log_dir})", flush=True)
         print(
             f"stopped by {stop[0]}: {saved + lost} cell(s) interrupted ({saved} checkpointed at their step, {lost} "
             f"stopped without saving: they resume from their last periodic checkpoint), {len(todo)} not started; "
@@ -130,6 +133,11 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
             flush=True,
         )
         raise SystemExit(EXIT_REQUEUE)
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} cell(s) failed: {', '.join(failed)} (logs in {log_dir}); the other cells ran. A failed "
+            "cell is not finished: the next run tries it again"
+        )
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -145,9 +153,10 @@ def _span(out: str, **fields) -> str:
     return fields["run"]
 
 
-def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop) -> tuple[int, int]:
+def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop, failed) -> tuple[int, int]:
     """Launch and reap cells until all are done, the time box closes, or a stop signal has brought them down;
-    returns how many interrupted cells saved their step (exit EXIT_REQUEUE) and how many did not."""
+    returns how many interrupted cells saved their step (exit EXIT_REQUEUE) and how many did not. A cell that fails
+    goes into `failed` and the sweep goes on without it."""
     nproc, saved, lost, stopping = spec.launcher.nproc, 0, 0, False
     while todo or running:
         if stop and not stopping:
@@ -168,8 +177,10 @@ def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, 
                 saved, lost = (saved + 1, lost) if proc.returncode == EXIT_REQUEUE else (saved, lost + 1)
                 print(f"interrupted {key} (exit {proc.returncode}); it resumes on the next run", flush=True)
                 continue
-            elif proc.returncode:
-                raise RuntimeError(f"cell {key} failed ({proc.returncode}); see {log_dir / key}.log")
+            elif proc.returncode:  # the others go on (they would die with the driver); the run ends in error
+                failed.append(key)
+                print(f"FAILED {key} (exit {proc.returncode}); see {log_dir / key}.log", flush=True)
+                continue
             if not cell.is_trunk:
                 record(spec.out, cell, spec.flops_convention)
             print(f"finished {key} ({cell.recipe}, size {cell.size}, {cell.budget})", flush=True)

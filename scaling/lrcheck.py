@@ -14,7 +14,9 @@ from pathlib import Path
 
 
 def lr_check(rows: list[dict], loss: str = "loss", tolerance: float = 2.0) -> list[dict]:
-    """Per (base recipe, size, budget): loss by factor, the best factor, and whether the rule is within tolerance."""
+    """Per (base recipe, size, budget) tried at two factors or more: loss by factor, the best factor, and whether
+    the rule is within tolerance. A cell alone in its group (a study's other cells, read beside a check) says
+    nothing of the LR and is left out."""
     groups: dict[tuple, dict[float, float]] = defaultdict(dict)
     for r in rows:
         if r.get(loss) in (None, "") or not math.isfinite(float(r[loss])):
@@ -23,6 +25,8 @@ def lr_check(rows: list[dict], loss: str = "loss", tolerance: float = 2.0) -> li
         groups[(recipe, int(r["size"]), r["budget"])][float(r.get("lr_scale") or 1.0)] = float(r[loss])
     out = []
     for (recipe, size, budget), by_scale in sorted(groups.items()):
+        if len(by_scale) < 2:
+            continue
         scales = sorted(by_scale)
         best = min(scales, key=lambda s: by_scale[s])
         out.append(

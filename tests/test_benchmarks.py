@@ -73,4 +73,11 @@ def test_the_decode_table_in_the_docs_is_the_committed_json():
         line = f"| {size} | {r['engine']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {100 * r['of_bound']:.2f}% |"
         assert line in text, line
     best = max(r["of_bound"] for r in rows if r["batch"] == 256)
-    assert f"**{100 * best:.2f}%** at 125M" in text and best < 0.25  # the goal is said to be missed while it is
+    assert f"**{100 * best:.2f}%** at 125M" in text and best < 0.25  # the whole-buffer step missed the goal
+    measured = [r for r in json.loads((REPO / "docs" / "perf" / "decode_views_h200.json").read_text()) if "batch" in r]
+    for r in measured:  # the growing view's rows (the failed ones carry no batch)
+        size = r["config"].split("-")[-1].removesuffix(".yaml")
+        line = f"| {size} | compiled, views | {r['batch']} | {r['tokens_per_s']:,.0f} | {100 * r['of_bound']:.2f}% |"
+        assert line in text, line
+    views = max(r["of_bound"] for r in measured if r["batch"] == 256)
+    assert f"**met: {100 * views:.2f}%**" in text and views >= 0.25

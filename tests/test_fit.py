@@ -229,3 +229,19 @@ def test_lr_check_names_the_best_factor_and_judges_the_rule(tmp_path):
         [sys.executable, "-m", "scaling", "lrcheck", str(path)], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and out.stdout.strip() == text, out.stderr
+    # A check without factor 1, whose rule cells come from the study's own CSV (other cells there, alone in their
+    # group, are left out): the same verdicts as one CSV holding all.
+    (tmp_path / "check.csv").write_text("".join(x for x in path.read_text().splitlines(True) if ",1.0," not in x))
+    study = [r for r in rows if r["lr_scale"] == 1.0] + [row(9, 1.0, 2.0)]
+    with open(tmp_path / "study.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(study)
+    out = subprocess.run(
+        [sys.executable, "-m", "scaling", "lrcheck", str(tmp_path / "check.csv"), str(tmp_path / "study.csv")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == text, out.stdout + out.stderr

@@ -45,6 +45,28 @@ def test_batched_greedy_matches_row_by_row(model, static):
         assert got == generate(model, prompt, max_new_tokens=12).tokens
 
 
+def test_static_cache_reads_only_what_is_written_rounded_to_its_grain(model):
+    """A long generation: the static cache's steps read a view that grows by grains (64 positions) with the written
+    length, never the whole buffer from the first step, and give the row-by-row tokens all the same."""
+    from infer.engine import StaticCache
+
+    views = []
+
+    class Recording(StaticCache):
+        def set_view(self, keys):
+            super().set_view(keys)
+            views.append((keys, self.view, self.max_len))
+
+    engine = Engine(model, check_every=4, static=True)
+    engine.cache_class = Recording
+    rows = engine.generate(prompts(), SamplingParams(max_new_tokens=100))
+    for prompt, got in zip(prompts(), rows, strict=True):
+        assert got == generate(model, prompt, max_new_tokens=100).tokens
+    assert views[0][1] == 64 and views[-1][1] == views[-1][2] > 64  # the first steps read 64 keys, the last all
+    assert all(keys <= view <= max(keys, max_len) and view - keys < 64 for keys, view, max_len in views)
+    assert len({v for _, v, _ in views}) == 2
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["growing-cache", "static-cache"])
 def test_fork_draws_from_one_prefill(model, static):
     engine = Engine(model, static=static)

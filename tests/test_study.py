@@ -102,6 +102,35 @@ def test_the_lr_table_is_the_lr_csv():
         assert ("within 2x" in line) == c["rule_within"]
 
 
+def test_the_second_lr_table_is_its_csv_joined_with_the_studys():
+    """The check at the study's horizon: its own cells plus the study's factor-1 cells of the same sizes."""
+    rows = read_rows(STUDY / "lr-next-results.csv") + read_rows(STUDY / "results.csv")
+    checks = lr_check(rows)
+    lines = [line for line in doc().splitlines() if re.match(r"\| \d+ \([\d,]+ steps\) \|", line)]
+    assert [c["size"] for c in checks] == [6, 7, 8] and len(lines) == 3
+    for c, line in zip(checks, lines, strict=True):
+        assert line.startswith(f"| {c['size']} (")
+        assert [f"{v:.4f}" for v in c["losses"].values()] == [x.strip() for x in line.split("|")[2:7]], line
+        assert f"best x{c['best_scale']:g}" in line and f"loses {c['rule_excess']:.4f}" in line
+        assert ("within 2x" in line) == c["rule_within"]
+    worst = max(c["rule_excess"] for c in checks)
+    assert f"within {worst:.4f} of the best" in doc()
+
+
+def test_the_study_step_table_is_the_benchmark_json():
+    rows = json.loads((REPO / "docs" / "perf" / "study_step_h200.json").read_text())
+    text = doc()
+    for depth in (1, 5, 9):
+        mine = [r for r in rows if r["depth"] == depth]  # variants flex:torchengine:DATA:rows=R, then the reference
+        by = {(r["variant"].split(":")[-2] if ":" in r["variant"] else "reference"): r for r in mine}
+        ref = by["reference"]["tokens_per_s"]
+        line = next(line for line in text.splitlines() if line.startswith(f"| {depth} ("))
+        for key in ("cached", "loader", "reference"):
+            assert f"{by[key]['tokens_per_s']:,.0f}" in line and f"{by[key]['step_ms']:.2f} ms" in line
+        for key in ("cached", "loader"):
+            assert f"| {by[key]['tokens_per_s'] / ref:.2f}x" in line, line
+
+
 def test_the_cells_util_log_and_causal_law_are_the_committed_data(tmp_path):
     """The committed cells are the spec's (no config change re-keyed them), the util figures are the log's, and
     the causal law's intervals, held-out error and compute-optimal sizes are what the fitter writes."""

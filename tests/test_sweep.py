@@ -275,6 +275,24 @@ def test_sweep_stopped_by_sigterm_checkpoints_its_cells_and_resumes_them(spec, t
     assert int(row["steps"]) > saved
 
 
+def test_a_failing_cell_does_not_take_the_running_ones_down(spec, tmp_path):
+    """Two cells at once, one of which fails at start (its tokenizer does not exist): the other still finishes and
+    records its row, and the driver then exits in error naming the failed cell, which stays unfinished for the next
+    run."""
+    path = spec(sizes=[1], tokens_per_param=[0.004])
+    values = yaml.safe_load(path.read_text())
+    values["recipes"] = {"ok": {}, "bad": {"data": {"tokenizer": str(tmp_path / "no-such.model")}}}
+    values["launcher"]["parallel"] = 2
+    path.write_text(yaml.safe_dump(values))
+    bad = next(c for c in plan(load_spec(path)).cells if c.recipe == "bad")
+    result = sweep("run", path)
+    assert result.returncode != 0
+    assert f"FAILED {bad.key}" in result.stdout and f"1 cell(s) failed: {bad.key}" in result.stderr, result.stderr
+    (row,) = rows(tmp_path / "sweep")
+    assert row["recipe"] == "ok"
+    assert not (bad.run_dir / "summary.json").exists()
+
+
 def test_lr_scales_train_multiples_of_the_rules_lr(spec):
     """An LR check: each (size, budget) at the rule's LR times each factor, as recipes that no fit mixes; the cell at
     factor 1 is the very cell of the plain sweep (same key: same weights)."""

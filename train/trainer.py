@@ -58,9 +58,15 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(local)
         quiet_host_threads(torch.device("cuda", local))
-    # torch's own rendezvous (env://): DeepSpeed's engine finds the group made here, and a one-process run on the
-    # torch engine never imports DeepSpeed (seconds of every sweep cell's start-up)
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    # torch's own rendezvous: DeepSpeed's engine finds the group made here, and a one-process run on the torch
+    # engine never imports DeepSpeed (seconds of every sweep cell's start-up). A one-process world needs no port: an
+    # in-process store, since eight sweep cells starting at once on one host raced each other's compile workers for
+    # the ports their drivers had found free (EADDRINUSE on an H200, docs/study/STUDY.md).
+    backend = "nccl" if cuda else "gloo"
+    if os.environ["WORLD_SIZE"] == "1":
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend=backend)
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
