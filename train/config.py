@@ -134,6 +134,43 @@ class NanConfig:
 
 
 @dataclass
+class RLConfig:
+    """objective=rl (train/rl.py): GRPO on the reasoning tasks' train split, with a length term on the thoughts."""
+
+    tasks: list[str] = field(default_factory=lambda: ["count", "twohop", "digitsum", "arith"])
+    data: str = "artifacts/reasoning"  # `python -m data.reasoning`'s output: TASK/{train,heldout}
+    prompts: int = 8  # prompts per step, all ranks together: world x deepspeed.grad_accum (one group a micro-batch)
+    group: int = 8  # samples per prompt, forked from one prefill
+    max_new_tokens: int = 160  # thought and answer
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip: float = 0.2  # the policy ratio's clip range (PPO/GRPO)
+    kl: float = 0.0  # weight of the k3 KL estimate to the starting model (0: no reference model is kept)
+    updates: int = 1  # optimizer steps per batch of rollouts (above 1 the ratio moves off 1 and the clip acts)
+    penalty: str = "none"  # none | kimi | sigmoid | dapo | l1 (train/length_penalty.py)
+    alpha: float = 0.0  # the penalty's strength
+    dapo_cache: int = 32  # dapo: the soft band before max_new_tokens
+    l1_targets: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # l1: lengths asked in the prompt
+    train_items: int = 1000  # prompts read per task
+    eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
+    eval_items: int = 50  # held-out items per task, greedy, thinking mode
+
+    def __post_init__(self):
+        from train.length_penalty import KINDS
+
+        if self.penalty not in KINDS:
+            raise ConfigError(f"rl.penalty='{self.penalty}' is not one of {', '.join(KINDS)}")
+        if self.group < 2:
+            raise ConfigError(f"rl.group={self.group}: group-relative advantages need two samples or more")
+        if self.prompts < 1 or self.updates < 1 or self.max_new_tokens < 1 or not self.tasks:
+            raise ConfigError("rl: prompts, updates and max_new_tokens must be positive, and tasks non-empty")
+        if self.penalty == "sigmoid" and not 0 <= self.alpha < 1:
+            raise ConfigError(f"rl.alpha={self.alpha}: the sigmoid penalty takes alpha in [0, 1)")
+        if self.penalty == "dapo" and not 0 < self.dapo_cache <= self.max_new_tokens:
+            raise ConfigError("rl.dapo_cache must be in (0, max_new_tokens]")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     steps: int = 1000
@@ -141,7 +178,8 @@ class TrainConfig:
     resume: str = "auto"  # auto: the run_dir's latest checkpoint if any | none | a checkpoint directory
     init_from: str = ""  # a checkpoint to start from when run_dir has none of its own (a WSD cooldown branch)
     init_weights: str = ""  # an export (or a run directory with one): its weights only, fine-tuning's start
-    objective: str = "lm"  # lm: every text target | sft: chat samples only, their assistant turns (data.chat)
+    # lm: every text target | sft: chat samples only, their assistant turns (data.chat) | rl: GRPO (train/rl.py)
+    objective: str = "lm"
     # differences from the checkpoint's fingerprint a resume accepts (train/fingerprint.py): keys or prefixes, e.g.
     # [data.sources] to change the mixture; LR, schedule, steps, evaluation and logging are never checked
     resume_allow: list[str] = field(default_factory=list)
@@ -155,13 +193,18 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     nan: NanConfig = field(default_factory=NanConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def __post_init__(self):
-        if self.objective not in ("lm", "sft"):
-            raise ConfigError(f"objective='{self.objective}' is not 'lm' or 'sft'")
+        if self.objective not in ("lm", "sft", "rl"):
+            raise ConfigError(f"objective='{self.objective}' is not 'lm', 'sft' or 'rl'")
+        if self.objective in ("sft", "rl") and not (self.init_weights or self.init_from):
+            raise ConfigError(
+                f"objective={self.objective} fine-tunes a model: give init_weights (an export or a run directory)"
+            )
+        if self.objective == "rl" and self.deepspeed.zero_stage == 3:
+            raise ConfigError("objective=rl generates with the model's own weights: ZeRO-3's partitions cannot")
         if self.objective == "sft":
-            if not (self.init_weights or self.init_from):
-                raise ConfigError("objective=sft fine-tunes a model: give init_weights (an export or a run directory)")
             self.data.kinds = self.data.kinds or ["chat"]
             if self.data.kinds != ["chat"]:
                 raise ConfigError(f"objective=sft trains on chat samples only; data.kinds={self.data.kinds}")

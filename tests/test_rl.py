@@ -1,0 +1,135 @@
+"""RL post-training (train/rl.py): group advantages, the length terms against their sources' definitions, and real
+runs of `train.py` with `objective: rl` in which the length term shortens thoughts and zero penalty changes
+nothing, and a resumed run continues the uninterrupted run's curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import REPO
+
+from model import build_model, load_pretrained, save_pretrained
+from train.config import ConfigError, load_config
+from train.length_penalty import length_rewards
+from train.rl import group_advantages
+
+
+def test_advantages_within_a_group_sum_to_zero():
+    for rewards in ([1.0, 0.0, 0.0, 1.0, 0.3], [0.2, 0.9], [-0.5, 0.5, 0.1, 0.1]):
+        adv = group_advantages(rewards)
+        assert sum(adv) == pytest.approx(0.0, abs=1e-9)
+        assert [a > 0 for a in adv] == [r > sum(rewards) / len(rewards) for r in rewards]
+    assert group_advantages([0.7] * 6) == [0.0] * 6  # all alike: nothing to learn from the group
+
+
+def test_length_terms_follow_their_sources():
+    lengths, correct = [10, 20, 30, 40], [True, True, False, False]
+    kimi = length_rewards("kimi", lengths, correct, alpha=1.0)
+    assert kimi[0] == pytest.approx(0.5) and kimi[1] == pytest.approx(0.5 - 1 / 3)
+    assert kimi[2] == pytest.approx(min(0.0, 0.5 - 2 / 3)) and kimi[3] == pytest.approx(-0.5)
+    assert length_rewards("kimi", [5, 5], [True, False], 1.0) == [0.0, 0.0]
+    assert max(length_rewards("kimi", [1, 9], [False, False], 1.0)) == 0.0  # a short wrong answer earns nothing
+    sig = length_rewards("sigmoid", [10, 30, 20, 50], [True, True, False, False], alpha=0.4)
+    assert sig[2] == sig[3] == 0.0  # wrong samples: no length term
+    assert -0.4 < sig[1] < -0.2 < sig[0] < 0.0  # the shorter right sample keeps more of its reward
+    dapo = length_rewards("dapo", [10, 90, 95, 100, 120], [True] * 5, 1.0, max_len=100, cache=20)
+    assert dapo == [0.0, pytest.approx(-0.5), pytest.approx(-0.75), pytest.approx(-1.0), -1.0]
+    l1 = length_rewards("l1", [10, 40], [True, False], 0.01, targets=[20, 20])
+    assert l1 == [pytest.approx(-0.1), pytest.approx(-0.2)]
+    assert length_rewards("none", lengths, correct, 5.0) == [0.0] * 4
+
+
+def test_rl_configs_are_checked(micro_config):
+    with pytest.raises(ConfigError, match="penalty"):
+        load_config(micro_config, ["objective=rl", "init_weights=x", "rl.penalty=shortest"])
+    with pytest.raises(ConfigError, match="group"):
+        load_config(micro_config, ["objective=rl", "init_weights=x", "rl.group=1"])
+    with pytest.raises(ConfigError, match="init_weights"):
+        load_config(micro_config, ["objective=rl"])
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        load_config(micro_config, ["objective=rl", "init_weights=x", "deepspeed.zero_stage=3"])
+
+
+@pytest.fixture(scope="module")
+def start(micro_config, tmp_path_factory):
+    """A start whose thoughts end at varied lengths, so a length term has something to shorten: a random model
+    whose output reads one feature of the final hidden state, through which only </think> is lifted (every other
+    token stays at logit 0). The arithmetic task's answers are all wrong for it: only the length term can move it.
+    Returns the runs' config overrides and the start's export."""
+    from data.reasoning import build
+    from data.tokenizer import Tokenizer
+
+    cfg = load_config(micro_config)
+    data = tmp_path_factory.mktemp("reasoning") / "r"
+    build(data, train=40, val=12, seed=0)
+    end_think = Tokenizer(cfg.data.tokenizer).token_id("</think>")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        model.norm_f.weight.zero_()
+        model.norm_f.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[end_think, 0] = 6.0
+    export = save_pretrained(model.state_dict(), cfg.model, tmp_path_factory.mktemp("start") / "export")
+    overrides = [
+        "objective=rl",
+        f"init_weights={export.parent}",
+        f"rl.data={data}",
+        "rl.tasks=[arith]",
+        "rl.prompts=2",
+        "deepspeed.grad_accum=2",
+        "rl.group=8",
+        "rl.max_new_tokens=24",
+        "rl.eval_items=2",
+        "optim.lr=0.05",
+        "optim.weight_decay=0",
+        "schedule.kind=constant",
+        "checkpoint.every=0",
+        "logging.every=1",
+        "logging.sample_log=false",
+        "logging.tensorboard=false",
+        "eval.every=0",
+        "data.seq_len=256",
+        "model.max_seq_len=256",
+    ]
+    return SimpleNamespace(overrides=overrides, export=export)
+
+
+def rl_run(micro_config, run, start, *extra):
+    cmd = [sys.executable, "train.py", "--config", str(micro_config), *start.overrides, f"run_dir={run}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out, [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_length_term_shortens_thoughts_and_zero_penalty_changes_nothing(micro_config, start, tmp_path):
+    _, kimi = rl_run(micro_config, tmp_path / "kimi", start, "steps=10", "rl.penalty=kimi", "rl.alpha=1.0")
+    first = sum(r["thought_tokens"] for r in kimi[:3]) / 3
+    last = sum(r["thought_tokens"] for r in kimi[-3:]) / 3
+    assert last < 0.6 * first, [round(r["thought_tokens"], 1) for r in kimi]
+    assert all(r["correct"] == 0 for r in kimi)  # it was the length term, not the answers
+    _, none = rl_run(micro_config, tmp_path / "none", start, "steps=4", "rl.penalty=none")
+    assert all(r["loss"] == 0 for r in none)  # equal rewards in every group: zero advantages, no update
+    (saved,) = (tmp_path / "none" / "checkpoints").glob("step_*/*model_states.pt")
+    state = torch.load(saved, weights_only=False)["module"]
+    initial = load_pretrained(start.export).state_dict()
+    assert initial.keys() == state.keys() and all(torch.equal(state[k], v) for k, v in initial.items())
+
+
+def test_a_resumed_rl_run_continues_the_same_curve(micro_config, start, tmp_path):
+    args = ("rl.penalty=kimi", "rl.alpha=1.0")
+    _, whole = rl_run(micro_config, tmp_path / "whole", start, "steps=6", *args)
+    rl_run(micro_config, tmp_path / "parts", start, "steps=3", *args)
+    out, parts = rl_run(micro_config, tmp_path / "parts", start, "steps=6", *args)
+    assert "resumed from" in out.stdout and "at step 3" in out.stdout
+    assert [r["step"] for r in parts] == [r["step"] for r in whole] == list(range(1, 7))
+    for key in ("reward", "thought_tokens", "loss"):
+        assert [r[key] for r in parts] == pytest.approx([r[key] for r in whole], rel=1e-6, abs=1e-9), key
+    assert len({r["thought_tokens"] for r in whole}) > 1  # a curve that moves, not a constant

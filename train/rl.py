@@ -1,0 +1,348 @@
+"""RL post-training with group-relative policy optimisation (GRPO, Shao et al. 2024), `objective: rl`.
+
+A step: each rank takes its share of the step's prompts (a function of the seed and the step, so a resumed run
+draws what an uninterrupted one would), asks each in thinking mode and forks `rl.group` samples from one prefill
+(infer.Engine.fork), scores every answer with the task's own reward (evals: the score evaluation reports) and adds
+the length term of its thought (train/length_penalty.py). Advantages are relative to the group. The update is
+PPO's clipped ratio on the sampled tokens of the thought and answer, each token weighing the same across the
+rank's step (DAPO's token-level mean), plus an optional k3 KL estimate to the starting model; one prompt's group
+is one micro-batch through the same engine (DeepSpeed or torch), checkpoints, signals and metrics as pretraining.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data.chat import ChatTokens, parse
+from data.images import ImageSpec
+from data.tokenizer import Tokenizer
+from evals.reasoning import ReasoningTask, user_turn
+from evals.task import Item
+from infer.engine import Engine, SamplingParams, pad_prompts
+from infer.modes import prompt as mode_prompt
+from infer.modes import stop_ids
+from model import load_pretrained
+from model.generate import append_text
+from train.checkpoint import Checkpointer
+from train.config import ConfigError, TrainConfig, to_dict
+from train.engine import build_engine, engine_kind, step_clip
+from train.fingerprint import fingerprint
+from train.length_penalty import length_rewards
+from train.metrics import MetricsWriter
+from train.schedule import lr_at
+from train.signals import EXIT_REQUEUE, SignalFlags
+
+
+def group_advantages(rewards: list[float], eps: float = 1e-6) -> list[float]:
+    """Each reward against its group's mean, over the group's standard deviation: they sum to zero, and a group
+    whose rewards are all equal teaches nothing (all zero)."""
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+    if std < eps:
+        return [0.0] * len(rewards)
+    return [(r - mean) / (std + eps) for r in rewards]
+
+
+@dataclass
+class Prompt:
+    task: ReasoningTask
+    item: Item
+    target: int = 0  # l1: the thought length the prompt asks for
+
+
+class Prompts:
+    """The tasks' train items, in an order drawn from (seed, epoch): step s takes the next `rl.prompts` of them."""
+
+    def __init__(self, cfg: TrainConfig, split: str = "train", per_task: int | None = None):
+        self.items: list[Prompt] = []
+        for name in cfg.rl.tasks:
+            task = ReasoningTask(name)
+            task.source = f"{name}/{split}"
+            found = task.items(cfg.rl.data, per_task or cfg.rl.train_items)
+            if not found:
+                raise ConfigError(f"rl.tasks: no {split} items for {name} under {cfg.rl.data}/{name}/{split}")
+            self.items += [Prompt(task, it) for it in found]
+        self.cfg = cfg
+
+    def for_step(self, step: int, rank: int, world: int) -> list[tuple[int, Prompt]]:
+        """(global index, prompt) of this rank's share of the step."""
+        n, per = len(self.items), self.cfg.rl.prompts
+        out = []
+        for k in range(step * per, (step + 1) * per):
+            epoch, at = divmod(k, n)
+            order = list(range(n))
+            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+            p = self.items[order[at]]
+            if self.cfg.rl.penalty == "l1":
+                targets = self.cfg.rl.l1_targets
+                p = Prompt(p.task, p.item, targets[random.Random(k).randrange(len(targets))])
+            out.append((k, p))
+        return out[rank::world]
+
+
+def question(p: Prompt) -> Item:
+    """The item as asked: L1 writes its target length after the question."""
+    if not p.target:
+        return p.item
+    return Item(p.item.image, f"{p.item.prompt} Think for {p.target} tokens.", p.item.reference, p.item.kind)
+
+
+@dataclass
+class Group:
+    prompt: dict  # the one-row prompt batch
+    samples: list[list[int]]  # what each sample wrote (stop id included)
+    rewards: list[float]
+    advantages: list[float]
+    thought: list[int]  # thought tokens per sample
+    correct: list[float]
+
+
+class Rollouts:
+    """Generation and reward: one prefill per prompt, `group` samples forked from it, each scored."""
+
+    def __init__(self, cfg: TrainConfig, model, tok: Tokenizer):
+        self.cfg, self.model, self.tok = cfg, model, tok
+        self.t = ChatTokens.of(tok)
+        self.spec = ImageSpec(model.cfg.patch_size, model.cfg.max_image_patches)
+
+    def __call__(self, prompts: list[tuple[int, Prompt]], step: int) -> list[Group]:
+        rl, groups = self.cfg.rl, []
+        engine = Engine(self.model)
+        try:
+            for k, p in prompts:
+                batch = mode_prompt(user_turn(question(p), self.spec), self.tok, "thinking", self.model.cfg)
+                seed = (self.cfg.seed * 1_000_003 + k) % 2**62
+                params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, 0, stop_ids(self.t), seed)
+                samples = engine.fork(batch, rl.group, params)
+                replies = [parse(s, "thinking", self.t) for s in samples]
+                correct = [p.task.reward(self.tok.decode(r.answer), p.item) if r.finished else 0.0 for r in replies]
+                thought = [len(r.thought) for r in replies]
+                length = length_rewards(
+                    rl.penalty,
+                    thought,
+                    [c > 0 for c in correct],
+                    rl.alpha,
+                    max_len=rl.max_new_tokens,
+                    cache=rl.dapo_cache,
+                    targets=[p.target] * len(thought),
+                )
+                rewards = [c + x for c, x in zip(correct, length, strict=True)]
+                groups.append(Group(batch, samples, rewards, group_advantages(rewards), thought, correct))
+        finally:
+            self.model.train()
+        return groups
+
+
+def sequence_logprobs(model_or_engine, group: Group, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of each sample's written tokens under the model, (G, T-1), and the mask of those tokens
+    (left-padded rows: a sample's tokens are the last of its row)."""
+    rows = [append_text(group.prompt, s) for s in group.samples]
+    batch, _, _ = pad_prompts(rows, device)
+    logits = model_or_engine(**batch, return_logits=True).logits.float()
+    tokens = batch["tokens"]
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+    T = tokens.shape[1]
+    index = torch.arange(T - 1, device=device)
+    lengths = torch.tensor([len(s) for s in group.samples], device=device)
+    mask = index >= (T - 1 - lengths)[:, None]
+    return logp, mask
+
+
+def grpo_loss(logp, old_logp, ref_logp, mask, advantages, clip: float, kl: float, scale: float) -> tuple:
+    """The clipped surrogate (and KL) summed over the written tokens, times `scale` (the step's token-level mean)."""
+    adv = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    per_token = -surrogate
+    k3 = torch.zeros_like(logp)
+    if ref_logp is not None:
+        d = ref_logp - logp
+        k3 = torch.exp(d) - d - 1
+        per_token = per_token + kl * k3
+    m = mask.float()
+    clipped = (((ratio - 1).abs() > clip).float() * m).sum()
+    return (per_token * m).sum() * scale, (k3.detach() * m).sum(), clipped
+
+
+def train_rl(cfg: TrainConfig, launched_at: float | None = None) -> dict:
+    from train.trainer import Preempted, _any_rank, host_group, launch_time, prepare_run_dir, setup_distributed
+
+    launched = launch_time(launched_at)
+    rank, world, device = setup_distributed()
+    rl = cfg.rl
+    if rl.prompts % world or rl.prompts // world != cfg.deepspeed.grad_accum:
+        raise ConfigError(
+            f"rl.prompts={rl.prompts} must be world ({world}) x deepspeed.grad_accum ({cfg.deepspeed.grad_accum}): "
+            f"each prompt's group is one micro-batch; set deepspeed.grad_accum={max(1, rl.prompts // world)}"
+        )
+    run, lock = prepare_run_dir(cfg, rank)
+    torch.manual_seed(cfg.seed)
+    engine, optimizer, model = build_engine(cfg, device, world)
+    ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint.keep, rank, fingerprint(cfg, world), cfg.resume_allow)
+    state = {"step": 0, "rollout_tokens": 0, "train_s": 0.0, "startup_s": 0.0, "wall_s": 0.0}
+    loaded = None
+    if cfg.resume == "auto":
+        loaded = ckpt.load_newest_good(engine)
+    elif cfg.resume != "none":
+        loaded = (Path(cfg.resume), *ckpt.load(engine, cfg.resume))
+    if loaded:
+        state.update(loaded[1]["train"])
+        if rank == 0:
+            print(f"resumed from {loaded[0]} at step {state['step']}", flush=True)
+    tok = Tokenizer(cfg.data.tokenizer)
+    prompts = Prompts(cfg)
+    held_out = Prompts(cfg, "heldout", rl.eval_items) if rank == 0 else None
+    reference = None
+    if rl.kl > 0:
+        reference = load_pretrained(cfg.init_weights).to(device).eval().requires_grad_(False)
+    rollouts = Rollouts(cfg, model, tok)
+    clip_norm = step_clip(cfg, engine_kind(cfg, world))
+    metrics = (
+        MetricsWriter(run, cfg.steps, state["step"], cfg.logging.tensorboard, cfg.logging.progress)
+        if rank == 0
+        else None
+    )
+    signals, group_cpu = SignalFlags(), host_group()
+
+    def save():
+        return ckpt.save(engine, state["step"], {"train": dict(state), "config": to_dict(cfg)}, {"data": None})
+
+    if rank == 0:
+        start = f"step {state['step']}, from {loaded[0]}" if loaded else f"step 0, from {cfg.init_weights}"
+        print(
+            f"run_dir {run}\nrl      GRPO, {rl.prompts} prompts x {rl.group} samples a step, penalty {rl.penalty} "
+            f"(alpha {rl.alpha:g}), kl {rl.kl:g}, {rl.updates} update(s) a batch, tasks {', '.join(rl.tasks)}\n"
+            f"engine  {engine_kind(cfg, world)}, {device.type}\nstart   {start}",
+            flush=True,
+        )
+    state["startup_s"] += time.time() - launched
+    run_t0 = time.perf_counter() - state["train_s"]
+    wall_t0 = time.perf_counter() - (state["wall_s"] + time.time() - launched)
+    last_eval: dict = {}
+    engine.train()
+    while state["step"] < cfg.steps:
+        step = state["step"]
+        lr = lr_at(step, cfg.steps, cfg.optim.lr, cfg.schedule)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        groups = rollouts(prompts.for_step(step, rank, world), step)
+        written = sum(len(s) for g in groups for s in g.samples)
+        t1 = time.perf_counter()
+        tokens = torch.tensor([float(written)], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(tokens, group=group_cpu)
+        scale = cfg.deepspeed.grad_accum * world / max(float(tokens), 1.0)  # engines divide by micro-batches, ranks
+        old = [None] * len(groups)
+        if rl.updates > 1:  # the policy that sampled, held fixed over the updates
+            with torch.no_grad():
+                old = [sequence_logprobs(engine, g, device)[0] for g in groups]
+        refs = [None] * len(groups)
+        if reference is not None:
+            with torch.no_grad():
+                refs = [sequence_logprobs(reference, g, device)[0] for g in groups]
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, clipped tokens
+        for _ in range(rl.updates):
+            for i, g in enumerate(groups):
+                logp, mask = sequence_logprobs(engine, g, device)
+                adv = torch.tensor(g.advantages, device=device)
+                loss, kl, clipped = grpo_loss(
+                    logp, logp.detach() if old[i] is None else old[i], refs[i], mask, adv, rl.clip, rl.kl, scale
+                )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: the RL loss is not finite; lower optim.lr or rl.alpha")
+                engine.backward(loss)
+                if i == len(groups) - 1 and clip_norm:
+                    params = [p for p in engine.module.parameters() if p.grad is not None]
+                    torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+                engine.step()
+                sums += torch.tensor([loss.item(), kl.item(), clipped.item()], dtype=torch.float64)
+        t2 = time.perf_counter()
+        state["step"] += 1
+        state["rollout_tokens"] += int(tokens)
+        stats = torch.tensor(
+            [
+                sum(sum(g.rewards) for g in groups),
+                sum(sum(g.correct) for g in groups),
+                sum(sum(g.thought) for g in groups),
+                float(sum(len(g.samples) for g in groups)),
+                *sums.tolist(),
+            ],
+            dtype=torch.float64,
+        )
+        if world > 1:
+            dist.all_reduce(stats, group=group_cpu)
+        n = stats[3].item()
+        record = {
+            "reward": stats[0].item() / n,
+            "correct": stats[1].item() / n,
+            "thought_tokens": stats[2].item() / n,
+            "loss": stats[4].item() / (world * rl.updates),
+            "kl": stats[5].item() / max(float(tokens), 1.0),
+            "clipped": stats[6].item() / max(float(tokens) * rl.updates, 1.0),
+            "lr": lr,
+            "rollout_s": t1 - t0,
+            "update_s": t2 - t1,
+            "rollout_tokens_per_s": float(tokens) / max(t1 - t0, 1e-9) / world,
+        }
+        at_end = state["step"] == cfg.steps
+        if rank == 0 and (at_end or (rl.eval_every and state["step"] % rl.eval_every == 0)):
+            last_eval = evaluate(model, tok, held_out, rl.max_new_tokens, device)
+            record.update({f"heldout/{k}": v for k, v in last_eval.items()})
+        if rank == 0:
+            metrics.log(state["step"], record)
+            lock.refresh()
+        stop, save_now = _any_rank([signals.stop, signals.save], group_cpu)
+        state["train_s"], state["wall_s"] = time.perf_counter() - run_t0, time.perf_counter() - wall_t0
+        periodic = cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0
+        if stop or periodic or save_now or at_end:
+            save()
+            signals.save = False
+        if stop and not at_end:
+            if rank == 0:
+                (run / "PREEMPTED").write_text(f"{state['step']}\n")
+                print(f"received {', '.join(signals.received)}: saved step {state['step']}, exiting {EXIT_REQUEUE}")
+            dist.barrier()
+            raise Preempted()
+    summary = {
+        "steps": state["step"],
+        "rollout_tokens": state["rollout_tokens"],
+        "train_s": state["train_s"],
+        "startup_s": state["startup_s"],
+        "wall_s": time.perf_counter() - wall_t0,
+        "heldout": last_eval,
+        "world_size": world,
+    }
+    if rank == 0:
+        (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def evaluate(model, tok: Tokenizer, held_out: Prompts, max_new_tokens: int, device) -> dict:
+    """Greedy thinking-mode answers on held-out items: per task, accuracy and mean thought tokens."""
+    t = ChatTokens.of(tok)
+    spec = ImageSpec(model.cfg.patch_size, model.cfg.max_image_patches)
+    engine = Engine(model)
+    out: dict[str, float] = {}
+    try:
+        by_task: dict[str, list[Prompt]] = {}
+        for p in held_out.items:
+            by_task.setdefault(p.task.name, []).append(p)
+        for name, ps in by_task.items():
+            batch = [mode_prompt(user_turn(question(p), spec), tok, "thinking", model.cfg) for p in ps]
+            ids = engine.generate(batch, SamplingParams(max_new_tokens, stop_ids=stop_ids(t)))
+            replies = [parse(x, "thinking", t) for x in ids]
+            right = [p.task.reward(tok.decode(r.answer), p.item) if r.finished else 0.0 for p, r in zip(ps, replies)]
+            out[f"{name}/accuracy"] = sum(right) / len(right)
+            out[f"{name}/thought_tokens"] = sum(len(r.thought) for r in replies) / len(replies)
+    finally:
+        model.train()
+    return out
