@@ -99,8 +99,8 @@ def test_a_chat_samples_only_targets_are_the_assistants_writing(reasoning, embed
 def test_sft_needs_a_start_and_chat_data(micro_config, reasoning, random_export):
     with pytest.raises(ConfigError, match="objective=sft fine-tunes a model"):
         load_config(micro_config, ["objective=sft"])
-    with pytest.raises(ConfigError, match="objective='rl'"):
-        load_config(micro_config, ["objective=rl"])
+    with pytest.raises(ConfigError, match="objective='dpo'"):
+        load_config(micro_config, ["objective=dpo"])
     cfg = load_config(micro_config, ["objective=sft", f"init_weights={random_export}"])
     assert cfg.data.kinds == ["chat"]
 
