@@ -36,10 +36,11 @@ class BatchCache(KVCache):
         self.key_start = key_start
 
     def fork(self, n: int) -> None:
-        """One prefilled row becomes n identical rows (the prompt's keys and values copied, not recomputed)."""
-        self.k = [k.expand(n, -1, -1, -1).contiguous() for k in self.k]
-        self.v = [v.expand(n, -1, -1, -1).contiguous() for v in self.v]
-        self.key_start = self.key_start.expand(n).contiguous()
+        """Each prefilled row becomes n identical rows, next to each other (keys and values copied, not
+        recomputed)."""
+        self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
+        self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
+        self.key_start = self.key_start.repeat_interleave(n)
 
     def key_mask(self, keys: int, new: int) -> torch.Tensor:
         return (torch.arange(keys, device=self.key_start.device) >= self.key_start[:, None]).view(-1, 1, 1, keys)
@@ -182,14 +183,30 @@ class Engine:
 
     @torch.no_grad()
     def fork(self, prompt: dict, n: int, params: SamplingParams) -> list[list[int]]:
-        batch, key_start, next_pos = pad_prompts([prompt], self.device)
+        """One prefill of the prompt, n samples drawn from its cache."""
+        return self.fork_each([prompt], n, params)[0]
+
+    @torch.no_grad()
+    def fork_each(self, prompts: list[dict], n: int, params: SamplingParams) -> list[list[list[int]]]:
+        """One prefill over all the prompts (one row each), then n samples of each decoded in one batch of
+        len(prompts) x n rows: what an RL step's groups need. Returns, per prompt, its n samples."""
+        batch, key_start, next_pos = pad_prompts(prompts, self.device)
+        P = len(prompts)
         cache = self.cache_class(
-            self.model, 1, batch["tokens"].shape[1] + params.max_new_tokens, self.device, self.dtype, key_start
+            self.model, P, batch["tokens"].shape[1] + params.max_new_tokens, self.device, self.dtype, key_start
         )
         logits = self.model(**batch, cache=cache, return_logits=True).logits[:, -1]
         cache.fork(n)
-        limits = [params.max_new_tokens] * n
-        return self._decode(logits.expand(n, -1), cache, next_pos.expand(n), params, limits, batch["positions"].dim())
+        limits = [params.max_new_tokens] * (P * n)
+        rows = self._decode(
+            logits.repeat_interleave(n, 0),
+            cache,
+            next_pos.repeat_interleave(n),
+            params,
+            limits,
+            batch["positions"].dim(),
+        )
+        return [rows[i * n : (i + 1) * n] for i in range(P)]
 
     def _decode(
         self, logits, cache, next_pos, params: SamplingParams, limits: list[int], pos_dims: int, on_tokens=None

@@ -79,6 +79,18 @@ def test_fork_draws_from_one_prefill(model, static):
     assert a == Engine(model, static=not static).fork(prompt, 4, params)  # both caches sample the same tokens
 
 
+def test_fork_each_prefills_many_prompts_once_and_samples_each(model):
+    """Several prompts of different lengths (with and without images) in one prefill, three samples each: greedy,
+    each prompt's samples are its row-by-row tokens; sampled, seeded draws repeat and rows differ."""
+    engine = Engine(model, check_every=4)
+    groups = engine.fork_each(prompts(), 3, SamplingParams(max_new_tokens=8))
+    for prompt, group in zip(prompts(), groups, strict=True):
+        assert group == [generate(model, prompt, max_new_tokens=8).tokens] * 3
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    a, b = engine.fork_each(prompts(), 4, params), engine.fork_each(prompts(), 4, params)
+    assert a == b and all(len({tuple(r) for r in g}) > 1 for g in a)
+
+
 def test_stop_ids_and_per_row_limits(model):
     engine = Engine(model, check_every=2)
     free = engine.generate(prompts(), SamplingParams(max_new_tokens=12))

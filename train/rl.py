@@ -1,12 +1,13 @@
 """RL post-training with group-relative policy optimisation (GRPO, Shao et al. 2024), `objective: rl`.
 
 A step: each rank takes its share of the step's prompts (a function of the seed and the step, so a resumed run
-draws what an uninterrupted one would), asks each in thinking mode and forks `rl.group` samples from one prefill
-(infer.Engine.fork), scores every answer with the task's own reward (evals: the score evaluation reports) and adds
-the length term of its thought (train/length_penalty.py). Advantages are relative to the group. The update is
-PPO's clipped ratio on the sampled tokens of the thought and answer, each token weighing the same across the
-rank's step (DAPO's token-level mean), plus an optional k3 KL estimate to the starting model; one prompt's group
-is one micro-batch through the same engine (DeepSpeed or torch), checkpoints, signals and metrics as pretraining.
+draws what an uninterrupted one would), asks them in thinking mode in one prefill and forks `rl.group` samples of
+each from it, all decoded in one batch (infer.Engine.fork_each), scores every answer with the task's own reward
+(evals: the score evaluation reports) and adds the length term of its thought (train/length_penalty.py).
+Advantages are relative to the group. The update is PPO's clipped ratio on the sampled tokens of the thought and
+answer, each token weighing the same across the rank's step (DAPO's token-level mean), plus an optional k3 KL
+estimate to the starting model; one prompt's group is one micro-batch through the same engine (DeepSpeed or
+torch), checkpoints, signals and metrics as pretraining.
 """
 
 from __future__ import annotations
@@ -113,31 +114,34 @@ class Rollouts:
         self.t = ChatTokens.of(tok)
         self.spec = ImageSpec(model.cfg.patch_size, model.cfg.max_image_patches)
 
-    def __call__(self, prompts: list[tuple[int, Prompt]], step: int) -> list[Group]:
+    def __call__(self, prompts: list[tuple[int, Prompt]], step: int, rank: int = 0) -> list[Group]:
+        """All of this rank's prompts in one prefill, `group` samples of each decoded in one batch."""
         rl, groups = self.cfg.rl, []
         engine = Engine(self.model)
         try:
-            for k, p in prompts:
-                batch = mode_prompt(user_turn(question(p), self.spec), self.tok, "thinking", self.model.cfg)
-                seed = (self.cfg.seed * 1_000_003 + k) % 2**62
-                params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, 0, stop_ids(self.t), seed)
-                samples = engine.fork(batch, rl.group, params)
-                replies = [parse(s, "thinking", self.t) for s in samples]
-                correct = [p.task.reward(self.tok.decode(r.answer), p.item) if r.finished else 0.0 for r in replies]
-                thought = [len(r.thought) for r in replies]
-                length = length_rewards(
-                    rl.penalty,
-                    thought,
-                    [c > 0 for c in correct],
-                    rl.alpha,
-                    max_len=rl.max_new_tokens,
-                    cache=rl.dapo_cache,
-                    targets=[p.target] * len(thought),
-                )
-                rewards = [c + x for c, x in zip(correct, length, strict=True)]
-                groups.append(Group(batch, samples, rewards, group_advantages(rewards), thought, correct))
+            batches = [
+                mode_prompt(user_turn(question(p), self.spec), self.tok, "thinking", self.model.cfg) for _, p in prompts
+            ]
+            seed = (self.cfg.seed * 1_000_003 + step * 1009 + rank) % 2**62
+            params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, 0, stop_ids(self.t), seed)
+            drawn = engine.fork_each(batches, rl.group, params)
         finally:
             self.model.train()
+        for (_, p), batch, samples in zip(prompts, batches, drawn, strict=True):
+            replies = [parse(s, "thinking", self.t) for s in samples]
+            correct = [p.task.reward(self.tok.decode(r.answer), p.item) if r.finished else 0.0 for r in replies]
+            thought = [len(r.thought) for r in replies]
+            length = length_rewards(
+                rl.penalty,
+                thought,
+                [c > 0 for c in correct],
+                rl.alpha,
+                max_len=rl.max_new_tokens,
+                cache=rl.dapo_cache,
+                targets=[p.target] * len(thought),
+            )
+            rewards = [c + x for c, x in zip(correct, length, strict=True)]
+            groups.append(Group(batch, samples, rewards, group_advantages(rewards), thought, correct))
         return groups
 
 
@@ -234,7 +238,7 @@ def train_rl(cfg: TrainConfig, launched_at: float | None = None) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        groups = rollouts(prompts.for_step(step, rank, world), step)
+        groups = rollouts(prompts.for_step(step, rank, world), step, rank)
         written = sum(len(s) for g in groups for s in g.samples)
         t1 = time.perf_counter()
         tokens = torch.tensor([float(written)], dtype=torch.float64)
