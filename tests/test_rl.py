@@ -133,3 +133,13 @@ def test_a_resumed_rl_run_continues_the_same_curve(micro_config, start, tmp_path
     for key in ("reward", "thought_tokens", "loss"):
         assert [r[key] for r in parts] == pytest.approx([r[key] for r in whole], rel=1e-6, abs=1e-9), key
     assert len({r["thought_tokens"] for r in whole}) > 1  # a curve that moves, not a constant
+
+
+def test_the_gpu_split_in_the_docs_is_the_committed_json():
+    data = json.loads((REPO / "docs" / "rl" / "gpu_h200.json").read_text())
+    text = (REPO / "docs" / "RL.md").read_text()
+    for name, rows in data["runs"].items():
+        rows = rows[1:]  # step 1 holds the warm-up
+        r, u = (sum(x[k] for x in rows) / len(rows) for k in ("rollout_s", "update_s"))
+        tps = sum(x["rollout_tokens_per_s"] for x in rows) / len(rows)
+        assert f"| {name} | {r:.3f} | {u:.3f} | {r / (r + u):.1%} | {tps:,.0f} |" in text

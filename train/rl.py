@@ -289,7 +289,7 @@ def train_rl(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             "reward": stats[0].item() / n,
             "correct": stats[1].item() / n,
             "thought_tokens": stats[2].item() / n,
-            "loss": stats[4].item() / (world * rl.updates),
+            "loss": stats[4].item() / (world * rl.updates * cfg.deepspeed.grad_accum),  # each group summed a mean
             "kl": stats[5].item() / max(float(tokens), 1.0),
             "clipped": stats[6].item() / max(float(tokens) * rl.updates, 1.0),
             "lr": lr,

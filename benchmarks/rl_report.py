@@ -1,0 +1,183 @@
+"""Thought compression's numbers from `benchmarks/rl.sh`'s runs: curves of held-out accuracy and thought tokens over
+RL steps per length-penalty strength (pooled over seeds, Wilson 95% intervals over all items of all seeds), the
+starting model's point, the cheap baseline of cutting the starting model's thoughts at the compressed models'
+lengths, and Contemplating with N compressed chains against Thinking with the start's one long chain.
+
+    python benchmarks/rl_report.py runs/rl-study --json docs/rl/curves.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from data.chat import ChatTokens, parse
+from data.images import ImageSpec
+from data.tokenizer import Tokenizer
+from evals.reasoning import user_turn, wilson
+from infer.engine import Engine, SamplingParams
+from infer.modes import contemplate, prompt, stop_ids
+from model import load_pretrained
+from model.generate import append_text
+from train.config import load_config
+from train.rl import Prompts, evaluate, question
+
+
+def runs(root: Path) -> dict[tuple[float, int], list[dict]]:
+    out = {}
+    for d in sorted(root.glob("a*-s*")):
+        m = re.fullmatch(r"a([\d.]+)-s(\d+)", d.name)
+        if m and (d / "metrics.jsonl").exists():
+            out[(float(m[1]), int(m[2]))] = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    return out
+
+
+def pooled(evals: list[dict], items: int) -> dict:
+    """Accuracy and thought tokens over tasks (equal items each) and seeds: mean, Wilson interval, per seed."""
+    per_seed_acc = [sum(v for k, v in e.items() if k.endswith("/accuracy")) / _tasks(e) for e in evals]
+    per_seed_tok = [sum(v for k, v in e.items() if k.endswith("/thought_tokens")) / _tasks(e) for e in evals]
+    acc = sum(per_seed_acc) / len(evals)
+    n = items * _tasks(evals[0]) * len(evals)
+    return {
+        "accuracy": round(acc, 4),
+        "accuracy_95": wilson(acc, n),
+        "items": n,
+        "thought_tokens": round(sum(per_seed_tok) / len(evals), 2),
+        "per_seed_accuracy": [round(a, 4) for a in per_seed_acc],
+        "per_seed_thought_tokens": [round(t, 2) for t in per_seed_tok],
+    }
+
+
+def _tasks(e: dict) -> int:
+    return sum(1 for k in e if k.endswith("/accuracy"))
+
+
+def cut_thoughts(model, tok, held_out: Prompts, budget: int, answer_tokens: int = 16) -> dict:
+    """The starting model, greedy, its thought stopped at `budget` tokens (closed there if still open), then its
+    answer: what simply cutting costs, without any training."""
+    t = ChatTokens.of(tok)
+    spec = ImageSpec(model.cfg.patch_size, model.cfg.max_image_patches)
+    engine = Engine(model)
+    prompts = [prompt(user_turn(question(p), spec), tok, "thinking", model.cfg) for p in held_out.items]
+    thoughts = engine.generate(prompts, SamplingParams(budget, stop_ids=(t.end_think, t.eos)))
+    thoughts = [[i for i in x if i not in (t.end_think, t.eos)] for x in thoughts]
+    closed = [append_text(p, x + [t.end_think, t.answer]) for p, x in zip(prompts, thoughts, strict=True)]
+    answers = engine.generate(closed, SamplingParams(answer_tokens, stop_ids=stop_ids(t)))
+    right = [p.task.reward(tok.decode(parse(a, "instant", t).answer), p.item) for p, a in zip(held_out.items, answers)]
+    n = len(right)
+    acc = sum(right) / n
+    return {
+        "budget": budget,
+        "accuracy": round(acc, 4),
+        "accuracy_95": wilson(acc, n),
+        "thought_tokens": round(sum(map(len, thoughts)) / n, 2),
+    }
+
+
+def contemplating(model, tok, held_out: Prompts, chains: int, max_new_tokens: int) -> dict:
+    """N chains forked from one prefill, then the synthesis; accuracy and the chains' tokens per item."""
+    t = ChatTokens.of(tok)
+    spec = ImageSpec(model.cfg.patch_size, model.cfg.max_image_patches)
+    engine = Engine(model)
+    right, tokens = [], []
+    for k, p in enumerate(held_out.items):
+        params = SamplingParams(max_new_tokens, 1.0, 1.0, 0, stop_ids(t), k)
+        c = contemplate(engine, tok, user_turn(question(p), spec), chains, params)
+        (final,) = engine.generate([c.synthesis_prompt], SamplingParams(16, stop_ids=stop_ids(t)))
+        right.append(p.task.reward(tok.decode(parse(final, "instant", t).answer), p.item))
+        tokens.append(sum(len(x.thought) for x in c.chains))
+    acc = sum(right) / len(right)
+    return {
+        "chains": chains,
+        "accuracy": round(acc, 4),
+        "accuracy_95": wilson(acc, len(right)),
+        "chain_thought_tokens": round(sum(tokens) / len(tokens), 2),
+    }
+
+
+def final_model(run: Path, start: str):
+    """The run's last checkpoint's weights in a model (the torch engine's file: one process)."""
+    model = load_pretrained(start)
+    (ckpt,) = sorted((run / "checkpoints").glob("step_*"))[-1:]
+    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--chains", type=int, default=4)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    grid = runs(args.root)
+    first = next(iter(grid))
+    cfg = load_config(str(args.root / f"a{first[0]:g}-s{first[1]}" / "config.yaml"))
+    tok = Tokenizer(cfg.data.tokenizer)
+    held_out = Prompts(cfg, "heldout", cfg.rl.eval_items)
+    start = load_pretrained(cfg.init_weights).eval()
+    start_eval = pooled([evaluate(start, tok, held_out, cfg.rl.max_new_tokens, "cpu")], cfg.rl.eval_items)
+    curves: dict[str, dict] = {}
+    for alpha in sorted({a for a, _ in grid}):
+        seeds = sorted(s for a, s in grid if a == alpha)
+        steps = sorted({r["step"] for s in seeds for r in grid[(alpha, s)] if any("heldout/" in k for k in r)})
+        rows = {}
+        for step in steps:
+            evals = []
+            for s in seeds:
+                rec = next((r for r in grid[(alpha, s)] if r["step"] == step), None)
+                if rec and any("heldout/" in k for k in rec):
+                    evals.append({k.removeprefix("heldout/"): v for k, v in rec.items() if k.startswith("heldout/")})
+            if len(evals) == len(seeds):
+                rows[step] = pooled(evals, cfg.rl.eval_items)
+        by_step: dict[int, list[float]] = {}
+        for s in seeds:
+            for r in grid[(alpha, s)]:
+                by_step.setdefault(r["step"], []).append(r["thought_tokens"])
+        train = {k: round(sum(v) / len(v), 2) for k, v in sorted(by_step.items()) if len(v) == len(seeds)}
+        curves[f"{alpha:g}"] = {"seeds": seeds, "heldout": rows, "rollout_thought_tokens": train}
+    last = {a: c["heldout"][max(c["heldout"])] for a, c in curves.items() if c["heldout"]}
+    cuts = [cut_thoughts(start, tok, held_out, max(1, round(v["thought_tokens"]))) for v in last.values()]
+    dips = {}
+    for a, c in curves.items():
+        if a == "0":
+            continue
+        for i, s in enumerate(c["seeds"]):
+            accs = [c["heldout"][k]["per_seed_accuracy"][i] for k in sorted(c["heldout"])]
+            low = min(accs)
+            dips[f"{a}/seed{s}"] = {
+                "accuracies": accs,
+                "dipped": low < start_eval["accuracy"],
+                "ended_above_start": accs[-1] > start_eval["accuracy"],
+            }
+    strongest = max(curves, key=float)
+    compressed = final_model(args.root / f"a{strongest}-s{curves[strongest]['seeds'][0]}", cfg.init_weights)
+    report = {
+        "start": start_eval,
+        "curves": curves,
+        "cut_baseline": cuts,
+        "dip_and_recover": dips,
+        "contemplating_compressed": {
+            "alpha": float(strongest),
+            "seed": curves[strongest]["seeds"][0],
+            **contemplating(compressed, tok, held_out, args.chains, cfg.rl.max_new_tokens),
+        },
+        "thinking_start": {"accuracy": start_eval["accuracy"], "thought_tokens": start_eval["thought_tokens"]},
+        "config": {"steps": cfg.steps, "lr": cfg.optim.lr, "prompts": cfg.rl.prompts, "group": cfg.rl.group},
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: report[k] for k in ("start", "cut_baseline", "contemplating_compressed")}, indent=1))
+    for a, c in curves.items():
+        for step, row in c["heldout"].items():
+            acc, lo_hi, tokens = row["accuracy"], row["accuracy_95"], row["thought_tokens"]
+            print(f"alpha {a} step {step}: accuracy {acc:.3f} {lo_hi}, thought tokens {tokens}")
+
+
+if __name__ == "__main__":
+    main()
