@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from data.chat import ChatTokens, parse
 from data.images import ImageSpec
 from data.tokenizer import Tokenizer
-from evals.reasoning import user_turn, wilson
+from evals.reasoning import normalise, user_turn, wilson
 from infer.engine import Engine, SamplingParams
 from infer.modes import contemplate, prompt, stop_ids
 from model import load_pretrained
@@ -83,20 +84,37 @@ def contemplating(model, tok, held_out: Prompts, chains: int, max_new_tokens: in
     t = ChatTokens.of(tok)
     spec = ImageSpec(model.cfg.patch_size, model.cfg.max_image_patches)
     engine = Engine(model)
-    right, tokens = [], []
+    right, votes, tokens = [], [], []
     for k, p in enumerate(held_out.items):
         params = SamplingParams(max_new_tokens, 1.0, 1.0, 0, stop_ids(t), k)
         c = contemplate(engine, tok, user_turn(question(p), spec), chains, params)
         (final,) = engine.generate([c.synthesis_prompt], SamplingParams(16, stop_ids=stop_ids(t)))
         right.append(p.task.reward(tok.decode(parse(final, "instant", t).answer), p.item))
+        top = Counter(normalise(tok.decode(x.answer)) for x in c.chains).most_common(1)[0][0]
+        votes.append(p.task.reward(top, p.item))
         tokens.append(sum(len(x.thought) for x in c.chains))
-    acc = sum(right) / len(right)
+    acc, vote = sum(right) / len(right), sum(votes) / len(votes)
     return {
         "chains": chains,
         "accuracy": round(acc, 4),
         "accuracy_95": wilson(acc, len(right)),
+        "majority_vote": round(vote, 4),
+        "majority_vote_95": wilson(vote, len(votes)),
         "chain_thought_tokens": round(sum(tokens) / len(tokens), 2),
     }
+
+
+def blind(held_out: Prompts) -> dict:
+    """Each task's most common held-out answer, given to every item of the task: what no reading gets."""
+    by_task: dict[str, list] = {}
+    for p in held_out.items:
+        by_task.setdefault(p.task.name, []).append(p)
+    right = []
+    for ps in by_task.values():
+        (guesses,) = ps[0].task.baselines([p.item for p in ps]).values()
+        right += [p.task.reward(g, p.item) for p, g in zip(ps, guesses, strict=True)]
+    acc = sum(right) / len(right)
+    return {"accuracy": round(acc, 4), "accuracy_95": wilson(acc, len(right)), "items": len(right)}
 
 
 def final_model(run: Path, start: str):
@@ -142,7 +160,8 @@ def main(argv=None):
         train = {k: round(sum(v) / len(v), 2) for k, v in sorted(by_step.items()) if len(v) == len(seeds)}
         curves[f"{alpha:g}"] = {"seeds": seeds, "heldout": rows, "rollout_thought_tokens": train}
     last = {a: c["heldout"][max(c["heldout"])] for a, c in curves.items() if c["heldout"]}
-    cuts = [cut_thoughts(start, tok, held_out, max(1, round(v["thought_tokens"]))) for v in last.values()]
+    budgets = sorted({max(1, round(v["thought_tokens"])) for v in last.values()})  # a cut keeps one token at least
+    cuts = [cut_thoughts(start, tok, held_out, b) for b in budgets]
     dips = {}
     for a, c in curves.items():
         if a == "0":
@@ -158,6 +177,7 @@ def main(argv=None):
     strongest = max(curves, key=float)
     compressed = final_model(args.root / f"a{strongest}-s{curves[strongest]['seeds'][0]}", cfg.init_weights)
     report = {
+        "blind_majority_answer": blind(held_out),
         "start": start_eval,
         "curves": curves,
         "cut_baseline": cuts,
@@ -172,7 +192,8 @@ def main(argv=None):
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("start", "cut_baseline", "contemplating_compressed")}, indent=1))
+    shown = ("blind_majority_answer", "start", "cut_baseline", "contemplating_compressed")
+    print(json.dumps({k: report[k] for k in shown}, indent=1))
     for a, c in curves.items():
         for step, row in c["heldout"].items():
             acc, lo_hi, tokens = row["accuracy"], row["accuracy_95"], row["thought_tokens"]

@@ -143,3 +143,29 @@ def test_the_gpu_split_in_the_docs_is_the_committed_json():
         r, u = (sum(x[k] for x in rows) / len(rows) for k in ("rollout_s", "update_s"))
         tps = sum(x["rollout_tokens_per_s"] for x in rows) / len(rows)
         assert f"| {name} | {r:.3f} | {u:.3f} | {r / (r + u):.1%} | {tps:,.0f} |" in text
+
+
+def test_the_cpu_study_in_the_docs_is_the_committed_json():
+    """docs/RL.md's table, cut baseline, blind baseline and verdicts are docs/rl/curves.json's."""
+    data = json.loads((REPO / "docs" / "rl" / "curves.json").read_text())
+    text = (REPO / "docs" / "RL.md").read_text()
+
+    def acc(x):
+        return f"{x['accuracy']:.3f} [{x['accuracy_95'][0]:.3f}, {x['accuracy_95'][1]:.3f}]"
+
+    start = data["start"]
+    assert f"| the start (no RL) | 0 | {acc(start)} | {start['thought_tokens']:.2f} |" in text
+    for alpha, curve in data["curves"].items():
+        assert len(curve["seeds"]) == 3
+        for step, row in curve["heldout"].items():
+            seeds = ", ".join(f"{v:.2f}" for v in row["per_seed_accuracy"])
+            assert f"| {alpha} | {step} | {acc(row)} | {row['thought_tokens']:.2f} | {seeds} |" in text
+            assert row["items"] == 3 * 100  # the interval is over every answer of every seed
+    assert f"| blind: each task's majority answer | | {acc(data['blind_majority_answer'])} |" in text
+    for cut in data["cut_baseline"]:
+        assert f"| {cut['budget']} thought tokens | {acc(cut)} |" in text
+    final = {a: c["heldout"][max(c["heldout"], key=int)] for a, c in data["curves"].items()}
+    assert all(final[a]["thought_tokens"] == 0 for a in final if a != "0") and "collapse to nothing" in text
+    assert not any(d["dipped"] for d in data["dip_and_recover"].values()) and "No dip and recovery" in text
+    assert max(v["accuracy"] for v in final.values()) < data["blind_majority_answer"]["accuracy"]
+    assert "Everything is below the blind baseline" in text

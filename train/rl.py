@@ -72,6 +72,14 @@ class Prompts:
                 raise ConfigError(f"rl.tasks: no {split} items for {name} under {cfg.rl.data}/{name}/{split}")
             self.items += [Prompt(task, it) for it in found]
         self.cfg = cfg
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.items)))
+            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders = {epoch: order}  # one epoch at a time
+        return self._orders[epoch]
 
     def for_step(self, step: int, rank: int, world: int) -> list[tuple[int, Prompt]]:
         """(global index, prompt) of this rank's share of the step."""
@@ -79,9 +87,7 @@ class Prompts:
         out = []
         for k in range(step * per, (step + 1) * per):
             epoch, at = divmod(k, n)
-            order = list(range(n))
-            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
-            p = self.items[order[at]]
+            p = self.items[self._order(epoch)[at]]
             if self.cfg.rl.penalty == "l1":
                 targets = self.cfg.rl.l1_targets
                 p = Prompt(p.task, p.item, targets[random.Random(k).randrange(len(targets))])
