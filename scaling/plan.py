@@ -13,6 +13,7 @@ hashes its resolved config the same way, with the steps it must save at.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -28,7 +29,7 @@ from scaling.conventions import CostModel
 from scaling.hparams import split_rows
 from scaling.law import Law
 from scaling.spec import SweepSpec
-from train.config import TrainConfig, build, load_config, to_dict
+from train.config import RLConfig, TrainConfig, build, load_config, to_dict
 
 NOT_WEIGHTS = ("run_dir", "resume", "init_from", "resume_allow", "logging", "checkpoint", "export")
 
@@ -46,7 +47,12 @@ def _dotted(d: dict, prefix: str = "") -> list[str]:
 
 # Config fields added after sweeps had keyed their cells: left out of the key while at their defaults, so that a new
 # field does not re-key (and rerun) every finished cell. A field added later joins this list.
-ADDED_SINCE_KEYED = {("init_weights",): "", ("objective",): "lm", ("data", "kinds"): []}
+ADDED_SINCE_KEYED = {
+    ("init_weights",): "",
+    ("objective",): "lm",
+    ("data", "kinds"): [],
+    ("rl",): dataclasses.asdict(RLConfig()),  # objective rl's section (train/rl.py)
+}
 
 
 def weights_key(config: dict, extra: dict | None = None) -> str:
