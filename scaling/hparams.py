@@ -3,6 +3,7 @@
 One LR for every size is what biased Kaplan et al.'s exponents (Porian et al. 2024, "Resolving Discrepancies in
 Compute-Optimal Scaling of Language Models"). The forms here are the ones Porian et al. fit and model ladders use:
   - tokens per optimizer step  = batch_tokens_ref * (N / n_ref) ^ batch_exponent,  batch_exponent = 2/3
+                                 (at least `min_rows` rows: below it a GPU step costs the same, launches and all)
   - learning rate              = lr_ref * (N / n_ref) ^ lr_exponent,                lr_exponent = -1/3
   - warmup                     = warmup_tokens_per_param * N tokens (Porian et al.: warmup of about N tokens;
                                  Kaplan's long fixed warmup was one of the discrepancies), at most
@@ -34,6 +35,7 @@ class HparamRule:
     batch_tokens_ref: float = 8192
     batch_exponent: float = 2 / 3
     rows_multiple: int = 8  # rows per step are a multiple of this: splits evenly over 1, 2, 4 or 8 ranks
+    min_rows: int = 0  # a floor on rows per step (0: none): the smallest models' steps stop being launch-bound
     warmup_tokens_per_param: float = 1.0
     max_warmup_fraction: float = 0.25
     beta2_switch_tokens: float = 524288
@@ -41,12 +43,15 @@ class HparamRule:
     beta2_large_batch: float = 0.95
 
     def __post_init__(self):
+        if self.min_rows < 0:
+            raise ConfigError(f"hparams.min_rows={self.min_rows} must be 0 (no floor) or positive")
         if self.rows_multiple < 1 or self.n_ref <= 0 or self.lr_ref <= 0 or self.batch_tokens_ref <= 0:
             raise ConfigError("hparams: rows_multiple, n_ref, lr_ref and batch_tokens_ref must be positive")
 
     def rows_per_step(self, N: float, seq_len: int) -> int:
         rows = self.batch_tokens_ref * (N / self.n_ref) ** self.batch_exponent / seq_len
-        return max(1, round(rows / self.rows_multiple)) * self.rows_multiple
+        rows = max(1, round(rows / self.rows_multiple)) * self.rows_multiple
+        return max(rows, math.ceil(self.min_rows / self.rows_multiple) * self.rows_multiple)
 
     def lr(self, N: float) -> float:
         return self.lr_ref * (N / self.n_ref) ** self.lr_exponent

@@ -97,6 +97,19 @@ def test_hparams_follow_the_rule_in_n(spec):
     assert all(c.beta2 == 0.99 for c in cells)  # well below 0.5M tokens per step
 
 
+def test_min_rows_floors_the_small_models_batch_only():
+    """hparams.min_rows: the rule's rows where they exceed the floor, the floor (rounded to rows_multiple) below it;
+    without a floor, the rule alone (so no existing cell changes)."""
+    from scaling.hparams import HparamRule
+
+    rule = dict(n_ref=1e7, batch_tokens_ref=131072, rows_multiple=8)
+    plain, floored = HparamRule(**rule), HparamRule(**rule, min_rows=30)
+    assert plain.rows_per_step(4e4, 512) == 8 and floored.rows_per_step(4e4, 512) == 32
+    assert plain.rows_per_step(4e6, 512) == floored.rows_per_step(4e6, 512) == 136
+    with pytest.raises(ConfigError, match="min_rows"):
+        HparamRule(min_rows=-1)
+
+
 def test_keys_change_with_the_weights_only(spec, micro_config, tmp_path):
     keys = lambda p: [c.key for c in plan(load_spec(p)).cells]  # noqa: E731
     base = keys(spec())
