@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Thought compression on the CPU demo (docs/RL.md): RL from the demo's Thinking model (runs/sft-demo, `make
 # reasoning`) at three strengths of Kimi k1.5's length term, zero included (the control), three seeds each, two runs
-# at a time (one process per core: deepspeed.grad_accum 8, all eight prompts a step on one rank), then the report:
+# at a time (one process per core: all eight prompts a step on one rank), then the report:
 # curves, frontier, and the cut-thought baseline.
 #   bash benchmarks/rl.sh [STEPS] [OUT]
 set -euo pipefail
@@ -9,7 +9,7 @@ STEPS=${1:-30}; OUT=${2:-runs/rl-study}
 mkdir -p "$OUT"
 run() {  # alpha seed
   OMP_NUM_THREADS=1 python train.py --config configs/tiny.yaml --config configs/rl-demo.yaml run_dir="$OUT/a$1-s$2" \
-    steps="$STEPS" seed="$2" rl.penalty=kimi rl.alpha="$1" rl.eval_every=10 rl.eval_items=25 optim.lr=1e-4 deepspeed.grad_accum=8 \
+    steps="$STEPS" seed="$2" rl.penalty=kimi rl.alpha="$1" rl.eval_every=10 rl.eval_items=25 optim.lr=1e-4 \
     > "$OUT/a$1-s$2.log" 2>&1
 }
 jobs=()

@@ -83,7 +83,6 @@ def start(micro_config, tmp_path_factory):
         f"rl.data={data}",
         "rl.tasks=[arith]",
         "rl.prompts=2",
-        "deepspeed.grad_accum=2",
         "rl.group=8",
         "rl.max_new_tokens=24",
         "rl.eval_items=2",

@@ -139,7 +139,7 @@ class RLConfig:
 
     tasks: list[str] = field(default_factory=lambda: ["count", "twohop", "digitsum", "arith"])
     data: str = "artifacts/reasoning"  # `python -m data.reasoning`'s output: TASK/{train,heldout}
-    prompts: int = 8  # prompts per step, all ranks together: world x deepspeed.grad_accum (one group a micro-batch)
+    prompts: int = 8  # prompts per step, all ranks together (one group a micro-batch: grad_accum is derived)
     group: int = 8  # samples per prompt, forked from one prefill
     max_new_tokens: int = 160  # thought and answer
     temperature: float = 1.0
@@ -202,6 +202,8 @@ class TrainConfig:
             raise ConfigError(
                 f"objective={self.objective} fine-tunes a model: give init_weights (an export or a run directory)"
             )
+        if self.objective == "rl" and not self.init_weights:  # its KL reference and its start are an export
+            raise ConfigError("objective=rl starts from an export: give init_weights (an export or a run directory)")
         if self.objective == "rl" and self.deepspeed.zero_stage == 3:
             raise ConfigError("objective=rl generates with the model's own weights: ZeRO-3's partitions cannot")
         if self.objective == "sft":

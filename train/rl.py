@@ -6,12 +6,13 @@ each from it, all decoded in one batch (infer.Engine.fork_each), scores every an
 (evals: the score evaluation reports) and adds the length term of its thought (train/length_penalty.py).
 Advantages are relative to the group. The update is PPO's clipped ratio on the sampled tokens of the thought and
 answer, each token weighing the same across the rank's step (DAPO's token-level mean), plus an optional k3 KL
-estimate to the starting model; one prompt's group is one micro-batch through the same engine (DeepSpeed or
-torch), checkpoints, signals and metrics as pretraining.
+estimate to the starting model; one prompt's group is one micro-batch (`deepspeed.grad_accum` is set to the
+rank's prompts) through the same engine (DeepSpeed or torch), checkpoints, signals and metrics as pretraining.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -81,17 +82,17 @@ class Prompts:
             self._orders = {epoch: order}  # one epoch at a time
         return self._orders[epoch]
 
-    def for_step(self, step: int, rank: int, world: int) -> list[tuple[int, Prompt]]:
-        """(global index, prompt) of this rank's share of the step."""
+    def for_step(self, step: int, rank: int, world: int) -> list[Prompt]:
+        """This rank's share of the step's prompts."""
         n, per = len(self.items), self.cfg.rl.prompts
         out = []
         for k in range(step * per, (step + 1) * per):
             epoch, at = divmod(k, n)
             p = self.items[self._order(epoch)[at]]
-            if self.cfg.rl.penalty == "l1":
+            if self.cfg.rl.penalty == "l1":  # the target drawn from the prompt's place in the stream
                 targets = self.cfg.rl.l1_targets
                 p = Prompt(p.task, p.item, targets[random.Random(k).randrange(len(targets))])
-            out.append((k, p))
+            out.append(p)
         return out[rank::world]
 
 
@@ -113,27 +114,28 @@ class Group:
 
 
 class Rollouts:
-    """Generation and reward: one prefill per prompt, `group` samples forked from it, each scored."""
+    """Generation and reward: one prefill for a rank's prompts, `group` samples of each forked from it, each
+    scored."""
 
     def __init__(self, cfg: TrainConfig, model, tok: Tokenizer):
         self.cfg, self.model, self.tok = cfg, model, tok
         self.t = ChatTokens.of(tok)
         self.spec = ImageSpec(model.cfg.patch_size, model.cfg.max_image_patches)
 
-    def __call__(self, prompts: list[tuple[int, Prompt]], step: int, rank: int = 0) -> list[Group]:
+    def __call__(self, prompts: list[Prompt], step: int, rank: int = 0) -> list[Group]:
         """All of this rank's prompts in one prefill, `group` samples of each decoded in one batch."""
         rl, groups = self.cfg.rl, []
         engine = Engine(self.model)
         try:
             batches = [
-                mode_prompt(user_turn(question(p), self.spec), self.tok, "thinking", self.model.cfg) for _, p in prompts
+                mode_prompt(user_turn(question(p), self.spec), self.tok, "thinking", self.model.cfg) for p in prompts
             ]
             seed = (self.cfg.seed * 1_000_003 + step * 1009 + rank) % 2**62
             params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, 0, stop_ids(self.t), seed)
             drawn = engine.fork_each(batches, rl.group, params)
         finally:
             self.model.train()
-        for (_, p), batch, samples in zip(prompts, batches, drawn, strict=True):
+        for p, batch, samples in zip(prompts, batches, drawn, strict=True):
             replies = [parse(s, "thinking", self.t) for s in samples]
             correct = [p.task.reward(self.tok.decode(r.answer), p.item) if r.finished else 0.0 for r in replies]
             thought = [len(r.thought) for r in replies]
@@ -188,11 +190,10 @@ def train_rl(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     launched = launch_time(launched_at)
     rank, world, device = setup_distributed()
     rl = cfg.rl
-    if rl.prompts % world or rl.prompts // world != cfg.deepspeed.grad_accum:
-        raise ConfigError(
-            f"rl.prompts={rl.prompts} must be world ({world}) x deepspeed.grad_accum ({cfg.deepspeed.grad_accum}): "
-            f"each prompt's group is one micro-batch; set deepspeed.grad_accum={max(1, rl.prompts // world)}"
-        )
+    if rl.prompts % world:
+        raise ConfigError(f"rl.prompts={rl.prompts} must split evenly over the {world} ranks")
+    # one prompt's group is one micro-batch: the accumulation follows from the prompts, whatever the config says
+    cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, grad_accum=rl.prompts // world))
     run, lock = prepare_run_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
     engine, optimizer, model = build_engine(cfg, device, world)
