@@ -12,8 +12,8 @@ mixture in DIR, raw or prepared (`python -m data.prepared`), in batches of 32 ro
 in --workers, the trainer side only taking batches (no GPU); 0 workers is one StreamWorker in this process. DIR a
 study build (`python -m data.study`, raw or --prepared): its mixture as configs/study.yaml reads it, 64 rows of 512.
 
---handoff DIR times the other side: how long the trainer's `next(loader)` takes for a batch that a worker has
-already made (32 rows of 2048 from the embedded mixture in DIR), with torch's two ways of sharing tensors
+--handoff DIR times the other side: the trainer process's CPU time per batch it takes from two workers (32 rows of
+2048 from the embedded mixture in DIR, or 64 of 512 from a study build), with torch's two ways of sharing tensors
 between processes. That time is taken from the process that launches the GPU work.
 """
 
@@ -100,20 +100,21 @@ def measure(shards: Path, tokenizer: str, patch: int, budget: int, seconds: floa
     }
 
 
-def handoff(data_dir: str, strategy: str, batches: int = 4) -> dict:
-    """Wall and CPU time of the trainer's next(loader) per ready batch (one worker, its prefetch queue full)."""
+def handoff(data_dir: str, strategy: str, batches: int = 200) -> dict:
+    """The trainer process's CPU time per batch taken from two workers (all its threads: the receiving, and on a GPU
+    machine the pinning), and the wall time, over `batches` batches after 20 to warm up."""
     from data.pipeline import StreamingLoader
 
-    loader = StreamingLoader(_mixture(data_dir, 1), sharing=strategy)
-    next(loader)
-    time.sleep(3 * batches)  # the worker fills its prefetch queue (4 batches) meanwhile
-    wall, cpu = time.perf_counter(), time.thread_time()
+    loader = StreamingLoader(_mixture(data_dir, 2), sharing=strategy)
+    for _ in range(20):
+        next(loader)
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(loader)
     return {
         "strategy": strategy,
-        "wall_ms_per_batch": round(1000 * (time.perf_counter() - wall) / batches, 1),
-        "cpu_ms_per_batch": round(1000 * (time.thread_time() - cpu) / batches, 1),
+        "wall_ms_per_batch": round(1000 * (time.perf_counter() - wall) / batches, 2),
+        "cpu_ms_per_batch": round(1000 * (time.process_time() - cpu) / batches, 2),
     }
 
 

@@ -20,6 +20,7 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
   waits      DeepSpeed's ZeRO-1/2 step as shipped, with its host waits (train.zero_waits not applied)
   allpositions  the output head and loss at every position, as before round 7 (batches without target_index)
   torchloss  the loss through autograd (compiled) instead of model.cross_entropy's kernel, as before round 7
+  losskernel model.cross_entropy's kernel also with @deepspeed.compile_scope=model (which turns it off: a graph break)
   torchmlp   the MLP in torch's ops (matmuls, then SwiGLU) where QuACK's fused GEMMs are installed (model.mlp)
   quackmlp   QuACK's fused MLP wherever it runs: below model.mlp.MIN_WIDTH (the 20M config's width) and under
              activation checkpointing, where train.engine keeps torch's MLP (not with z3, which it breaks)
@@ -63,6 +64,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from data import handoff
 from data.layout import SpecialIds, layout_document
 from data.packing import Packer, collate
 from model import attention, cross_entropy, flops_per_token, mlp
@@ -87,7 +89,7 @@ def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **e
 def parse_variant(text: str) -> dict:
     v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
     v.update(fd=False, plain=False, whole=False, waits=False, allpositions=False, torchloss=False, rows=None)
-    v.update(torchmlp=False, quackmlp=False, mlptuned=False, torchengine=False)
+    v.update(torchmlp=False, quackmlp=False, mlptuned=False, torchengine=False, losskernel=False)
     v.update(name=text, overrides=[])
     v["tiles"], v["mask_block"] = FLEX_DEFAULTS
     v["loss_launch"] = LOSS_LAUNCH
@@ -111,6 +113,7 @@ def parse_variant(text: str) -> dict:
             "quackmlp",
             "mlptuned",
             "torchengine",
+            "losskernel",
         ):
             v[word] = True
         elif word == "fd":  # workers pass tensors by file descriptor (torch's default) instead of the trainer's way
@@ -212,7 +215,9 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[
         # the rows the head runs at are target_index's length, padding included: read from its shape, for a CPU
         # op here (counting its entries) would cost the loader variants (train.engine.quiet_host_threads)
         heads.append(1.0 if v["allpositions"] else len(b["target_index"]) / b["tokens"].numel())
-        return {k: t.to(dev, non_blocking=non_blocking) for k, t in b.items()}
+        if v["allpositions"]:
+            return {k: t.to(dev, non_blocking=non_blocking) for k, t in b.items()}
+        return handoff.to_device(b, dev, non_blocking)  # one copy where the loader handed one buffer (data.handoff)
 
     if v["data"] == "synthetic":
         seeds = range(dist.get_rank() * 4, dist.get_rank() * 4 + 4)
@@ -309,6 +314,8 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
             zero_waits.restore()
         if v["whole"]:
             model.compile(dynamic=False)
+        if v["losskernel"]:  # model.cross_entropy's kernel also where compile_scope=model turns it off
+            model.loss_kernel = True
         run_step = TrainStep(engine, optimizer, dev, clip=step_clip(cfg, getattr(engine, "kind", "deepspeed")))
         counter = itertools.count()
 

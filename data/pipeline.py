@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from data.handoff import HandedBatch, pack
 from data.images import ImageSpec
 from data.layout import layout_document
 from data.packing import ImageTooLong, Packer, collate
@@ -401,7 +402,10 @@ class PackedDataset(IterableDataset):
         state = self.resume["streams"][logical] if self.resume else None
         stream = self.rank * self.n_workers + logical
         worker = StreamWorker(self.cfg, Tokenizer(self.cfg.tokenizer), stream, self.world * self.n_workers, state)
-        yield from worker.batches(logical)
+        for batch in worker.batches(logical):  # one buffer a batch for the trainer's process (data.handoff)
+            meta = batch.pop("_meta")
+            buffer, layout = pack(batch)
+            yield {"_buffer": buffer, "_layout": layout, "_meta": meta}
 
 
 def _as_made(batch: dict) -> dict:
@@ -469,13 +473,13 @@ class StreamingLoader:
     def __next__(self) -> dict:
         if self._it is None:
             self._it = iter(self.loader)
-        batch = next(self._it)
-        meta = batch.pop("_meta")
+        handed = next(self._it)
+        meta = handed["_meta"]
         self.streams[meta["worker"]] = meta["state"]
         self._worker_counts[meta["worker"]] = meta["counts"]
         self.consumed += 1
         self.last_pieces = meta["pieces"]
-        return batch
+        return HandedBatch(handed["_buffer"], handed["_layout"])
 
     def skip_counts(self) -> dict:
         """Counters summed over this rank's workers: samples read, kinds, skips by reason, bad shards."""

@@ -133,6 +133,9 @@ class FusionTransformer(nn.Module):
         self.patch_head = nn.Linear(cfg.d_model, cfg.patch_dim) if cfg.image_loss_weight > 0 else None
         self.check_inputs = True  # one host sync per forward; the trainer may turn it off after the first batches
         self.telemetry = False  # see track_attention_logits
+        # The loss through model.cross_entropy's kernel where it runs. Off where the whole forward is one compiled
+        # graph (train.engine.apply_compile, scope model): the kernel's call is a graph break there.
+        self.loss_kernel = True
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -283,7 +286,7 @@ class FusionTransformer(nn.Module):
         (train.engine.apply_compile) it fuses the output matmul's upcast, log-sum-exp and gather instead of writing
         B x T x V fp32 logits and reading them back in several eager kernels."""
         h, targets = at_targets(h, targets, target_index)
-        if cross_entropy.usable(h, self.lm_head.weight):
+        if self.loss_kernel and cross_entropy.usable(h, self.lm_head.weight):
             both, _, z = cross_entropy.linear_cross_entropy(h, self.lm_head.weight, targets, self.cfg.z_loss)
             return both - z, z  # the gradient flows through `both`, the sum the model's loss is made of
         logits = self.lm_head(h).float()

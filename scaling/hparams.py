@@ -5,6 +5,9 @@ Compute-Optimal Scaling of Language Models"). The forms here are the ones Porian
   - tokens per optimizer step  = batch_tokens_ref * (N / n_ref) ^ batch_exponent,  batch_exponent = 2/3
                                  (at least `min_rows` rows: below it a GPU step costs the same, launches and all)
   - learning rate              = lr_ref * (N / n_ref) ^ lr_exponent,                lr_exponent = -1/3
+                                 times (floored rows / the rule's rows) ^ floor_lr_exponent where `min_rows`
+                                 raised the batch (1/2: Adam's square-root rule, Malladi et al. 2022; the fourth
+                                 study design's LR check found 2x the unscaled LR best at three floored sizes)
   - warmup                     = warmup_tokens_per_param * N tokens (Porian et al.: warmup of about N tokens;
                                  Kaplan's long fixed warmup was one of the discrepancies), at most
                                  max_warmup_fraction of the run
@@ -36,6 +39,7 @@ class HparamRule:
     batch_exponent: float = 2 / 3
     rows_multiple: int = 8  # rows per step are a multiple of this: splits evenly over 1, 2, 4 or 8 ranks
     min_rows: int = 0  # a floor on rows per step (0: none): the smallest models' steps stop being launch-bound
+    floor_lr_exponent: float = 0.5  # the LR follows a floored batch: (rows / the rule's rows) ^ this
     warmup_tokens_per_param: float = 1.0
     max_warmup_fraction: float = 0.25
     beta2_switch_tokens: float = 524288
@@ -48,13 +52,21 @@ class HparamRule:
         if self.rows_multiple < 1 or self.n_ref <= 0 or self.lr_ref <= 0 or self.batch_tokens_ref <= 0:
             raise ConfigError("hparams: rows_multiple, n_ref, lr_ref and batch_tokens_ref must be positive")
 
-    def rows_per_step(self, N: float, seq_len: int) -> int:
+    def rule_rows(self, N: float, seq_len: int) -> int:
+        """Rows per step by the rule alone, before the floor."""
         rows = self.batch_tokens_ref * (N / self.n_ref) ** self.batch_exponent / seq_len
-        rows = max(1, round(rows / self.rows_multiple)) * self.rows_multiple
-        return max(rows, math.ceil(self.min_rows / self.rows_multiple) * self.rows_multiple)
+        return max(1, round(rows / self.rows_multiple)) * self.rows_multiple
 
-    def lr(self, N: float) -> float:
-        return self.lr_ref * (N / self.n_ref) ** self.lr_exponent
+    def rows_per_step(self, N: float, seq_len: int) -> int:
+        floor = math.ceil(self.min_rows / self.rows_multiple) * self.rows_multiple
+        return max(self.rule_rows(N, seq_len), floor)
+
+    def lr(self, N: float, seq_len: int = 0) -> float:
+        """The rule's LR for N; given seq_len, scaled up with the batch where the floor raised it."""
+        lr = self.lr_ref * (N / self.n_ref) ** self.lr_exponent
+        if seq_len:
+            lr *= (self.rows_per_step(N, seq_len) / self.rule_rows(N, seq_len)) ** self.floor_lr_exponent
+        return lr
 
     def beta2(self, tokens_per_step: int) -> float:
         return self.beta2_small_batch if tokens_per_step < self.beta2_switch_tokens else self.beta2_large_batch

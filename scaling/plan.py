@@ -52,6 +52,7 @@ ADDED_SINCE_KEYED = {
     ("objective",): "lm",
     ("data", "kinds"): [],
     ("rl",): dataclasses.asdict(RLConfig()),  # objective rl's section (train/rl.py)
+    ("deepspeed", "compile_scope"): "blocks",
 }
 
 
@@ -183,7 +184,7 @@ def plan(spec: SweepSpec) -> Plan:
                 micro, accum = split_rows(rows, launcher.nproc, launcher.max_micro_rows)
                 tokens_per_step = rows * seq
                 steps = max(1, math.ceil(D / tokens_per_step))
-                lr, beta2 = h.lr(N) * lr_scale, h.beta2(tokens_per_step)
+                lr, beta2 = h.lr(N, seq) * lr_scale, h.beta2(tokens_per_step)
                 values = {
                     "steps": steps,
                     "resume": "auto",

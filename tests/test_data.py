@@ -302,6 +302,29 @@ def test_exact_resume_with_workers_and_two_ranks(embedded):
     assert len(all_keys) == len(set(all_keys))  # ranks and workers never read the same piece
 
 
+def test_a_handed_batch_is_the_workers_batch_in_one_buffer(embedded):
+    """data.handoff: what the trainer's process receives from a worker is the batch the worker collated, tensor by
+    tensor (values, dtypes, shapes), as views of one aligned buffer that moves to a device in one copy."""
+    from data.handoff import ALIGN, HandedBatch, to_device
+    from data.pipeline import StreamWorker
+    from data.tokenizer import Tokenizer
+
+    cfg = mixture(embedded, workers=1, batch_size=3)
+    made = StreamWorker(cfg, Tokenizer(cfg.tokenizer), 0, 1, None).batches(0)
+    loader = StreamingLoader(cfg, 0, 1)
+    for _ in range(3):
+        expected, handed = next(made), next(loader)
+        expected.pop("_meta")
+        assert isinstance(handed, HandedBatch) and list(handed) == list(expected)
+        for name, t in expected.items():
+            got = handed[name]
+            assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+            assert got.untyped_storage().data_ptr() == handed.buffer.untyped_storage().data_ptr()  # a view
+            assert (got.data_ptr() - handed.buffer.data_ptr()) % ALIGN == 0
+        moved = to_device(handed, torch.device("cpu"))
+        assert all(torch.equal(moved[k], expected[k]) for k in expected)
+
+
 def test_seed_changes_the_order(embedded):
     a, _ = run_loader(mixture(embedded, workers=0), 0, 1, 3)
     b, _ = run_loader(mixture(embedded, workers=0, seed=1), 0, 1, 3)

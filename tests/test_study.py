@@ -131,6 +131,55 @@ def test_the_study_step_table_is_the_benchmark_json():
             assert f"| {by[key]['tokens_per_s'] / ref:.2f}x" in line, line
 
 
+def test_the_whole_forward_table_is_its_benchmark_json():
+    """The step since the third run: each row's ratios to the reference of the same device call."""
+    rows = json.loads((REPO / "docs" / "perf" / "study_step2_h200.json").read_text())
+
+    def column(variant: str) -> str:
+        if variant == "reference":
+            return variant
+        data = variant.split(":")[2]
+        if "static_shapes" in variant:
+            return f"graphs-{data}"
+        if "reduce-overhead" in variant:
+            return f"graphs-without-static-{data}"
+        return f"{'model' if 'compile_scope=model' in variant else 'blocks'}-{data}"
+
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["depth"], r["rows"], r["call"]), {})[column(r["variant"])] = r
+    lines = doc().splitlines()
+    for (depth, n, call), g in groups.items():
+        ref = g["reference"]["tokens_per_s"]
+        cells = [
+            f"{g[c]['tokens_per_s'] / ref:.2f}x" if c in g else ""
+            for c in ("blocks-cached", "model-cached", "model-loader", "graphs-loader")
+        ]
+        assert f"| {depth}, {n} | {call} | " + " | ".join(cells) + f" | {ref:,.0f} |" in lines, (depth, n, call)
+    at5 = groups[(5, 64, 3)]
+    assert (
+        f"**it reaches the reference: {at5['model-cached']['tokens_per_s'] / at5['reference']['tokens_per_s']:.2f}x**"
+        in doc()
+    )
+
+
+def test_the_floored_lr_table_is_the_cells_training_loss():
+    """The third LR check's first attempt: per depth, the five factors' training losses in LR order, the best factor
+    and what the rule (factor 1) lost to it, as benchmarks/train_tail.py wrote them."""
+    with open(STUDY / "study4-lr-attempt.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    lines = doc().splitlines()
+    for depth in (1, 2, 3):
+        mine = sorted((r for r in rows if int(r["depth"]) == depth), key=lambda r: float(r["lr"]))
+        lrs, losses = [float(r["lr"]) for r in mine], [float(r["train_loss_tail"]) for r in mine]
+        assert [x / lrs[2] for x in lrs] == pytest.approx([0.25, 0.5, 1, 2, 4])
+        best = min(range(5), key=losses.__getitem__)
+        line = next(line for line in lines if line.startswith(f"| depth {depth} ("))
+        cells = [x.strip() for x in line.split("|")[2:9]]
+        assert cells[:5] == [f"{x:.4f}" for x in losses], line
+        assert cells[5] == f"x{[0.25, 0.5, 1, 2, 4][best]:g}" and cells[6] == f"{losses[2] - losses[best]:.4f}"
+
+
 def test_the_cells_util_log_and_causal_law_are_the_committed_data(tmp_path):
     """The committed cells are the spec's (no config change re-keyed them), the util figures are the log's, and
     the causal law's intervals, held-out error and compute-optimal sizes are what the fitter writes."""

@@ -106,6 +106,9 @@ def test_min_rows_floors_the_small_models_batch_only():
     plain, floored = HparamRule(**rule), HparamRule(**rule, min_rows=30)
     assert plain.rows_per_step(4e4, 512) == 8 and floored.rows_per_step(4e4, 512) == 32
     assert plain.rows_per_step(4e6, 512) == floored.rows_per_step(4e6, 512) == 136
+    # the LR follows a floored batch by the square-root rule; above the floor, and without one, the rule's LR
+    assert floored.lr(4e4, 512) == pytest.approx(plain.lr(4e4, 512) * 2) and plain.lr(4e4, 512) == plain.lr(4e4)
+    assert floored.lr(4e6, 512) == plain.lr(4e6, 512) == plain.lr(4e6)
     with pytest.raises(ConfigError, match="min_rows"):
         HparamRule(min_rows=-1)
 

@@ -250,6 +250,11 @@ def test_config_errors_stop_before_any_work(micro_config):
         load_config(micro_config, ["logging.profile=[5,3]"])
     with pytest.raises(ConfigError, match="export.hf_text: norm_order='post'"):
         load_config(micro_config, ["model.norm_order=post", "export.hf_text=true"])  # before training, not after
+    with pytest.raises(ConfigError, match="compile_scope='graph' is not blocks or model"):
+        load_config(micro_config, ["deepspeed.compile_scope=graph"])
+    for other in ("deepspeed.zero_stage=3", "deepspeed.activation_checkpointing=true"):
+        with pytest.raises(ConfigError, match="compile_scope=model is not built for ZeRO-3"):
+            load_config(micro_config, ["deepspeed.compile_scope=model", other])
     assert load_config(micro_config, ['steps="8"']).steps == 8  # a whole number as a string, like "3e-3" for floats
     two = launch(micro_config, Path("/tmp/unused-run"), "optim.lrr=1")  # two ranks: the error is printed once
     assert two.returncode != 0 and (two.stdout + two.stderr).count("config error: unknown config key") == 1
@@ -277,9 +282,11 @@ def test_schedules():
     assert {lr_at(s, 50, 0.5, const) for s in range(50)} == {0.5}
 
 
-def test_compiled_regions_compute_what_eager_computes(tiny_cfg):
-    """apply_compile (blocks + the output loss region) changes speed, not the function or its gradients, also for
-    batches whose counts of text targets (the loss region's input length) differ."""
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compiled_regions_compute_what_eager_computes(tiny_cfg, scope):
+    """apply_compile (blocks + the output loss region, or the whole forward) changes speed, not the function or its
+    gradients, also for batches whose counts of text targets (the loss region's input length) differ; the whole
+    forward's evaluation (no gradients) runs eagerly and gives the same loss."""
     from conftest import packed_batch
 
     from model import build_model
@@ -290,7 +297,7 @@ def test_compiled_regions_compute_what_eager_computes(tiny_cfg):
     torch.manual_seed(0)
     eager, compiled = build_model(tiny_cfg), build_model(tiny_cfg)
     compiled.load_state_dict(eager.state_dict())
-    apply_compile(compiled)
+    apply_compile(compiled, scope=scope)
     for batch in batches:
         losses = []
         for model in (eager, compiled):
@@ -301,6 +308,11 @@ def test_compiled_regions_compute_what_eager_computes(tiny_cfg):
         torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
         for (name, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    if scope == "model":
+        torch._dynamo.utils.counters.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(**batches[0]).loss, eager(**batches[0]).loss, atol=1e-5, rtol=1e-5)
+        assert not torch._dynamo.utils.counters["frames"]  # nothing traced, nothing compiled without gradients
 
 
 def test_host_threads_drop_to_one_on_a_gpu_unless_told(monkeypatch):

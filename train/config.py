@@ -63,6 +63,10 @@ class DeepSpeedConfig:
     # torch.compile's mode for the compiled regions: default | reduce-overhead (CUDA graphs: launch-bound tiny
     # steps) | max-autotune-no-cudagraphs
     compile_mode: str = "default"
+    # What one compiled region spans: blocks (each block, plus the output layer with its loss: short compile times,
+    # the default) | model (the whole forward, the attention mask's build and the embeddings included, as one graph
+    # with automatic dynamic shapes: the launch-bound steps of tiny sweep cells; docs/study/STUDY.md, GPU time)
+    compile_scope: str = "blocks"
     extra: dict = field(default_factory=dict)  # merged into the DeepSpeed JSON config as is
 
     def __post_init__(self):
@@ -75,6 +79,13 @@ class DeepSpeedConfig:
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if self.compile_mode not in modes:
             raise ConfigError(f"deepspeed.compile_mode='{self.compile_mode}' is not one of {', '.join(modes)}")
+        if self.compile_scope not in ("blocks", "model"):
+            raise ConfigError(f"deepspeed.compile_scope='{self.compile_scope}' is not blocks or model")
+        if self.compile_scope == "model" and (self.zero_stage == 3 or self.activation_checkpointing):
+            raise ConfigError(
+                "deepspeed.compile_scope=model is not built for ZeRO-3's parameter hooks or activation checkpointing "
+                "(use compile_scope=blocks)"
+            )
 
 
 @dataclass

@@ -31,12 +31,27 @@ def quiet_host_threads(device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
-def apply_compile(model: FusionTransformer, mode: str = "default") -> None:
+def apply_compile(model: FusionTransformer, mode: str = "default", scope: str = "blocks") -> None:
     """Compile block by block (regional compilation): one graph reused by every layer, short compile times; and
     the output layer with its loss as one more region (fused instead of B x T x V fp32 logits in eager). The loss
     region's input length, the batch's count of text targets, varies: the second length seen makes that dimension
     symbolic (automatic dynamic shapes), one recompile instead of one per length. `mode` applies to the blocks
-    (reduce-overhead: CUDA graphs for steps too small to keep the GPU ahead of the host)."""
+    (reduce-overhead: CUDA graphs for steps too small to keep the GPU ahead of the host). scope `model`: the
+    whole forward as one region instead (mask build, embeddings, rotary and loss inside it), for steps whose
+    eager glue between regions costs more host time than the GPU spends on the layers."""
+    if scope == "model":
+        model.loss_kernel = False  # its call would break the graph: the loss's compiled torch form instead
+        compiled = torch.compile(model.forward, dynamic=None, mode=None if mode == "default" else mode)
+        eager = model.forward
+
+        def forward(*args, **kwargs):
+            """Training forwards compiled; evaluation's run eagerly (flex attention still compiled per call): torch
+            2.11's inductor fails to lower flex attention inside a whole-model graph without gradients ("convert
+            FlexibleLayout to FixedLayout first", on an H200), which ended 15 sweep cells at their final evaluation."""
+            return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
+
+        model.forward = forward
+        return
     for block in model.blocks:
         block.compile(dynamic=False, mode=None if mode == "default" else mode)
     model.text_losses = torch.compile(model.text_losses, dynamic=None)
@@ -221,7 +236,7 @@ def build_engine(cfg: TrainConfig, device: torch.device, world: int = 1):
     if cfg.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.deepspeed.compile:
-        apply_compile(model, cfg.deepspeed.compile_mode)
+        apply_compile(model, cfg.deepspeed.compile_mode, cfg.deepspeed.compile_scope)
     if kind == "torch":
         model.to(device)  # before the optimizer: fused AdamW keeps its state on the parameters' device
     optimizer = torch.optim.AdamW(

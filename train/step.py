@@ -48,6 +48,24 @@ def torch_optimizer(optimizer) -> torch.optim.Optimizer:
     return inner
 
 
+def _tally(found_inf, step_sums, loss, text_loss, image_loss, z_loss) -> None:
+    """After a micro-batch's forward: raise the flag if a loss term is not finite, add the finite terms."""
+    terms = torch.stack([loss, text_loss.detach(), image_loss.detach(), z_loss.detach()])
+    finite = torch.isfinite(terms).all()
+    torch.maximum(found_inf, (~finite).float(), out=found_inf)
+    step_sums.add_(torch.where(finite, terms, 0.0))
+
+
+def _close(found_inf, step_sums, n: int, step: int, sums, counts, streak, last_bad) -> None:
+    """At the step's end: a good step's mean terms join the window; skip counters and the last skipped step."""
+    bad = found_inf
+    sums.add_(step_sums / n * (1 - bad))
+    streak.mul_(bad).add_(bad)
+    counts.add_(torch.stack([1 - bad, bad, torch.zeros_like(bad)]))
+    counts[2] = torch.maximum(counts[2], streak)
+    last_bad.copy_(torch.where(bad > 0, torch.full_like(last_bad, step), last_bad))
+
+
 class TrainStep:
     """Call once per optimizer step with that step's micro-batches; `take()` returns and resets the window's
     counters (one collective and one host sync, for the logging steps). Every rank skips the same steps: the flag
@@ -63,6 +81,10 @@ class TrainStep:
         self.counts = torch.zeros(3, device=device)  # good steps, skipped steps, largest run of skipped steps
         self.streak = torch.zeros((), device=device)  # skipped steps in a row, across windows
         self.last_bad = torch.full((), -1.0, device=device)
+        # The bookkeeping's dozens of tiny kernels, one fused kernel each on a GPU: at a sweep cell's sizes every
+        # eager launch is host time the step cannot hide (docs/study/STUDY.md, GPU time).
+        fuse = torch.compile if device.type == "cuda" else (lambda fn, **_: fn)
+        self._tally, self._close = fuse(_tally, dynamic=False), fuse(_close, dynamic=True)
 
     def __call__(
         self, micro_batches: Sequence[dict], step: int, inject_nan: bool = False, weights: Sequence[float] = ()
@@ -71,6 +93,7 @@ class TrainStep:
         each micro-batch's text-target weight (`target_weights`). The logged `loss` is the weighted one, whose mean over
         micro-batches and ranks is the step's objective (every target weighed once); `text_loss` and the other terms
         stay per-micro-batch means."""
+        torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs (compile_mode reduce-overhead): a new step
         self.found_inf.zero_()
         step_sums = torch.zeros_like(self.sums)
         first = None
@@ -79,10 +102,7 @@ class TrainStep:
             loss = out.loss * float("nan") if inject_nan and i == 0 else out.loss
             if weights and weights[i] != 1.0:
                 loss = loss + (weights[i] - 1.0) * (out.text_loss + out.z_loss)  # text terms weighed per target
-            terms = torch.stack([loss, out.text_loss, out.image_loss, out.z_loss]).detach()
-            finite = torch.isfinite(terms).all()
-            torch.maximum(self.found_inf, (~finite).float(), out=self.found_inf)
-            step_sums += torch.where(finite, terms, 0.0)
+            self._tally(self.found_inf, step_sums, loss.detach(), out.text_loss, out.image_loss, out.z_loss)
             self.engine.backward(loss)
             if i == len(micro_batches) - 1:
                 if dist.is_initialized() and dist.get_world_size() > 1:
@@ -92,12 +112,8 @@ class TrainStep:
                     self._norm = torch.nn.utils.clip_grad_norm_(params, self.clip, foreach=True)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             first = out if first is None else first
-        bad = self.found_inf.clone()
-        self.sums += step_sums / len(micro_batches) * (1 - bad)
-        self.streak.mul_(bad).add_(bad)
-        self.counts += torch.stack([1 - bad, bad, torch.zeros_like(bad)])
-        self.counts[2] = torch.maximum(self.counts[2], self.streak)
-        self.last_bad = torch.where(bad > 0, torch.full_like(self.last_bad, step), self.last_bad)
+        window = (self.sums, self.counts, self.streak, self.last_bad)
+        self._close(self.found_inf, step_sums, len(micro_batches), step, *window)
         return first
 
     def grad_norm(self):

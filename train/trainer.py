@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from data.handoff import to_device
 from data.pipeline import StreamingLoader, source_samples
 from model import IGNORE, flops_per_token, param_count
 from train.checkpoint import Checkpointer
@@ -196,7 +197,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             for micro in range(G):
                 cpu_batch = next(loader)
                 counts.append(int((cpu_batch["targets"] != IGNORE).sum()))  # on the host: no wait for the GPU
-                batches.append({k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()})
+                batches.append(to_device(cpu_batch, device))  # one copy (data.handoff)
                 head_rows += len(batches[-1]["target_index"]) if "target_index" in batches[-1] else B * T
                 if sample_log:  # flushed per line: the log must survive the crash it may be needed to explain
                     sample_log.write(json.dumps({"step": step, "micro": micro, "rows": loader.last_pieces}) + "\n")
