@@ -114,6 +114,8 @@ def test_the_length_term_shortens_thoughts_and_zero_penalty_changes_nothing(micr
     last = sum(r["thought_tokens"] for r in kimi[-3:]) / 3
     assert last < 0.6 * first, [round(r["thought_tokens"], 1) for r in kimi]
     assert all(r["correct"] == 0 for r in kimi)  # it was the length term, not the answers
+    held = kimi[-1]  # the end's held-out evaluation: accuracy next to the blind majority answer on the same items
+    assert held["heldout/arith/accuracy"] == 0 and 0 < held["heldout/arith/baseline/majority_answer"] <= 1
     _, none = rl_run(micro_config, tmp_path / "none", start, "steps=4", "rl.penalty=none")
     assert all(r["loss"] == 0 for r in none)  # equal rewards in every group: zero advantages, no update
     (saved,) = (tmp_path / "none" / "checkpoints").glob("step_*/*model_states.pt")

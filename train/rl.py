@@ -338,7 +338,8 @@ def train_rl(cfg: TrainConfig, launched_at: float | None = None) -> dict:
 
 
 def evaluate(model, tok: Tokenizer, held_out: Prompts, max_new_tokens: int, device) -> dict:
-    """Greedy thinking-mode answers on held-out items: per task, accuracy and mean thought tokens."""
+    """Greedy thinking-mode answers on held-out items: per task, accuracy and mean thought tokens, next to the task's
+    blind baselines on the same items (its majority answer: what no reading of the question or image gets)."""
     t = ChatTokens.of(tok)
     spec = ImageSpec(model.cfg.patch_size, model.cfg.max_image_patches)
     engine = Engine(model)
@@ -354,6 +355,9 @@ def evaluate(model, tok: Tokenizer, held_out: Prompts, max_new_tokens: int, devi
             right = [p.task.reward(tok.decode(r.answer), p.item) if r.finished else 0.0 for p, r in zip(ps, replies)]
             out[f"{name}/accuracy"] = sum(right) / len(right)
             out[f"{name}/thought_tokens"] = sum(len(r.thought) for r in replies) / len(replies)
+            for label, guesses in ps[0].task.baselines([p.item for p in ps]).items():
+                blind = [p.task.reward(g, p.item) for p, g in zip(ps, guesses, strict=True)]
+                out[f"{name}/baseline/{label.replace(' ', '_')}"] = sum(blind) / len(blind)
     finally:
         model.train()
     return out
