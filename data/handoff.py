@@ -1,10 +1,11 @@
 """A batch handed from a loader worker to the trainer as one buffer, not one shared-memory file per tensor.
 
 Why: torch's workers pass each tensor as its own shared-memory file, which the trainer's process opens and maps
-(~0.15 ms of its CPU per tensor, eight tensors a batch), then pins and copies to the GPU one by one. At a tiny sweep
-cell's step (a few ms, all of it host time) that was a third of the step on an H200 (docs/study/STUDY.md, GPU
-time). Packed into one aligned byte buffer by the worker, a batch costs the trainer one file, one pin and one copy;
-its tensors are views of the buffer, on the host and on the GPU alike.
+(`_new_shared_filename_cpu` was the largest cost of its `next(loader)` under cProfile), then pins and copies to the
+GPU one by one: eight of each a batch, host time that a tiny sweep cell's step, all host time itself, cannot hide.
+Packed into one aligned byte buffer by the worker, a batch costs the trainer one file, one pin and one copy; its
+tensors are views of the buffer, on the host and on the GPU alike (`benchmarks/data_speed.py --handoff`,
+docs/study/STUDY.md, GPU time).
 """
 
 from __future__ import annotations
