@@ -41,6 +41,7 @@ class LaidOut:
     targets: np.ndarray  # (T,) int64, IGNORE where no target
     patches: np.ndarray  # (P, C * p * p), the images' dtype (uint8 pixels from the loader)
     meta: dict = field(default_factory=dict)  # provenance the pipeline attaches (sample key, stream state)
+    spans: list | None = None  # [start, end) of each image with its <img> and </img> (None: not recorded)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -81,6 +82,19 @@ def _image_template(rows: int, cols: int, scheme: str, special: SpecialIds) -> t
     for a in (tokens, positions, is_patch):
         a.flags.writeable = False
     return tokens, positions, is_patch, end + 1
+
+
+_RANGE3 = np.zeros((0, 3), dtype=np.int64)  # row t is (t, t, t): text positions are slices of it
+
+
+def _text_positions(p: int, n: int) -> np.ndarray:
+    """(n, 3) positions p..p+n-1, each repeated over the three rotary axes: a slice of one table, grown on demand
+    (a loader lays out thousands of text segments a second)."""
+    global _RANGE3
+    if p + n > len(_RANGE3):
+        _RANGE3 = np.repeat(np.arange(max(2 * (p + n), 4096), dtype=np.int64)[:, None], 3, 1)
+        _RANGE3.flags.writeable = False
+    return _RANGE3[p : p + n]
 
 
 class NoLoss(list):
@@ -133,7 +147,7 @@ def layout_document(
             if isinstance(seg, NoLoss):
                 quiet.append((at, at + n))
             tokens.append(np.asarray(seg, dtype=np.int64))
-            positions.append(np.repeat(np.arange(p, p + n, dtype=np.int64)[:, None], 3, 1))
+            positions.append(_text_positions(p, n))
             p, at = p + n, at + n
     if eos:
         tokens.append(np.array([special.eos], dtype=np.int64))
@@ -152,7 +166,7 @@ def layout_document(
     for a, b in quiet:
         is_target[a:b] = False
     targets = np.full(at, IGNORE, dtype=np.int64)
-    targets[:-1][is_target[1:]] = tokens_a[1:][is_target[1:]]
+    np.copyto(targets[:-1], tokens_a[1:], where=is_target[1:])
     return LaidOut(
         tokens=tokens_a,
         is_patch=is_patch,
@@ -160,4 +174,5 @@ def layout_document(
         image_index=image_index,
         targets=targets,
         patches=np.concatenate(patch_arrays) if patch_arrays else np.zeros((0, 0), dtype=np.uint8),
+        spans=[(a, b) for a, b, _ in images],
     )
