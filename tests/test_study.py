@@ -163,6 +163,35 @@ def test_the_whole_forward_table_is_its_benchmark_json():
     )
 
 
+def test_the_fourth_design_is_what_study_md_says():
+    """configs/sweeps/study4.yaml as STUDY.md describes it: the grids, the plan's process-minutes, the LR following
+    the floor at sizes 1-3; and its LR check's factor-1 cells are the study's own (the same keys)."""
+    from scaling.plan import plan
+    from scaling.spec import load_spec
+
+    study4 = plan(load_spec(REPO / "configs" / "sweeps" / "study4.yaml"))
+    grids = {}
+    for c in study4.cells:
+        grids.setdefault(c.budget, set()).add(c.size)
+    assert [sorted(grids[b]) for b in sorted(grids, key=lambda b: float(b.split("=")[1]))] == [
+        [1, 2, 3, 4, 5],
+        [1, 2, 3, 4, 5],
+        [3, 4, 5, 6, 7],
+        [4, 5, 6, 7, 8],
+    ]
+    text = " ".join(doc().split())
+    assert "(sizes 1-5, 1-5, 3-7 and 4-8)" in text
+    assert f"puts it at {sum(c.minutes for c in study4.cells):.0f} process-minutes" in text
+    rule = load_spec(REPO / "configs" / "sweeps" / "study4.yaml").hparams
+    at_1e14 = [c for c in study4.cells if c.size <= 3 and c.budget == "flops=1e+14"]
+    small = sorted((c.size, c.lr / rule.lr(c.params)) for c in at_1e14)
+    scales = [f"x{x:.3g}" for _, x in small[::2]]  # each size once per recipe
+    assert f"{scales[0]}, {scales[1]} and {scales[2]} at sizes 1, 2 and 3" in text, scales
+    check = plan(load_spec(REPO / "configs" / "sweeps" / "study4-lr.yaml"))
+    ones = {c.key for c in check.cells if c.lr_scale == 1}
+    assert len(ones) == 3 and ones <= {c.key for c in study4.cells}
+
+
 def test_the_floored_lr_table_is_the_cells_training_loss():
     """The third LR check's first attempt: per depth, the five factors' training losses in LR order, the best factor
     and what the rule (factor 1) lost to it, as benchmarks/train_tail.py wrote them."""
