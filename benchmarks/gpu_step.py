@@ -215,8 +215,6 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[
         # the rows the head runs at are target_index's length, padding included: read from its shape, for a CPU
         # op here (counting its entries) would cost the loader variants (train.engine.quiet_host_threads)
         heads.append(1.0 if v["allpositions"] else len(b["target_index"]) / b["tokens"].numel())
-        if v["allpositions"]:
-            return {k: t.to(dev, non_blocking=non_blocking) for k, t in b.items()}
         return handoff.to_device(b, dev, non_blocking)  # one copy where the loader handed one buffer (data.handoff)
 
     if v["data"] == "synthetic":

@@ -25,7 +25,7 @@ from infer.modes import contemplate, prompt, stop_ids
 from model import load_pretrained
 from model.generate import append_text
 from train.config import load_config
-from train.rl import Prompts, evaluate, question
+from train.rl import Prompts, blind_rewards, evaluate, question
 
 
 def runs(root: Path) -> dict[tuple[float, int], list[dict]]:
@@ -111,8 +111,8 @@ def blind(held_out: Prompts) -> dict:
         by_task.setdefault(p.task.name, []).append(p)
     right = []
     for ps in by_task.values():
-        (guesses,) = ps[0].task.baselines([p.item for p in ps]).values()
-        right += [p.task.reward(g, p.item) for p, g in zip(ps, guesses, strict=True)]
+        (rewards,) = blind_rewards(ps).values()
+        right += rewards
     acc = sum(right) / len(right)
     return {"accuracy": round(acc, 4), "accuracy_95": wilson(acc, len(right)), "items": len(right)}
 

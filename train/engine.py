@@ -32,9 +32,6 @@ def quiet_host_threads(device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
-CHECKED = ("tokens", "patches", "patch_mask", "doc_ids", "image_ids", "targets", "target_index")  # _check's inputs
-
-
 def apply_compile(model: FusionTransformer, mode: str = "default", scope: str = "blocks") -> None:
     """Compile block by block (regional compilation): one graph reused by every layer, short compile times; and
     the output layer with its loss as one more region (fused instead of B x T x V fp32 logits in eager). The loss
@@ -47,21 +44,21 @@ def apply_compile(model: FusionTransformer, mode: str = "default", scope: str = 
         model.loss_kernel = False  # its call would break the graph: the loss's compiled torch form instead
         compiled = torch.compile(model.forward, dynamic=None, mode=None if mode == "default" else mode)
         eager = model.forward
-
-        signature = inspect.signature(eager)
+        signature, checked = inspect.signature(eager), list(inspect.signature(model._check).parameters)
 
         def forward(*args, **kwargs):
             """Training forwards compiled; evaluation's run eagerly (flex attention still compiled per call): torch
             2.11's inductor fails to lower flex attention inside a whole-model graph without gradients ("convert
             FlexibleLayout to FixedLayout first", on an H200), which ended 15 sweep cells at their final evaluation.
             The input check, which reads values back, runs here rather than in the graph: inside, it would break
-            the first step's graph in two and make the second step compile again without it."""
+            the first step's graph in five places and make the second step compile again without it."""
             if not torch.is_grad_enabled():
                 return eager(*args, **kwargs)
             if not model.check_inputs:
                 return compiled(*args, **kwargs)
-            given = signature.bind(*args, **kwargs).arguments
-            model._check(*(given.get(k) for k in CHECKED))
+            given = signature.bind(*args, **kwargs)
+            given.apply_defaults()
+            model._check(**{k: given.arguments[k] for k in checked})
             model.check_inputs = False
             try:
                 return compiled(*args, **kwargs)

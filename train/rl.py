@@ -337,6 +337,14 @@ def train_rl(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     return summary
 
 
+def blind_rewards(prompts: list[Prompt]) -> dict[str, list[float]]:
+    """Per blind baseline of the prompts' task (its majority answer: what no reading gets), each prompt's reward for
+    the baseline's guess. The prompts are one task's."""
+    task = prompts[0].task
+    guesses = task.baselines([p.item for p in prompts])
+    return {label: [task.reward(g, p.item) for p, g in zip(prompts, gs, strict=True)] for label, gs in guesses.items()}
+
+
 def evaluate(model, tok: Tokenizer, held_out: Prompts, max_new_tokens: int, device) -> dict:
     """Greedy thinking-mode answers on held-out items: per task, accuracy and mean thought tokens, next to the task's
     blind baselines on the same items (its majority answer: what no reading of the question or image gets)."""
@@ -355,8 +363,7 @@ def evaluate(model, tok: Tokenizer, held_out: Prompts, max_new_tokens: int, devi
             right = [p.task.reward(tok.decode(r.answer), p.item) if r.finished else 0.0 for p, r in zip(ps, replies)]
             out[f"{name}/accuracy"] = sum(right) / len(right)
             out[f"{name}/thought_tokens"] = sum(len(r.thought) for r in replies) / len(replies)
-            for label, guesses in ps[0].task.baselines([p.item for p in ps]).items():
-                blind = [p.task.reward(g, p.item) for p, g in zip(ps, guesses, strict=True)]
+            for label, blind in blind_rewards(ps).items():
                 out[f"{name}/baseline/{label.replace(' ', '_')}"] = sum(blind) / len(blind)
     finally:
         model.train()
