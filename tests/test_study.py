@@ -214,6 +214,28 @@ def test_the_floored_lr_table_is_the_cells_training_loss():
         assert cells[5] == f"x{[0.25, 0.5, 1, 2, 4][best]:g}" and cells[6] == f"{losses[2] - losses[best]:.4f}"
 
 
+def test_the_floored_lr_check_with_validation_is_its_csv():
+    """The third LR check rerun with validation: the table, the verdict and the columns the prose quotes."""
+    rows = read_rows(STUDY / "study4-lr-results.csv")
+    checks, text_checks = lr_check(rows), lr_check(rows, loss="loss_text")
+    lines = [line for line in doc().splitlines() if line.startswith("| floored ")]
+    assert [c["size"] for c in checks] == [1, 2, 3] and len(lines) == 3
+    for c, line in zip(checks, lines, strict=True):
+        cells = [x.strip() for x in line.split("|")[2:9]]
+        assert cells == [f"{v:.4f}" for v in c["losses"].values()] + [
+            f"x{c['best_scale']:g}",
+            f"{c['rule_excess']:.4f}",
+        ]
+        assert c["rule_within"]
+    text = " ".join(doc().split())
+    assert "within 2x of the best factor at all three sizes" in text
+    assert f"within {max(c['rule_excess'] for c in checks[1:]):.3f} of it" in text
+    t1 = text_checks[0]
+    assert f"the rule within {t1['rule_excess']:.4f} of its best (x{t1['best_scale']:g})" in text
+    caption = lr_check(rows, loss="loss_caption")[0]["losses"]
+    assert all(f"x{k:g} {v:.4f}" in text for k, v in caption.items() if k >= 1)
+
+
 def test_the_cells_util_log_and_causal_law_are_the_committed_data(tmp_path):
     """The committed cells are the spec's (no config change re-keyed them), the util figures are the log's, and
     the causal law's intervals, held-out error and compute-optimal sizes are what the fitter writes."""
