@@ -15,17 +15,32 @@ from pathlib import Path
 
 
 def spans(out: str | Path) -> tuple[list[dict], int]:
-    """The driver runs that ended (start, end, slots, gpus), and how many started without an end (killed)."""
+    """The driver runs (start, end, slots, gpus), and how many were killed before writing their end. A killed run
+    ends at its last `seen` (the driver writes one at each cell event and every 30 s, so this is at most that much
+    short); one with no `seen` (a driver older than the heartbeat) ends at the next run's start, an upper bound,
+    marked `end_bound`; a killed last run with neither is left out."""
     path = Path(out) / "driver.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    ends = {r["run"]: r for r in lines if "end" in r}
-    starts = [r for r in lines if "start" in r]
-    ended = [{**s, "end": ends[s["run"]]["end"]} for s in starts if s["run"] in ends]
-    return ended, len(starts) - len(ended)
+    ends = {r["run"]: r["end"] for r in lines if "end" in r}
+    seen: dict[str, float] = {}
+    for r in lines:
+        if "seen" in r:
+            seen[r["run"]] = max(seen.get(r["run"], 0.0), r["seen"])
+    starts = sorted((r for r in lines if "start" in r), key=lambda r: r["start"])
+    out_ = []
+    for i, s in enumerate(starts):
+        if s["run"] in ends:
+            out_.append({**s, "end": ends[s["run"]]})
+        elif s["run"] in seen:
+            out_.append({**s, "end": seen[s["run"]], "killed": True})
+        elif i + 1 < len(starts):
+            out_.append({**s, "end": starts[i + 1]["start"], "killed": True, "end_bound": True})
+    return out_, sum(s["run"] not in ends for s in starts)
 
 
 def gpu_time(out: str | Path, peak_tflops: float | None = None) -> dict:
     ended, killed = spans(out)
+    dated = [s for s in ended if s.get("killed")]
     with open(Path(out) / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     wall = sum(s["end"] - s["start"] for s in ended)
@@ -36,6 +51,8 @@ def gpu_time(out: str | Path, peak_tflops: float | None = None) -> dict:
     out_ = {
         "runs": len(ended),
         "runs_without_end": killed,
+        "runs_dated_by_heartbeat": sum(not s.get("end_bound") for s in dated),
+        "runs_dated_by_next_start": sum(bool(s.get("end_bound")) for s in dated),
         "cells": len(rows),
         "wall_s": wall,
         "slot_s": slot_s,
@@ -71,8 +88,11 @@ def markdown(t: dict) -> str:
         + (f", aggregate MFU {100 * t['mfu']:.2f}% (start-up included)" if t["mfu"] is not None else ""),
     ]
     if t["runs_without_end"]:
+        left_out = t["runs_without_end"] - t["runs_dated_by_heartbeat"] - t["runs_dated_by_next_start"]
         lines.append(
-            f"{t['runs_without_end']} driver run(s) started and never recorded an end (killed): their time is not "
-            "in the wall time, though cells they finished are in the training time"
+            f"{t['runs_without_end']} driver run(s) started and never recorded an end (killed): "
+            f"{t['runs_dated_by_heartbeat']} end at their last heartbeat, {t['runs_dated_by_next_start']} at the next "
+            f"run's start (an upper bound), {left_out} left out of the wall time (cells they finished are in the "
+            "training time)"
         )
     return "\n".join(lines)

@@ -118,7 +118,7 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
     handlers = {sig: signal.signal(sig, lambda n, f: stop.append(signal.Signals(n).name)) for sig in STOP_SIGNALS}
     failed: list[str] = []
     try:
-        saved, lost = _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop, failed)
+        saved, lost = _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop, failed, run_id)
     finally:
         for sig, old in handlers.items():
             signal.signal(sig, old)
@@ -141,11 +141,13 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+HEARTBEAT_S = 30.0  # how often a running driver writes `seen` to OUT/driver.jsonl
 
 
 def _span(out: str, **fields) -> str:
     """One line of OUT/driver.jsonl, the driver's own time (`python -m scaling time` reads it): a run's start (and
-    its cell slots), later its end; a killed driver leaves a start alone."""
+    its cell slots), a `seen` at each cell it starts or reaps and every HEARTBEAT_S, later its end. A killed driver
+    writes no end: its last `seen` dates it to within HEARTBEAT_S."""
     fields.setdefault("run", f"{os.getpid()}-{time.time():.6f}")
     Path(out).mkdir(parents=True, exist_ok=True)
     with open(Path(out) / "driver.jsonl", "a") as f:
@@ -153,12 +155,18 @@ def _span(out: str, **fields) -> str:
     return fields["run"]
 
 
-def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop, failed) -> tuple[int, int]:
+def _loop(
+    spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop, failed, run_id
+) -> tuple[int, int]:
     """Launch and reap cells until all are done, the time box closes, or a stop signal has brought them down;
     returns how many interrupted cells saved their step (exit EXIT_REQUEUE) and how many did not. A cell that fails
     goes into `failed` and the sweep goes on without it."""
     nproc, saved, lost, stopping = spec.launcher.nproc, 0, 0, False
+    beat = time.monotonic()
     while todo or running:
+        if time.monotonic() - beat > HEARTBEAT_S:
+            _span(spec.out, run=run_id, seen=time.time())
+            beat = time.monotonic()
         if stop and not stopping:
             stopping = True
             for proc, *_ in running.values():
@@ -168,6 +176,7 @@ def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, 
                 continue
             log.close()
             del running[key]
+            beat = -HEARTBEAT_S  # a cell ended: say so at the top of the next pass
             for d in devices:
                 free[d] += 1
             if proc.returncode and finished(cell):  # its summary is written: a signal caught it on its way out
@@ -222,5 +231,6 @@ def _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, 
                 start_new_session=True,  # a signal to the driver's group (`timeout`, Ctrl-C) is the driver's to pass on
             )
             running[cell.key] = (proc, cell, log, devices, port)
+            beat = -HEARTBEAT_S
         time.sleep(0.5)
     return saved, lost

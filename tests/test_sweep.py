@@ -257,13 +257,36 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
 
     spans = [json.loads(line) for line in (out / "driver.jsonl").read_text().splitlines()]
     assert sum("start" in s for s in spans) == 4 and sum("end" in s for s in spans) == 3
+    starts = {s["run"]: s["start"] for s in spans if "start" in s}
+    ends = {s["run"]: s["end"] for s in spans if "end" in s}
+    (killed,) = set(starts) - set(ends)
+    ends[killed] = max(s["seen"] for s in spans if s["run"] == killed and "seen" in s)  # its last heartbeat
     t = gpu_time(out)
-    assert t["runs"] == 3 and t["runs_without_end"] == 1 and t["cells"] == 4
+    assert t["runs"] == 4 and t["runs_without_end"] == 1 and t["runs_dated_by_heartbeat"] == 1 and t["cells"] == 4
+    assert t["wall_s"] == pytest.approx(sum(ends[r] - starts[r] for r in starts))
     assert t["train_s"] == pytest.approx(sum(float(r["train_s"]) for r in final))
     assert t["slot_s"] == pytest.approx(t["wall_s"])  # the spec runs one cell at a time on CPU
     shown = sweep("time", path)
     assert shown.returncode == 0 and f"| {t['train_s']:.0f} | {100 * t['train_share']:.1f}% |" in shown.stdout
-    assert "1 driver run(s) started and never recorded an end (killed)" in shown.stdout
+    assert "1 driver run(s) started and never recorded an end (killed): 1 end at their last heartbeat" in shown.stdout
+    # a driver from before the heartbeat: a killed run with no `seen` ends at the next run's start (an upper bound)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "results.csv").write_text((out / "results.csv").read_text())
+    (old / "driver.jsonl").write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in (
+                {"start": 100.0, "slots": 8, "gpus": 1, "run": "a"},
+                {"start": 700.0, "slots": 8, "gpus": 1, "run": "b"},
+                {"run": "b", "end": 1000.0},
+                {"start": 1100.0, "slots": 8, "gpus": 1, "run": "c"},  # killed last, undated: left out
+            )
+        )
+    )
+    t = gpu_time(old)
+    assert (t["runs"], t["runs_without_end"], t["runs_dated_by_next_start"], t["wall_s"]) == (2, 2, 1, 900.0)
+    assert t["slot_s"] == 7200.0
 
 
 def test_sweep_stopped_by_sigterm_checkpoints_its_cells_and_resumes_them(spec, tmp_path):
