@@ -236,6 +236,48 @@ def test_the_floored_lr_check_with_validation_is_its_csv():
     assert all(f"x{k:g} {v:.4f}" in text for k, v in caption.items() if k >= 1)
 
 
+def test_the_fourth_run_so_far_is_its_committed_data():
+    """The fourth run's finished cells: the spec's own (keys), the 3e15 table, where its minima lie, the recipes'
+    gap and caption ranges, and the GPU time split, as the committed CSV, driver log and util log give them."""
+    from scaling.gputime import gpu_time
+    from scaling.plan import plan
+    from scaling.spec import load_spec
+
+    run = STUDY / "study4"
+    with open(run / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    keys = {c.key for c in plan(load_spec(REPO / "configs" / "sweeps" / "study4.yaml")).cells}
+    assert {r["key"] for r in rows} <= keys and len(keys) == 40
+    text = " ".join(doc().split())
+    assert f"finished **{len(rows)} of its 40 cells**" in text
+    top = {(r["recipe"], int(r["size"])): r for r in rows if r["budget"] == "flops=3e+15"}
+    lines = doc().splitlines()
+    for recipe in ("bidirectional", "causal"):
+        line = next(line for line in lines if line.startswith(f"| {recipe} |"))
+        assert [x.strip() for x in line.split("|")[2:7]] == [
+            f"{float(top[recipe, n]['loss']):.4f}" for n in range(4, 9)
+        ]
+    best = {r: min(range(4, 9), key=lambda n, r=r: float(top[r, n]["loss"])) for r in ("bidirectional", "causal")}
+    assert f"bidirectional at size {best['bidirectional']}" in text and f"causal at {best['causal']}" in text
+    assert all(4 < b < 8 for b in best.values())  # inside the grid, not at its edge
+    gap = statistics.mean(float(top["bidirectional", n]["loss"]) - float(top["causal", n]["loss"]) for n in range(4, 9))
+    assert f"by {gap:.4f} on average at 3e15" in text
+    for recipe in ("causal", "bidirectional"):
+        caption = sorted(float(top[recipe, n]["loss_caption"]) for n in range(4, 9))
+        assert f"{caption[0]:.3f}-{caption[-1]:.3f}" in text, (recipe, caption)
+    t = gpu_time(run, peak_tflops=989)
+    assert t["runs_dated_by_next_start"] == 1 and t["cells"] == len(rows)
+    assert f"{t['wall_s']:,.0f} s of driver wall time, **{100 * t['train_share']:.1f}% of the cell slots" in text
+    assert f"{100 * t['startup_share']:.1f}% in start-up (median {t['startup_median_s']:.1f} s" in text
+    assert f"{t['tokens']:.3g} tokens, {t['tokens_per_s'] / 1e6:.2f}M tokens/s" in text
+    assert f"aggregate MFU {100 * t['mfu']:.2f}%" in text
+    samples = [line.split() for line in (run / "util.log").read_text().splitlines()]
+    running = [(int(r[1]), float(r[5])) for r in samples if len(r) >= 6 and r[2] == "%," and int(r[3]) > 0]
+    busy, load = statistics.median(b for b, _ in running), statistics.median(x for _, x in running)
+    assert f"a median {busy:.0f}% of the {len(running)} five-second samples" in text
+    assert f"load average a median {load:.1f} on 16 cores (`docs/study/study4/util.log`)" in text
+
+
 def test_the_cells_util_log_and_causal_law_are_the_committed_data(tmp_path):
     """The committed cells are the spec's (no config change re-keyed them), the util figures are the log's, and
     the causal law's intervals, held-out error and compute-optimal sizes are what the fitter writes."""
