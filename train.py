@@ -39,11 +39,6 @@ def main(argv=None) -> int:
         else:  # torchrun stops every rank when the first one exits: give rank 0 the time to say why
             time.sleep(5)
         return 2
-    if cfg.objective == "rl":  # rollouts and a policy-gradient update instead of batches from the loader
-        from train.rl import train_rl
-
-        train_rl(cfg, launched_at=STARTED)
-        return 0
     from train.trainer import train  # heavy imports (DeepSpeed) only once the config is known to be good
 
     train(cfg, launched_at=STARTED)

@@ -13,12 +13,10 @@ rank's prompts) through the same engine (DeepSpeed or torch), checkpoints, signa
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,14 +31,11 @@ from infer.modes import prompt as mode_prompt
 from infer.modes import stop_ids
 from model import load_pretrained
 from model.generate import append_text
-from train.checkpoint import Checkpointer
-from train.config import ConfigError, TrainConfig, to_dict
-from train.engine import build_engine, engine_kind, step_clip
-from train.fingerprint import fingerprint
+from train.config import ConfigError, TrainConfig
+from train.engine import engine_kind, step_clip
 from train.length_penalty import length_rewards
-from train.metrics import MetricsWriter
+from train.objective import Objective
 from train.schedule import lr_at
-from train.signals import EXIT_REQUEUE, SignalFlags
 
 
 def group_advantages(rewards: list[float], eps: float = 1e-6) -> list[float]:
@@ -184,82 +179,62 @@ def grpo_loss(logp, old_logp, ref_logp, mask, advantages, clip: float, kl: float
     return (per_token * m).sum() * scale, (k3.detach() * m).sum(), clipped
 
 
-def train_rl(cfg: TrainConfig, launched_at: float | None = None) -> dict:
-    from train.trainer import Preempted, _any_rank, host_group, launch_time, prepare_run_dir, setup_distributed
+class GRPO(Objective):
+    """`objective: rl`: a step is the rank's prompts' rollouts, then `rl.updates` passes of the clipped update."""
 
-    launched = launch_time(launched_at)
-    rank, world, device = setup_distributed()
-    rl = cfg.rl
-    if rl.prompts % world:
-        raise ConfigError(f"rl.prompts={rl.prompts} must split evenly over the {world} ranks")
-    # one prompt's group is one micro-batch: the accumulation follows from the prompts, whatever the config says
-    cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, grad_accum=rl.prompts // world))
-    run, lock = prepare_run_dir(cfg, rank)
-    torch.manual_seed(cfg.seed)
-    engine, optimizer, model = build_engine(cfg, device, world)
-    ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint.keep, rank, fingerprint(cfg, world), cfg.resume_allow)
-    state = {"step": 0, "rollout_tokens": 0, "train_s": 0.0, "startup_s": 0.0, "wall_s": 0.0}
-    loaded = None
-    if cfg.resume == "auto":
-        loaded = ckpt.load_newest_good(engine)
-    elif cfg.resume != "none":
-        loaded = (Path(cfg.resume), *ckpt.load(engine, cfg.resume))
-    if loaded:
-        state.update(loaded[1]["train"])
-        if rank == 0:
-            print(f"resumed from {loaded[0]} at step {state['step']}", flush=True)
-    tok = Tokenizer(cfg.data.tokenizer)
-    prompts = Prompts(cfg)
-    held_out = Prompts(cfg, "heldout", rl.eval_items) if rank == 0 else None
-    reference = None
-    if rl.kl > 0:
-        reference = load_pretrained(cfg.init_weights).to(device).eval().requires_grad_(False)
-    rollouts = Rollouts(cfg, model, tok)
-    clip_norm = step_clip(cfg, engine_kind(cfg, world))
-    metrics = (
-        MetricsWriter(run, cfg.steps, state["step"], cfg.logging.tensorboard, cfg.logging.progress)
-        if rank == 0
-        else None
-    )
-    signals, group_cpu = SignalFlags(), host_group()
+    counters = {"rollout_tokens": 0}
 
-    def save():
-        return ckpt.save(engine, state["step"], {"train": dict(state), "config": to_dict(cfg)}, {"data": None})
-
-    if rank == 0:
-        start = f"step {state['step']}, from {loaded[0]}" if loaded else f"step 0, from {cfg.init_weights}"
-        print(
-            f"run_dir {run}\nrl      GRPO, {rl.prompts} prompts x {rl.group} samples a step, penalty {rl.penalty} "
-            f"(alpha {rl.alpha:g}), kl {rl.kl:g}, {rl.updates} update(s) a batch, tasks {', '.join(rl.tasks)}\n"
-            f"engine  {engine_kind(cfg, world)}, {device.type}\nstart   {start}",
-            flush=True,
+    @classmethod
+    def configure(cls, cfg: TrainConfig, world: int) -> TrainConfig:
+        if cfg.rl.prompts % world:
+            raise ConfigError(f"rl.prompts={cfg.rl.prompts} must split evenly over the {world} ranks")
+        # one prompt's group is one micro-batch: the accumulation follows from the prompts, whatever the config says
+        return dataclasses.replace(
+            cfg, deepspeed=dataclasses.replace(cfg.deepspeed, grad_accum=cfg.rl.prompts // world)
         )
-    state["startup_s"] += time.time() - launched
-    run_t0 = time.perf_counter() - state["train_s"]
-    wall_t0 = time.perf_counter() - (state["wall_s"] + time.time() - launched)
-    last_eval: dict = {}
-    engine.train()
-    while state["step"] < cfg.steps:
+
+    def __init__(self, cfg, run, engine, optimizer, model, device, rank, world, group, saved):
+        super().__init__(cfg, run, engine, optimizer, model, device, rank, world, group, saved)
+        self.tok = Tokenizer(cfg.data.tokenizer)
+        self.prompts = Prompts(cfg)
+        self.held_out = Prompts(cfg, "heldout", cfg.rl.eval_items) if rank == 0 else None
+        self.reference = None
+        if cfg.rl.kl > 0:
+            self.reference = load_pretrained(cfg.init_weights).to(device).eval().requires_grad_(False)
+        self.rollouts = Rollouts(cfg, model, self.tok)
+        self.clip_norm = step_clip(cfg, engine_kind(cfg, world))
+        self.last_eval: dict = {}
+
+    def banner(self) -> str:
+        rl = self.cfg.rl
+        return (
+            f"rl      GRPO, {rl.prompts} prompts x {rl.group} samples a step, penalty {rl.penalty} "
+            f"(alpha {rl.alpha:g}), kl {rl.kl:g}, {rl.updates} update(s) a batch, tasks {', '.join(rl.tasks)}\n"
+            f"engine  {engine_kind(self.cfg, self.world)}, {self.device.type}"
+        )
+
+    def step(self, state: dict, log) -> None:
+        cfg, rl, engine, device, world = self.cfg, self.cfg.rl, self.engine, self.device, self.world
         step = state["step"]
         lr = lr_at(step, cfg.steps, cfg.optim.lr, cfg.schedule)
-        for g in optimizer.param_groups:
+        for g in self.optimizer.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        groups = rollouts(prompts.for_step(step, rank, world), step, rank)
+        groups = self.rollouts(self.prompts.for_step(step, self.rank, world), step, self.rank)
         written = sum(len(s) for g in groups for s in g.samples)
         t1 = time.perf_counter()
         tokens = torch.tensor([float(written)], dtype=torch.float64)
         if world > 1:
-            dist.all_reduce(tokens, group=group_cpu)
+            dist.all_reduce(tokens, group=self.group)
         scale = cfg.deepspeed.grad_accum * world / max(float(tokens), 1.0)  # engines divide by micro-batches, ranks
         old = [None] * len(groups)
         if rl.updates > 1:  # the policy that sampled, held fixed over the updates
             with torch.no_grad():
                 old = [sequence_logprobs(engine, g, device)[0] for g in groups]
         refs = [None] * len(groups)
-        if reference is not None:
+        if self.reference is not None:
             with torch.no_grad():
-                refs = [sequence_logprobs(reference, g, device)[0] for g in groups]
+                refs = [sequence_logprobs(self.reference, g, device)[0] for g in groups]
         sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, clipped tokens
         for _ in range(rl.updates):
             for i, g in enumerate(groups):
@@ -271,13 +246,12 @@ def train_rl(cfg: TrainConfig, launched_at: float | None = None) -> dict:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {step}: the RL loss is not finite; lower optim.lr or rl.alpha")
                 engine.backward(loss)
-                if i == len(groups) - 1 and clip_norm:
+                if i == len(groups) - 1 and self.clip_norm:
                     params = [p for p in engine.module.parameters() if p.grad is not None]
-                    torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+                    torch.nn.utils.clip_grad_norm_(params, self.clip_norm, foreach=True)
                 engine.step()
                 sums += torch.tensor([loss.item(), kl.item(), clipped.item()], dtype=torch.float64)
         t2 = time.perf_counter()
-        state["step"] += 1
         state["rollout_tokens"] += int(tokens)
         stats = torch.tensor(
             [
@@ -290,7 +264,7 @@ def train_rl(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             dtype=torch.float64,
         )
         if world > 1:
-            dist.all_reduce(stats, group=group_cpu)
+            dist.all_reduce(stats, group=self.group)
         n = stats[3].item()
         record = {
             "reward": stats[0].item() / n,
@@ -304,37 +278,14 @@ def train_rl(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             "update_s": t2 - t1,
             "rollout_tokens_per_s": float(tokens) / max(t1 - t0, 1e-9) / world,
         }
-        at_end = state["step"] == cfg.steps
-        if rank == 0 and (at_end or (rl.eval_every and state["step"] % rl.eval_every == 0)):
-            last_eval = evaluate(model, tok, held_out, rl.max_new_tokens, device)
-            record.update({f"heldout/{k}": v for k, v in last_eval.items()})
-        if rank == 0:
-            metrics.log(state["step"], record)
-            lock.refresh()
-        stop, save_now = _any_rank([signals.stop, signals.save], group_cpu)
-        state["train_s"], state["wall_s"] = time.perf_counter() - run_t0, time.perf_counter() - wall_t0
-        periodic = cfg.checkpoint.every and state["step"] % cfg.checkpoint.every == 0
-        if stop or periodic or save_now or at_end:
-            save()
-            signals.save = False
-        if stop and not at_end:
-            if rank == 0:
-                (run / "PREEMPTED").write_text(f"{state['step']}\n")
-                print(f"received {', '.join(signals.received)}: saved step {state['step']}, exiting {EXIT_REQUEUE}")
-            dist.barrier()
-            raise Preempted()
-    summary = {
-        "steps": state["step"],
-        "rollout_tokens": state["rollout_tokens"],
-        "train_s": state["train_s"],
-        "startup_s": state["startup_s"],
-        "wall_s": time.perf_counter() - wall_t0,
-        "heldout": last_eval,
-        "world_size": world,
-    }
-    if rank == 0:
-        (run / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+        done = step + 1
+        if self.rank == 0 and (done == cfg.steps or (rl.eval_every and done % rl.eval_every == 0)):
+            self.last_eval = evaluate(self.model, self.tok, self.held_out, rl.max_new_tokens, device)
+            record.update({f"heldout/{k}": v for k, v in self.last_eval.items()})
+        log(done, record)
+
+    def finish(self, state: dict, log) -> dict:
+        return {"rollout_tokens": state["rollout_tokens"], "heldout": self.last_eval}
 
 
 def blind_rewards(prompts: list[Prompt]) -> dict[str, list[float]]:
