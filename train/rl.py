@@ -7,7 +7,7 @@ each from it, all decoded in one batch (infer.Engine.fork_each), scores every an
 Advantages are relative to the group. The update is PPO's clipped ratio on the sampled tokens of the thought and
 answer, each token weighing the same across the rank's step (DAPO's token-level mean), plus an optional k3 KL
 estimate to the starting model; one prompt's group is one micro-batch (`deepspeed.grad_accum` is set to the
-rank's prompts) through the same engine (DeepSpeed or torch), checkpoints, signals and metrics as pretraining.
+rank's prompts). `GRPO` is the objective the training loop (train/trainer.py) runs, as it runs pretraining.
 """
 
 from __future__ import annotations
