@@ -54,6 +54,8 @@ def test_rl_configs_are_checked(micro_config):
         load_config(micro_config, ["objective=rl"])
     with pytest.raises(ConfigError, match="ZeRO-3"):
         load_config(micro_config, ["objective=rl", "init_weights=x", "deepspeed.zero_stage=3"])
+    with pytest.raises(ConfigError, match="groups_per_micro"):
+        load_config(micro_config, ["objective=rl", "init_weights=x", "rl.groups_per_micro=0"])
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +172,17 @@ def test_the_cpu_study_in_the_docs_is_the_committed_json():
     assert not any(d["dipped"] for d in data["dip_and_recover"].values()) and "No dip and recovery" in text
     assert max(v["accuracy"] for v in final.values()) < data["blind_majority_answer"]["accuracy"]
     assert "Everything is below the blind baseline" in text
+
+
+def test_groups_batched_into_one_micro_batch_train_the_same_curve(micro_config, start, tmp_path):
+    """rl.groups_per_micro=2 puts both prompts' groups in one forward (one micro-batch instead of two): the same
+    token-level objective, so the same losses, rewards and thoughts step after step."""
+    args = ("steps=6", "rl.penalty=kimi", "rl.alpha=1.0")
+    _, apart = rl_run(micro_config, tmp_path / "apart", start, *args)
+    out, together = rl_run(micro_config, tmp_path / "together", start, *args, "rl.groups_per_micro=2")
+    config = (tmp_path / "together" / "config.yaml").read_text()
+    assert "grad_accum: 1" in config and "grad_accum: 2" in (tmp_path / "apart" / "config.yaml").read_text()
+    for key in ("reward", "thought_tokens"):
+        assert [r[key] for r in together] == [r[key] for r in apart], key
+    assert [r["loss"] for r in together] == pytest.approx([r["loss"] for r in apart], rel=1e-4, abs=1e-7)
+    assert any(r["loss"] != 0 for r in apart)  # there was an update to compare

@@ -150,7 +150,7 @@ class RLConfig:
 
     tasks: list[str] = field(default_factory=lambda: ["count", "twohop", "digitsum", "arith"])
     data: str = "artifacts/reasoning"  # `python -m data.reasoning`'s output: TASK/{train,heldout}
-    prompts: int = 8  # prompts per step, all ranks together (one group a micro-batch: grad_accum is derived)
+    prompts: int = 8  # prompts per step, all ranks together (grad_accum is derived: see groups_per_micro)
     group: int = 8  # samples per prompt, forked from one prefill
     max_new_tokens: int = 160  # thought and answer
     temperature: float = 1.0
@@ -158,6 +158,7 @@ class RLConfig:
     clip: float = 0.2  # the policy ratio's clip range (PPO/GRPO)
     kl: float = 0.0  # weight of the k3 KL estimate to the starting model (0: no reference model is kept)
     updates: int = 1  # optimizer steps per batch of rollouts (above 1 the ratio moves off 1 and the clip acts)
+    groups_per_micro: int = 1  # prompts' groups in one micro-batch of the update: fewer, larger forwards on a GPU
     penalty: str = "none"  # none | kimi | sigmoid | dapo | l1 (train/length_penalty.py)
     alpha: float = 0.0  # the penalty's strength
     dapo_cache: int = 32  # dapo: the soft band before max_new_tokens
@@ -173,8 +174,10 @@ class RLConfig:
             raise ConfigError(f"rl.penalty='{self.penalty}' is not one of {', '.join(KINDS)}")
         if self.group < 2:
             raise ConfigError(f"rl.group={self.group}: group-relative advantages need two samples or more")
-        if self.prompts < 1 or self.updates < 1 or self.max_new_tokens < 1 or not self.tasks:
-            raise ConfigError("rl: prompts, updates and max_new_tokens must be positive, and tasks non-empty")
+        if self.prompts < 1 or self.updates < 1 or self.max_new_tokens < 1 or self.groups_per_micro < 1:
+            raise ConfigError("rl: prompts, updates, max_new_tokens and groups_per_micro must be positive")
+        if not self.tasks:
+            raise ConfigError("rl.tasks is empty")
         if self.penalty == "sigmoid" and not 0 <= self.alpha < 1:
             raise ConfigError(f"rl.alpha={self.alpha}: the sigmoid penalty takes alpha in [0, 1)")
         if self.penalty == "dapo" and not 0 < self.dapo_cache <= self.max_new_tokens:

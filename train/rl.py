@@ -6,8 +6,9 @@ each from it, all decoded in one batch (infer.Engine.fork_each), scores every an
 (evals: the score evaluation reports) and adds the length term of its thought (train/length_penalty.py).
 Advantages are relative to the group. The update is PPO's clipped ratio on the sampled tokens of the thought and
 answer, each token weighing the same across the rank's step (DAPO's token-level mean), plus an optional k3 KL
-estimate to the starting model; one prompt's group is one micro-batch (`deepspeed.grad_accum` is set to the
-rank's prompts). `GRPO` is the objective the training loop (train/trainer.py) runs, as it runs pretraining.
+estimate to the starting model; `rl.groups_per_micro` prompts' groups make one micro-batch (`deepspeed.grad_accum`
+is set to the rank's prompts over it). `GRPO` is the objective the training loop (train/trainer.py) runs, as it
+runs pretraining.
 """
 
 from __future__ import annotations
@@ -148,17 +149,17 @@ class Rollouts:
         return groups
 
 
-def sequence_logprobs(model_or_engine, group: Group, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of each sample's written tokens under the model, (G, T-1), and the mask of those tokens
-    (left-padded rows: a sample's tokens are the last of its row)."""
-    rows = [append_text(group.prompt, s) for s in group.samples]
+def sequence_logprobs(model_or_engine, groups: list[Group], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of each sample's written tokens under the model, (samples, T-1), the groups' samples in
+    order as one batch, and the mask of those tokens (left-padded rows: a sample's tokens are the last of its row)."""
+    rows = [append_text(g.prompt, s) for g in groups for s in g.samples]
     batch, _, _ = pad_prompts(rows, device)
     logits = model_or_engine(**batch, return_logits=True).logits.float()
     tokens = batch["tokens"]
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
     T = tokens.shape[1]
     index = torch.arange(T - 1, device=device)
-    lengths = torch.tensor([len(s) for s in group.samples], device=device)
+    lengths = torch.tensor([len(s) for g in groups for s in g.samples], device=device)
     mask = index >= (T - 1 - lengths)[:, None]
     return logp, mask
 
@@ -186,12 +187,15 @@ class GRPO(Objective):
 
     @classmethod
     def configure(cls, cfg: TrainConfig, world: int) -> TrainConfig:
-        if cfg.rl.prompts % world:
-            raise ConfigError(f"rl.prompts={cfg.rl.prompts} must split evenly over the {world} ranks")
-        # one prompt's group is one micro-batch: the accumulation follows from the prompts, whatever the config says
-        return dataclasses.replace(
-            cfg, deepspeed=dataclasses.replace(cfg.deepspeed, grad_accum=cfg.rl.prompts // world)
-        )
+        rl = cfg.rl
+        if rl.prompts % world or (rl.prompts // world) % rl.groups_per_micro:
+            raise ConfigError(
+                f"rl.prompts={rl.prompts} must split evenly over the {world} ranks, and each rank's share into "
+                f"micro-batches of rl.groups_per_micro={rl.groups_per_micro} groups"
+            )
+        # the accumulation follows from the prompts, whatever the config says
+        micro = rl.prompts // world // rl.groups_per_micro
+        return dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, grad_accum=micro))
 
     def __init__(self, cfg, run, engine, optimizer, model, device, rank, world, group, saved):
         super().__init__(cfg, run, engine, optimizer, model, device, rank, world, group, saved)
@@ -227,26 +231,28 @@ class GRPO(Objective):
         if world > 1:
             dist.all_reduce(tokens, group=self.group)
         scale = cfg.deepspeed.grad_accum * world / max(float(tokens), 1.0)  # engines divide by micro-batches, ranks
-        old = [None] * len(groups)
+        k = rl.groups_per_micro
+        micro = [groups[i : i + k] for i in range(0, len(groups), k)]  # cfg.deepspeed.grad_accum of them
+        old = [None] * len(micro)
         if rl.updates > 1:  # the policy that sampled, held fixed over the updates
             with torch.no_grad():
-                old = [sequence_logprobs(engine, g, device)[0] for g in groups]
-        refs = [None] * len(groups)
+                old = [sequence_logprobs(engine, m, device)[0] for m in micro]
+        refs = [None] * len(micro)
         if self.reference is not None:
             with torch.no_grad():
-                refs = [sequence_logprobs(self.reference, g, device)[0] for g in groups]
+                refs = [sequence_logprobs(self.reference, m, device)[0] for m in micro]
         sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, clipped tokens
         for _ in range(rl.updates):
-            for i, g in enumerate(groups):
-                logp, mask = sequence_logprobs(engine, g, device)
-                adv = torch.tensor(g.advantages, device=device)
+            for i, m in enumerate(micro):
+                logp, mask = sequence_logprobs(engine, m, device)
+                adv = torch.tensor([a for g in m for a in g.advantages], device=device)
                 loss, kl, clipped = grpo_loss(
                     logp, logp.detach() if old[i] is None else old[i], refs[i], mask, adv, rl.clip, rl.kl, scale
                 )
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {step}: the RL loss is not finite; lower optim.lr or rl.alpha")
                 engine.backward(loss)
-                if i == len(groups) - 1 and self.clip_norm:
+                if i == len(micro) - 1 and self.clip_norm:
                     params = [p for p in engine.module.parameters() if p.grad is not None]
                     torch.nn.utils.clip_grad_norm_(params, self.clip_norm, foreach=True)
                 engine.step()
@@ -270,7 +276,7 @@ class GRPO(Objective):
             "reward": stats[0].item() / n,
             "correct": stats[1].item() / n,
             "thought_tokens": stats[2].item() / n,
-            "loss": stats[4].item() / (world * rl.updates * cfg.deepspeed.grad_accum),  # each group summed a mean
+            "loss": stats[4].item() / (world * rl.updates * cfg.deepspeed.grad_accum),  # each micro-batch a mean
             "kl": stats[5].item() / max(float(tokens), 1.0),
             "clipped": stats[6].item() / max(float(tokens) * rl.updates, 1.0),
             "lr": lr,
