@@ -12,6 +12,9 @@ mixture in DIR, raw or prepared (`python -m data.prepared`), in batches of 32 ro
 in --workers, the trainer side only taking batches (no GPU); 0 workers is one StreamWorker in this process. DIR a
 study build (`python -m data.study`, raw or --prepared): its mixture as configs/study.yaml reads it, 64 rows of 512.
 
+--layout DIR times one piece of a worker's work on a study build: a document's layout from its shape's cached
+skeleton (what the loader does) against laying it out whole.
+
 --handoff DIR times the other side: the trainer process's CPU time per batch it takes from two workers (32 rows of
 2048 from the embedded mixture in DIR, or 64 of 512 from a study build), with torch's two ways of sharing tensors
 between processes. That time is taken from the process that launches the GPU work.
@@ -174,6 +177,36 @@ def scaling(data_dir: str, workers: int, seconds: float) -> dict:
     }
 
 
+def layout(data_dir: str, documents: int = 6000, reps: int = 3) -> dict:
+    """Microseconds a document for `data.layout.layout_document` (the shape's skeleton cached, ids and pixels filled
+    in) against laying each document out whole (`data.layout._layout`), alternating, on the study mixture's
+    documents as a worker decodes them; the best of `reps` each."""
+    from data.layout import _layout, _skeleton, layout_document
+    from data.pipeline import to_segments
+
+    cfg = _mixture(data_dir, 0)
+    tok = Tokenizer(cfg.tokenizer)
+    worker = StreamWorker(cfg, tok, 0, 1, None)
+    segments = []
+    for _ in range(documents):
+        sample = worker.sources[worker._draw_source()].next()
+        segments.append(to_segments(sample, tok.encode, cfg.image_spec, fingerprint=worker.fingerprint, tok=tok)[1])
+    _skeleton.cache_clear()
+    best = {"whole": float("inf"), "skeleton": float("inf")}
+    for _ in range(reps):
+        for name, lay in (("whole", _layout), ("skeleton", layout_document)):
+            t0 = time.perf_counter()
+            for seg in segments:
+                lay(seg, tok.special, cfg.patch_size, cfg.position_scheme)
+            best[name] = min(best[name], 1e6 * (time.perf_counter() - t0) / documents)
+    return {
+        "documents": documents,
+        "us_whole": round(best["whole"], 1),
+        "us_skeleton": round(best["skeleton"], 1),
+        "shapes": _skeleton.cache_info().currsize,
+    }
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=2000)
@@ -183,7 +216,15 @@ def main(argv=None):
     ap.add_argument("--handoff", metavar="DIR", help="time the trainer's side of a batch handoff instead")
     ap.add_argument("--scaling", metavar="DIR", help="rows/s of the real loader per worker count instead")
     ap.add_argument("--workers", default="0,1,2,4,8", help="worker counts for --scaling")
+    ap.add_argument("--layout", metavar="DIR", help="a document's layout time, skeleton vs whole, on a study build")
     args = ap.parse_args(argv)
+    if args.layout:
+        r = layout(args.layout)
+        print(
+            f"layout of {r['documents']} documents ({r['shapes']} shapes): {r['us_whole']} us a document laid out "
+            f"whole, {r['us_skeleton']} us from the shape's skeleton"
+        )
+        return
     if args.scaling:
         results = [scaling(args.scaling, int(n), args.seconds) for n in args.workers.split(",")]
         for r in results:

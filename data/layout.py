@@ -123,6 +123,78 @@ def layout_document(
 ) -> LaidOut:
     if scheme not in ("mrope", "rope1d"):
         raise ValueError(f"position scheme '{scheme}' is not 'mrope' or 'rope1d'")
+    # Everything but the text's ids and the pixels depends on the document's shape alone (its segments' kinds and
+    # lengths), and a loader sees the same few shapes again and again: lay the shape out once (`_skeleton`), then
+    # per document only write its ids in, shift them into targets, and cut its images into patches.
+    shape, texts, images = [], [], []
+    for seg in segments:
+        if isinstance(seg, np.ndarray):
+            if seg.ndim != 3 or seg.shape[1] % patch_size or seg.shape[2] % patch_size:
+                patchify(seg, patch_size)  # raises the error for an image it cannot cut
+            c, h, w = seg.shape
+            shape.append(("i", c, h // patch_size, w // patch_size, isinstance(seg, NoLossImage)))
+            images.append(seg)
+        else:
+            shape.append(("t", len(seg), isinstance(seg, NoLoss)))
+            texts.append(seg)
+    tokens, is_patch, positions, image_index, follows, text_at, spans = _skeleton(
+        tuple(shape), special, patch_size, scheme, bos, eos
+    )
+    tokens = tokens.copy()
+    for (a, b), seg in zip(text_at, texts, strict=True):
+        tokens[a:b] = seg
+    targets = np.full(len(tokens), IGNORE, dtype=np.int64)
+    np.copyto(targets[:-1], tokens[1:], where=follows)
+    if images:
+        patches = [patchify(np.asarray(x), patch_size) for x in images]
+        patches = patches[0] if len(patches) == 1 else np.concatenate(patches)
+    else:
+        patches = np.zeros((0, 0), dtype=np.uint8)
+    return LaidOut(
+        tokens=tokens,
+        is_patch=is_patch,
+        positions=positions,
+        image_index=image_index,
+        targets=targets,
+        patches=patches,
+        spans=list(spans),
+    )
+
+
+@lru_cache(maxsize=2048)
+def _skeleton(shape: tuple, special: SpecialIds, patch_size: int, scheme: str, bos: bool, eos: bool) -> tuple:
+    """The layout of every document of this shape, made by `_layout` on a stand-in of it (text ids 0, blank
+    images): its token ids but the text's, its patch flags, positions and image numbers (read-only: documents share
+    them), which positions take the next id as their target, where its text segments go, its image spans."""
+    segments, text_at, at = [], [], 1 if bos else 0
+    for part in shape:
+        if part[0] == "i":
+            _, c, rows, cols, quiet = part
+            image = np.zeros((c, rows * patch_size, cols * patch_size), dtype=np.uint8)
+            segments.append(image.view(NoLossImage) if quiet else image)
+            at += len(_image_template(rows, cols, scheme, special)[0])
+        else:
+            _, n, quiet = part
+            segments.append(NoLoss([0] * n) if quiet else [0] * n)
+            text_at.append((at, at + n))
+            at += n
+    doc = _layout(segments, special, patch_size, scheme, bos, eos)
+    follows = doc.targets[:-1] != IGNORE
+    for a in (doc.tokens, doc.is_patch, doc.positions, doc.image_index, follows):
+        a.flags.writeable = False
+    return doc.tokens, doc.is_patch, doc.positions, doc.image_index, follows, tuple(text_at), tuple(doc.spans)
+
+
+def _layout(
+    segments: list,
+    special: SpecialIds,
+    patch_size: int,
+    scheme: str = "mrope",
+    bos: bool = True,
+    eos: bool = True,
+) -> LaidOut:
+    if scheme not in ("mrope", "rope1d"):
+        raise ValueError(f"position scheme '{scheme}' is not 'mrope' or 'rope1d'")
     # One array per segment, concatenated once: text positions are a range, an image's layout is a cached template
     # shifted to where it starts. Which positions are patches, inside an image or targets is set afterwards by slice.
     tokens, positions, images, patch_arrays, quiet = [], [], [], [], []

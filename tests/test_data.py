@@ -199,6 +199,48 @@ def test_pixel_cap_refuses_from_the_header():
 
 
 # ------------------------------------------------------------------------------------------------ packing
+def test_layout_from_a_shared_skeleton_is_the_plain_layout():
+    """layout_document lays a document's shape out once and fills in its ids and pixels: the same arrays as laying
+    the whole document out (data.layout._layout), for text, images, prompts that are not targets, either position
+    scheme, with and without <bos>/<eos>; the arrays documents share are read-only."""
+    from data.layout import NoLoss, _layout, no_loss
+
+    rng = np.random.default_rng(0)
+
+    def text(n):
+        return rng.integers(16, 64, n).tolist()
+
+    def image(h, w, dtype=np.uint8):
+        return rng.integers(0, 255, (3, h, w)).astype(dtype)
+
+    docs = [
+        [text(7)],
+        [image(8, 12), text(5)],
+        [text(3), image(4, 8, np.float32), text(0), image(8, 4), text(9)],
+        [no_loss(text(4)), no_loss(image(8, 8)), text(6)],
+        [NoLoss(text(2)), image(4, 4)],
+        [],
+    ]
+    for segments, scheme, bos, eos in itertools.product(docs, ("mrope", "rope1d"), (True, False), (True, False)):
+        for _ in range(2):  # the second time from the cached skeleton, with other ids and pixels of the same shape
+            fast, plain = (
+                layout_document(segments, SPECIAL, 4, scheme, bos, eos),
+                _layout(segments, SPECIAL, 4, scheme, bos, eos),
+            )
+            for field in ("tokens", "is_patch", "positions", "image_index", "targets", "patches"):
+                a, b = getattr(fast, field), getattr(plain, field)
+                assert a.dtype == b.dtype and np.array_equal(a, b), (segments, scheme, bos, eos, field)
+            assert fast.spans == plain.spans
+            segments = [
+                (s.view(type(s)) * 0 + 1 if isinstance(s, np.ndarray) else type(s)(x + 1 for x in s)) for s in segments
+            ]
+    shared = layout_document(docs[1], SPECIAL, 4)
+    with pytest.raises(ValueError, match="read-only"):
+        shared.positions[0, 0] = 5
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        layout_document([image(6, 8)], SPECIAL, 4)
+
+
 def test_packing_never_splits_an_image_and_fills_rows():
     rng = np.random.default_rng(0)
     packer = Packer(64, SPECIAL.pad, 48)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import mixture
+from conftest import REPO, mixture
 from sentencepiece import sentencepiece_model_pb2
 
 from data.study import DOC_FACTS, HELD_OUT, RELATIONS, FactText, build, caption, sample, sample_scene
@@ -114,3 +114,15 @@ def test_pipeline_reads_the_study_shards_raw_or_prepared(study):
     assert raw["tokens"].shape[-1] == 256 and int((raw["patches"].abs().sum(-1) > 0).sum()) > 0
     assert raw.keys() == prepared.keys() and all(torch.equal(raw[k], prepared[k]) for k in raw)
     assert json.loads((study.parent / "prepared" / "dataset.json").read_text())["prepare_seconds"] >= 0
+
+
+def test_the_layout_benchmark_runs_on_a_study_build(study):
+    """`benchmarks/data_speed.py --layout`, the source of the skeleton's figure in docs/study/STUDY.md, on the
+    prepared study data: documents of few shapes (that is why a skeleton per shape pays)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from data_speed import layout
+
+    r = layout(str(study.parent / "prepared"), documents=300, reps=1)
+    assert r["us_whole"] > 0 and r["us_skeleton"] > 0 and 1 <= r["shapes"] < 300 / 3
