@@ -158,19 +158,21 @@ def scaling(data_dir: str, workers: int, seconds: float) -> dict:
     loader = StreamingLoader(cfg)
     for _ in range(max(1, workers)):
         next(loader)
-    batches, rows, pieces, nbytes, t0 = 0, 0, 0, 0, time.perf_counter()
+    batches, rows, pieces, nbytes, t0, cpu0 = 0, 0, 0, 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         batch = next(loader)
         batches += 1
         rows += len(batch["tokens"])
         pieces += sum(len(row) for row in loader.last_pieces)
         nbytes += sum(t.nbytes for t in batch.values())
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     del loader
     return {
         "workers": workers,
         "rows_per_s": round(rows / dt, 1),
         "per_worker": round(rows / dt / max(1, workers), 1),
+        # 0 workers: the work is this process's, so its CPU time is the work's (steadier than wall time on a busy host)
+        "rows_per_cpu_s": round(rows / cpu, 1) if workers == 0 else None,
         "row_positions": cfg.seq_len,
         "documents_per_row": round(pieces / rows, 1),  # pieces: a document cut across rows counts in each
         "mb_per_batch": round(nbytes / 1e6 / batches, 2),
@@ -229,7 +231,9 @@ def main(argv=None):
         results = [scaling(args.scaling, int(n), args.seconds) for n in args.workers.split(",")]
         for r in results:
             print(
-                f"{r['workers']:>3} workers: {r['rows_per_s']:>7} rows/s ({r['per_worker']} per worker), "
+                f"{r['workers']:>3} workers: {r['rows_per_s']:>7} rows/s ({r['per_worker']} per worker"
+                + (f", {r['rows_per_cpu_s']} per CPU-second" if r["rows_per_cpu_s"] else "")
+                + "), "
                 f"{r['documents_per_row']} documents a row of {r['row_positions']}, {r['mb_per_batch']} MB a batch",
                 flush=True,
             )
