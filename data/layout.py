@@ -40,8 +40,8 @@ class LaidOut:
     image_index: np.ndarray  # (T,) int64, image number within the document or -1
     targets: np.ndarray  # (T,) int64, IGNORE where no target
     patches: np.ndarray  # (P, C * p * p), the images' dtype (uint8 pixels from the loader)
+    spans: list  # [start, end) of each image with its <img> and </img>
     meta: dict = field(default_factory=dict)  # provenance the pipeline attaches (sample key, stream state)
-    spans: list | None = None  # [start, end) of each image with its <img> and </img> (None: not recorded)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -121,19 +121,15 @@ def layout_document(
     bos: bool = True,
     eos: bool = True,
 ) -> LaidOut:
-    if scheme not in ("mrope", "rope1d"):
-        raise ValueError(f"position scheme '{scheme}' is not 'mrope' or 'rope1d'")
     # Everything but the text's ids and the pixels depends on the document's shape alone (its segments' kinds and
     # lengths), and a loader sees the same few shapes again and again: lay the shape out once (`_skeleton`), then
     # per document only write its ids in, shift them into targets, and cut its images into patches.
-    shape, texts, images = [], [], []
+    shape, texts, patches = [], [], []
     for seg in segments:
         if isinstance(seg, np.ndarray):
-            if seg.ndim != 3 or seg.shape[1] % patch_size or seg.shape[2] % patch_size:
-                patchify(seg, patch_size)  # raises the error for an image it cannot cut
+            patches.append(patchify(np.asarray(seg), patch_size))  # an image it cannot cut raises here
             c, h, w = seg.shape
             shape.append(("i", c, h // patch_size, w // patch_size, isinstance(seg, NoLossImage)))
-            images.append(seg)
         else:
             shape.append(("t", len(seg), isinstance(seg, NoLoss)))
             texts.append(seg)
@@ -145,11 +141,10 @@ def layout_document(
         tokens[a:b] = seg
     targets = np.full(len(tokens), IGNORE, dtype=np.int64)
     np.copyto(targets[:-1], tokens[1:], where=follows)
-    if images:
-        patches = [patchify(np.asarray(x), patch_size) for x in images]
-        patches = patches[0] if len(patches) == 1 else np.concatenate(patches)
+    if len(patches) != 1:
+        patches = np.concatenate(patches) if patches else np.zeros((0, 0), dtype=np.uint8)
     else:
-        patches = np.zeros((0, 0), dtype=np.uint8)
+        patches = patches[0]
     return LaidOut(
         tokens=tokens,
         is_patch=is_patch,
@@ -166,23 +161,28 @@ def _skeleton(shape: tuple, special: SpecialIds, patch_size: int, scheme: str, b
     """The layout of every document of this shape, made by `_layout` on a stand-in of it (text ids 0, blank
     images): its token ids but the text's, its patch flags, positions and image numbers (read-only: documents share
     them), which positions take the next id as their target, where its text segments go, its image spans."""
-    segments, text_at, at = [], [], 1 if bos else 0
-    for part in shape:
+    segments = []
+    for k, part in enumerate(shape):  # text segment k's stand-in ids are MARK + k, found again in the layout
         if part[0] == "i":
             _, c, rows, cols, quiet = part
             image = np.zeros((c, rows * patch_size, cols * patch_size), dtype=np.uint8)
             segments.append(image.view(NoLossImage) if quiet else image)
-            at += len(_image_template(rows, cols, scheme, special)[0])
         else:
             _, n, quiet = part
-            segments.append(NoLoss([0] * n) if quiet else [0] * n)
-            text_at.append((at, at + n))
-            at += n
+            segments.append(NoLoss([MARK + k] * n) if quiet else [MARK + k] * n)
     doc = _layout(segments, special, patch_size, scheme, bos, eos)
+    text_at = []
+    for k, part in enumerate(shape):
+        if part[0] == "t":
+            where = np.flatnonzero(doc.tokens == MARK + k)
+            text_at.append((int(where[0]), int(where[-1]) + 1) if len(where) else (0, 0))
     follows = doc.targets[:-1] != IGNORE
     for a in (doc.tokens, doc.is_patch, doc.positions, doc.image_index, follows):
         a.flags.writeable = False
     return doc.tokens, doc.is_patch, doc.positions, doc.image_index, follows, tuple(text_at), tuple(doc.spans)
+
+
+MARK = 1 << 40  # stand-in text ids, beyond any vocabulary
 
 
 def _layout(

@@ -20,17 +20,6 @@ class ImageTooLong(ValueError):
     """An image (with its framing tokens) does not fit in one row."""
 
 
-def _image_spans(doc: LaidOut) -> list[tuple[int, int]]:
-    """[start, end) of each image including its <img> and </img> tokens."""
-    if doc.spans is not None:  # recorded by the layout
-        return doc.spans
-    spans = []
-    for i in range(doc.n_images):
-        where = np.flatnonzero(doc.image_index == i)
-        spans.append((int(where[0]) - 1, int(where[-1]) + 2))
-    return spans
-
-
 def _safe_cut(spans, start: int, limit: int) -> int:
     """Largest cut <= start + limit that does not fall strictly inside an image span."""
     cut = start + limit
@@ -66,10 +55,10 @@ class Row:
             fields["positions"].append(doc.positions[s:e])
             fields["targets"].append(doc.targets[s:e])
             lengths.append(e - s)
-            local = doc.image_index[s:e]
-            if doc.spans is not None and not any(a < e and s < b for a, b in doc.spans):
+            if not any(a < e and s < b for a, b in doc.spans):
                 fields["image_ids"].append(np.full(e - s, -1, dtype=np.int64))  # no image in this piece
                 continue
+            local = doc.image_index[s:e]
             fields["image_ids"].append(np.where(local >= 0, local + images, -1))
             if (local >= 0).any():
                 images += int(local.max()) + 1  # image ids stay unique within the row
@@ -104,7 +93,7 @@ class Packer:
 
     def add(self, doc: LaidOut, start: int = 0) -> list[dict]:
         done = []
-        spans = _image_spans(doc)
+        spans = doc.spans
         longest = max((b - a for a, b in spans), default=0)
         if longest > self.seq_len:
             raise ImageTooLong(f"an image takes {longest} positions; rows hold {self.seq_len}")

@@ -1,7 +1,7 @@
 """Next-token prediction over the loader's packed batches: pretraining (`objective: lm`) and fine-tuning on chats
 (`objective: sft`, the same step on chat samples whose prompts are not targets).
 
-Per step: LR from the schedule, `grad_accum` micro-batches through the engine and the optimizer step (train/step.py:
+Per step (the loop has set the LR): `grad_accum` micro-batches through the engine and the optimizer step (train/step.py:
 the NaN/Inf guard runs on the device, so the step adds no wait for the GPU); metrics every `logging.every` steps
 (the only host sync of the loop, which also raises on too many skipped steps in a row); validation and task scores
 every `eval.every`.
@@ -20,7 +20,6 @@ from train.evaluate import validate
 from train.metrics import memory_gb, peak_flops
 from train.objective import Log, Objective
 from train.profile import StepProfiler
-from train.schedule import lr_at
 from train.step import LOSSES, TrainStep, target_weights
 from train.task_eval import TaskEval
 
@@ -53,7 +52,6 @@ class NextToken(Objective):
         self.run_step = TrainStep(engine, optimizer, device, clip=step_clip(cfg, engine_kind(cfg, world)))
         self.profiler = StepProfiler(cfg.logging.profile, run, device, rank)
         self.window_steps, self.window_t0, self.head_rows = 0, time.perf_counter(), 0
-        self.last_val: dict = {}
         self.last_loss = None  # the latest logged training loss, for the summary
 
     def banner(self) -> str:
@@ -64,19 +62,15 @@ class NextToken(Objective):
             f"without embeddings), depth {mc.n_layers}, width {mc.d_model}\n"
             f"batch   {self.tokens_per_step:,} tokens a step ({self.world} rank(s) x {self.G} micro-batch(es) x "
             f"{self.B} rows x {self.T}), {cfg.steps} steps\n"
-            f"data    {sources}\n"
-            f"engine  {engine_kind(cfg, self.world)}, {self.device.type}"
+            f"data    {sources}"
         )
 
     def rank_state(self) -> dict:
         return {"data": self.loader.state_dict()}
 
-    def step(self, state: dict, log: Log) -> None:
+    def step(self, state: dict, lr: float, log: Log) -> None:
         cfg, model, step = self.cfg, self.model, state["step"]
         self.profiler.before(step)
-        lr = lr_at(step, cfg.steps, cfg.optim.lr, cfg.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         log_now = (step + 1) % cfg.logging.every == 0 or step + 1 == cfg.steps
         telemetry = log_now and cfg.logging.telemetry_every and (step + 1) % cfg.logging.telemetry_every == 0
         model.track_attention_logits(bool(telemetry))
@@ -105,9 +99,9 @@ class NextToken(Objective):
             self._log_window(state, lr, telemetry, first, log)
         if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.steps:
             eval_t0 = time.perf_counter()
-            self.last_val = validate(self.engine, cfg.data, cfg.eval.max_batches, self.device, self.rank, self.world)
-            if self.last_val:
-                log(done, self.last_val, prefix="val/")
+            val = validate(self.engine, cfg.data, cfg.eval.max_batches, self.device, self.rank, self.world)
+            if val:
+                log(done, val, prefix="val/")
             scores = self.task_eval(model)
             if scores:
                 log(done, scores)
@@ -137,10 +131,7 @@ class NextToken(Objective):
             "tokens_per_s": tps,
             "mfu": self.fpt * tps / (peak * world) if peak else None,
             "mfu_run": fpt_run * tps / (peak * world) if peak else None,
-            "tokens": state["tokens"],
-            "flops": state["flops"],
             "memory_gb": memory_gb(self.device),
-            "skipped_steps": state["skipped_steps"],
         }
         if telemetry:
             record["max_attn_logit"] = float(self.model.max_attention_logit())
@@ -158,9 +149,6 @@ class NextToken(Objective):
             log(state["step"], final_tasks)
         counts = self.loader.skip_counts()
         return {
-            "tokens": state["tokens"],
-            "flops": state["flops"],
-            "flops_6n": state["flops_6n"],
             "params": param_count(mc),
             "params_non_embedding": param_count(mc, embeddings=False),
             "flops_per_token": self.fpt,
@@ -168,7 +156,6 @@ class NextToken(Objective):
             "final_train_loss": self.last_loss,
             "final_val": last_val,
             "val_text_loss": last_val.get("text_loss"),
-            "skipped_steps": state["skipped_steps"],
             "final_tasks": final_tasks,
             "data_counts": counts,
             "data_epochs": data_epochs(counts, source_samples(cfg.data), self.world),

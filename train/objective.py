@@ -33,11 +33,12 @@ class Objective:
         return cfg
 
     def banner(self) -> str:
-        """The lines the start-up block prints between the run directory and the step it starts from."""
+        """The lines the start-up block prints between the run directory and the engine."""
         return ""
 
-    def step(self, state: dict, log: Log) -> None:
-        """One optimizer step at state["step"] (the loop advances it after): update the counters in `state`, log."""
+    def step(self, state: dict, lr: float, log: Log) -> None:
+        """One optimizer step at state["step"] (the loop set the optimizer's LR to `lr` and advances the step
+        after): update the counters in `state`, log."""
         raise NotImplementedError
 
     def rank_state(self) -> dict:
@@ -45,7 +46,8 @@ class Objective:
         return {}
 
     def finish(self, state: dict, log: Log) -> dict:
-        """After the last step: final evaluation; the summary's entries of this objective."""
+        """After the last step: final evaluation; the summary's entries of this objective (the loop adds the
+        counters)."""
         return {}
 
     def close(self) -> None:

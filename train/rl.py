@@ -36,7 +36,6 @@ from train.config import ConfigError, TrainConfig
 from train.engine import engine_kind, step_clip
 from train.length_penalty import length_rewards
 from train.objective import Objective
-from train.schedule import lr_at
 
 
 def group_advantages(rewards: list[float], eps: float = 1e-6) -> list[float]:
@@ -213,16 +212,12 @@ class GRPO(Objective):
         rl = self.cfg.rl
         return (
             f"rl      GRPO, {rl.prompts} prompts x {rl.group} samples a step, penalty {rl.penalty} "
-            f"(alpha {rl.alpha:g}), kl {rl.kl:g}, {rl.updates} update(s) a batch, tasks {', '.join(rl.tasks)}\n"
-            f"engine  {engine_kind(self.cfg, self.world)}, {self.device.type}"
+            f"(alpha {rl.alpha:g}), kl {rl.kl:g}, {rl.updates} update(s) a batch, tasks {', '.join(rl.tasks)}"
         )
 
-    def step(self, state: dict, log) -> None:
+    def step(self, state: dict, lr: float, log) -> None:
         cfg, rl, engine, device, world = self.cfg, self.cfg.rl, self.engine, self.device, self.world
         step = state["step"]
-        lr = lr_at(step, cfg.steps, cfg.optim.lr, cfg.schedule)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
         t0 = time.perf_counter()
         groups = self.rollouts(self.prompts.for_step(step, self.rank, world), step, self.rank)
         written = sum(len(s) for g in groups for s in g.samples)
@@ -291,7 +286,7 @@ class GRPO(Objective):
         log(done, record)
 
     def finish(self, state: dict, log) -> dict:
-        return {"rollout_tokens": state["rollout_tokens"], "heldout": self.last_eval}
+        return {"heldout": self.last_eval}
 
 
 def blind_rewards(prompts: list[Prompt]) -> dict[str, list[float]]:

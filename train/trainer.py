@@ -1,7 +1,8 @@
 """The training loop: one code path for GPUs (NCCL) and CPUs (gloo), launched by torchrun or srun, whatever the
 objective (train/objective.py: next-token prediction for `lm` and `sft`, GRPO for `rl`).
 
-The loop owns what every run shares: the processes, the run directory and its lock, the engine, checkpoints every
+The loop owns what every run shares: the processes, the run directory and its lock, the engine, the LR schedule,
+checkpoints every
 `checkpoint.every`, at the end and on signals, resume, metrics, the start-up block, timing and the summary. The
 objective owns its step.
 """
@@ -19,12 +20,13 @@ import yaml
 
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_dict
-from train.engine import build_engine, quiet_host_threads
+from train.engine import build_engine, engine_kind, quiet_host_threads
 from train.export import at_end as export_at_end
 from train.fingerprint import fingerprint
 from train.metrics import MetricsWriter
 from train.objective import Objective
 from train.rundir import RunLock, ensure_run_dir
+from train.schedule import lr_at
 from train.signals import EXIT_REQUEUE, SignalFlags
 
 
@@ -146,9 +148,13 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
         return ckpt.save(engine, state["step"], client, objective.rank_state())
 
     if rank == 0:  # one block at the start: what runs, where, on what, from where
-        begin = cfg.init_weights if cfg.init_weights and not loaded else "a new run"
-        start = f"step {state['step']}, from {loaded[0]}" if loaded else f"step 0 ({begin})"
-        print(f"run_dir {run}\n{objective.banner()}\nstart   {start}", flush=True)
+        start = f"step {state['step']}, from {loaded[0]}" if loaded else "step 0 (a new run)"
+        if not loaded and cfg.init_weights:
+            start = f"step 0, from {cfg.init_weights}"
+        print(
+            f"run_dir {run}\n{objective.banner()}\nengine  {engine_kind(cfg, world)}, {device.type}\nstart   {start}",
+            flush=True,
+        )
     state["startup_s"] += time.time() - launched
     run_t0 = time.perf_counter() - state["train_s"]
     wall_t0 = time.perf_counter() - (state["wall_s"] + time.time() - launched)  # start-up counts as wall time
@@ -157,7 +163,10 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     engine.train()
     try:
         while state["step"] < cfg.steps:
-            objective.step(state, log)
+            lr = lr_at(state["step"], cfg.steps, cfg.optim.lr, cfg.schedule)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            objective.step(state, lr, log)
             state["step"] += 1
             metrics and metrics.advance()
             stop, save_now = _any_rank([signals.stop, signals.save], group)
@@ -182,6 +191,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             save()
         summary = {
             "steps": state["step"],
+            **{k: state[k] for k in kind.counters},
             **final,
             "wall_s": time.perf_counter() - wall_t0,
             "train_s": state["train_s"],
