@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from scaling.plan import Cell, Plan
-from scaling.results import finished, record
+from scaling.results import finished, has_summary, record
 from scaling.spec import SweepSpec
 from train.config import ConfigError
 from train.signals import EXIT_REQUEUE
@@ -101,10 +101,12 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
     """slots: `device_slots(spec)`, asked for before anything starts (a device that does not exist is refused).
     launch_for: seconds after which no cell starts; the running ones finish, the rest wait for the next run."""
     deadline = None if launch_for is None else time.monotonic() + launch_for
-    todo = [c for c in p.cells if not finished(c)]
     for c in p.cells:
-        if finished(c) and not c.is_trunk:
+        if has_summary(c) and not c.is_trunk:
             record(spec.out, c, spec.flops_convention)
+    todo = [c for c in p.cells if not finished(c)]
+    needed = {c.trunk for c in todo if c.trunk}  # a trunk runs only for branches still to train
+    todo = [c for c in todo if not c.is_trunk or c.key in needed]
     todo.sort(key=lambda c: (not c.is_trunk, -c.minutes))  # trunks first, then the longest cells
     where = f"{len(slots)} GPU(s), {spec.launcher.cells_per_gpu} cell(s) each" if slots else "CPU"
     print(f"{len(p.cells) - len(todo)} of {len(p.cells)} cells already finished; running {len(todo)} on {where}")

@@ -41,6 +41,24 @@ RESULT_FIELDS = [
 
 
 def finished(cell: Cell) -> bool:
+    """Its run wrote a summary, or (a measurement cell) its row is in the sweep's results.csv already: the CSV is
+    the sweep's record, so a sweep whose cell directories are gone (cleaned for disk, or a study continued on
+    another machine from its committed results) does not train those cells again. Keys hash the training
+    config, so a row from a config since changed matches no cell."""
+    if (cell.run_dir / "summary.json").exists():
+        return True
+    return not cell.is_trunk and cell.key in recorded_keys(cell.run_dir.parent.parent)
+
+
+def recorded_keys(out: str | Path) -> set[str]:
+    path = Path(out) / "results.csv"
+    if not path.exists():
+        return set()
+    with open(path, newline="") as f:
+        return {r["key"] for r in csv.DictReader(f)}
+
+
+def has_summary(cell: Cell) -> bool:
     return (cell.run_dir / "summary.json").exists()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -269,6 +270,12 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
     shown = sweep("time", path)
     assert shown.returncode == 0 and f"| {t['train_s']:.0f} | {100 * t['train_share']:.1f}% |" in shown.stdout
     assert "1 driver run(s) started and never recorded an end (killed): 1 end at their last heartbeat" in shown.stdout
+    # the CSV is the record: with the cell directories gone (cleaned, or the study continued on another machine
+    # from its committed results) no recorded cell trains again
+    shutil.rmtree(out / "cells")
+    moved = sweep("run", path)
+    assert "4 of 4 cells already finished" in moved.stdout and not (out / "cells").exists(), moved.stdout
+    assert rows(out) == final
     # a driver from before the heartbeat: a killed run with no `seen` ends at the next run's start (an upper bound)
     old = tmp_path / "old"
     old.mkdir()
