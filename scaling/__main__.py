@@ -6,7 +6,7 @@
     python -m scaling fit    SPEC     # fit OUT/results.csv: OUT/fit/fit.json and the plots
     python -m scaling report SPEC     # fit, then OUT/fit/report.md
     python -m scaling lrcheck SPEC    # a spec with lr_scales: is the rule's LR within 2x of the best tried?
-    python -m scaling time   SPEC     # where the device time went: training, start-up, the rest; aggregate MFU
+    python -m scaling time   SPEC|DIR # where the device time went: training, start-up, the rest; aggregate MFU
                                      [--peak-tflops 989]
     python -m scaling fit RUNS.csv --out DIR [--loss loss ...] [--recipe-col recipe] [--params-col params]
                                      [--flops 6n+attn] [--bootstrap 1000] [--seed 0] [--target-flops 1e18]
@@ -96,7 +96,8 @@ def main(argv=None) -> int:
             from scaling.gputime import gpu_time, markdown
             from scaling.spec import load_spec
 
-            out = Path(load_spec(args.target).out)
+            # a spec, or a sweep's directory as committed (results.csv, driver.jsonl)
+            out = Path(args.target) if Path(args.target).is_dir() else Path(load_spec(args.target).out)
             if not (out / "results.csv").exists():
                 raise SystemExit(f"error: {out / 'results.csv'} does not exist yet: `python -m scaling run` first")
             print(markdown(gpu_time(out, args.peak_tflops)))

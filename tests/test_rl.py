@@ -126,7 +126,10 @@ def test_the_length_term_shortens_thoughts_and_zero_penalty_changes_nothing(micr
     assert initial.keys() == state.keys() and all(torch.equal(state[k], v) for k, v in initial.items())
 
 
-def test_a_resumed_rl_run_continues_the_same_curve(micro_config, start, tmp_path):
+def test_a_resumed_rl_run_and_batched_groups_continue_the_same_curve(micro_config, start, tmp_path):
+    """A run stopped at step 3 and resumed gives the uninterrupted run's curve; so does rl.groups_per_micro=2,
+    which puts both prompts' groups in one forward (one micro-batch instead of two: the same token-level
+    objective)."""
     args = ("rl.penalty=kimi", "rl.alpha=1.0")
     _, whole = rl_run(micro_config, tmp_path / "whole", start, "steps=6", *args)
     rl_run(micro_config, tmp_path / "parts", start, "steps=3", *args)
@@ -136,6 +139,13 @@ def test_a_resumed_rl_run_continues_the_same_curve(micro_config, start, tmp_path
     for key in ("reward", "thought_tokens", "loss"):
         assert [r[key] for r in parts] == pytest.approx([r[key] for r in whole], rel=1e-6, abs=1e-9), key
     assert len({r["thought_tokens"] for r in whole}) > 1  # a curve that moves, not a constant
+    _, together = rl_run(micro_config, tmp_path / "together", start, "steps=6", *args, "rl.groups_per_micro=2")
+    config = (tmp_path / "together" / "config.yaml").read_text()
+    assert "grad_accum: 1" in config and "grad_accum: 2" in (tmp_path / "whole" / "config.yaml").read_text()
+    for key in ("reward", "thought_tokens"):
+        assert [r[key] for r in together] == [r[key] for r in whole], key
+    assert [r["loss"] for r in together] == pytest.approx([r["loss"] for r in whole], rel=1e-4, abs=1e-7)
+    assert any(r["loss"] != 0 for r in whole)  # there was an update to compare
 
 
 def test_the_gpu_split_in_the_docs_is_the_committed_json():
@@ -172,17 +182,3 @@ def test_the_cpu_study_in_the_docs_is_the_committed_json():
     assert not any(d["dipped"] for d in data["dip_and_recover"].values()) and "No dip and recovery" in text
     assert max(v["accuracy"] for v in final.values()) < data["blind_majority_answer"]["accuracy"]
     assert "Everything is below the blind baseline" in text
-
-
-def test_groups_batched_into_one_micro_batch_train_the_same_curve(micro_config, start, tmp_path):
-    """rl.groups_per_micro=2 puts both prompts' groups in one forward (one micro-batch instead of two): the same
-    token-level objective, so the same losses, rewards and thoughts step after step."""
-    args = ("steps=6", "rl.penalty=kimi", "rl.alpha=1.0")
-    _, apart = rl_run(micro_config, tmp_path / "apart", start, *args)
-    out, together = rl_run(micro_config, tmp_path / "together", start, *args, "rl.groups_per_micro=2")
-    config = (tmp_path / "together" / "config.yaml").read_text()
-    assert "grad_accum: 1" in config and "grad_accum: 2" in (tmp_path / "apart" / "config.yaml").read_text()
-    for key in ("reward", "thought_tokens"):
-        assert [r[key] for r in together] == [r[key] for r in apart], key
-    assert [r["loss"] for r in together] == pytest.approx([r["loss"] for r in apart], rel=1e-4, abs=1e-7)
-    assert any(r["loss"] != 0 for r in apart)  # there was an update to compare

@@ -1,5 +1,6 @@
-"""docs/study/STUDY.md cannot drift from its data: the committed results CSV is refitted with the repo's fitter, and
-the document's fit table, cell-by-cell comparison and GPU-time figures are what the CSV gives."""
+"""docs/study/run3/STUDY.md (the third run's record) cannot drift from its data: the committed results CSV is
+refitted with the repo's fitter, and the document's fit table, cell-by-cell comparison and GPU-time figures are
+what the CSV gives."""
 
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ from scaling.report import fit_csv
 from scaling.runs import read_runs
 
 STUDY = REPO / "docs" / "study"
+RUN3 = STUDY / "run3"
 COLUMNS = ("loss", "loss_caption", "loss_text")
 
 
-def doc(study: Path = STUDY) -> str:
+def doc(study: Path = RUN3) -> str:
     return (study / "STUDY.md").read_text()
 
 
-def fit_table(study: Path = STUDY) -> dict:
+def fit_table(study: Path = RUN3) -> dict:
     table = {}
     for line in doc(study).splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -35,7 +37,7 @@ def fit_table(study: Path = STUDY) -> dict:
     return table
 
 
-@pytest.mark.parametrize("study", [STUDY, STUDY / "run2"], ids=["run3", "run2"])
+@pytest.mark.parametrize("study", [RUN3, STUDY / "run2"], ids=["run3", "run2"])
 def test_the_fit_table_is_what_the_fitter_gives(tmp_path, study):
     """Point estimates do not depend on the number of resamples (the doc's came with 300; 10 here); whether a fit
     converged does, so that column is checked against the committed fit.json."""
@@ -54,7 +56,7 @@ def test_the_fit_table_is_what_the_fitter_gives(tmp_path, study):
 
 
 def test_the_recipe_comparison_and_gpu_time_are_the_csvs():
-    data = read_runs(STUDY / "results.csv", ["loss", "loss_caption"], "recipe", flops="6n+attn")
+    data = read_runs(RUN3 / "results.csv", ["loss", "loss_caption"], "recipe", flops="6n+attn")
     text = doc()
     for col in ("loss", "loss_caption"):
         p = paired_difference(data, col, "causal", "bidirectional", bootstrap=300, seed=0, level=0.95)
@@ -63,7 +65,7 @@ def test_the_recipe_comparison_and_gpu_time_are_the_csvs():
     p = paired_difference(data, "loss", "causal", "bidirectional", 0, 0, 0.95)
     assert f"lower in {p['lower_in']} of {p['cells']}" in text
     assert f"{p['largest_budget']['mean']:+.4f} over {p['largest_budget']['cells']} cells" in text
-    with open(STUDY / "results.csv", newline="") as f:
+    with open(RUN3 / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     train, startup = (round(sum(float(r[k]) for r in rows)) for k in ("train_s", "startup_s"))
     assert re.search(rf"training steps of the {len(rows)} finished cells \| {train} \|", text)
@@ -75,7 +77,7 @@ def test_the_recipe_comparison_and_gpu_time_are_the_csvs():
 def test_the_depth_one_pairs_and_the_text_column_are_the_csvs():
     """Without the depth-1 pairs (where the image mask cannot matter) the comparison is what the doc says; the best
     text loss is the CSV's."""
-    with open(STUDY / "results.csv", newline="") as f:
+    with open(RUN3 / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "no-depth-1.csv"
@@ -92,7 +94,7 @@ def test_the_depth_one_pairs_and_the_text_column_are_the_csvs():
 
 
 def test_the_lr_table_is_the_lr_csv():
-    checks = lr_check(read_rows(STUDY / "lr-results.csv"))
+    checks = lr_check(read_rows(RUN3 / "lr-results.csv"))
     lines = [line for line in doc().splitlines() if line.startswith("| size ")]
     assert len(checks) == len(lines) == 2
     for c, line in zip(sorted(checks, key=lambda c: c["size"]), lines):
@@ -104,7 +106,7 @@ def test_the_lr_table_is_the_lr_csv():
 
 def test_the_second_lr_table_is_its_csv_joined_with_the_studys():
     """The check at the study's horizon: its own cells plus the study's factor-1 cells of the same sizes."""
-    rows = read_rows(STUDY / "lr-next-results.csv") + read_rows(STUDY / "results.csv")
+    rows = read_rows(RUN3 / "lr-next-results.csv") + read_rows(RUN3 / "results.csv")
     checks = lr_check(rows)
     lines = [line for line in doc().splitlines() if re.match(r"\| \d+ \([\d,]+ steps\) \|", line)]
     assert [c["size"] for c in checks] == [6, 7, 8] and len(lines) == 3
@@ -236,65 +238,23 @@ def test_the_floored_lr_check_with_validation_is_its_csv():
     assert all(f"x{k:g} {v:.4f}" in text for k, v in caption.items() if k >= 1)
 
 
-def test_the_fourth_run_so_far_is_its_committed_data():
-    """The fourth run's finished cells: the spec's own (keys), the 3e15 table, where its minima lie, the recipes'
-    gap and caption ranges, and the GPU time split, as the committed CSV, driver log and util log give them."""
-    from scaling.gputime import gpu_time
-    from scaling.plan import plan
-    from scaling.spec import load_spec
-
-    run = STUDY / "study4"
-    with open(run / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    keys = {c.key for c in plan(load_spec(REPO / "configs" / "sweeps" / "study4.yaml")).cells}
-    assert {r["key"] for r in rows} <= keys and len(keys) == 40
-    text = " ".join(doc().split())
-    assert f"finished **{len(rows)} of its 40 cells**" in text
-    top = {(r["recipe"], int(r["size"])): r for r in rows if r["budget"] == "flops=3e+15"}
-    lines = doc().splitlines()
-    for recipe in ("bidirectional", "causal"):
-        line = next(line for line in lines if line.startswith(f"| {recipe} |"))
-        assert [x.strip() for x in line.split("|")[2:7]] == [
-            f"{float(top[recipe, n]['loss']):.4f}" for n in range(4, 9)
-        ]
-    best = {r: min(range(4, 9), key=lambda n, r=r: float(top[r, n]["loss"])) for r in ("bidirectional", "causal")}
-    assert f"bidirectional at size {best['bidirectional']}" in text and f"causal at {best['causal']}" in text
-    assert all(4 < b < 8 for b in best.values())  # inside the grid, not at its edge
-    gap = statistics.mean(float(top["bidirectional", n]["loss"]) - float(top["causal", n]["loss"]) for n in range(4, 9))
-    assert f"by {gap:.4f} on average at 3e15" in text
-    for recipe in ("causal", "bidirectional"):
-        caption = sorted(float(top[recipe, n]["loss_caption"]) for n in range(4, 9))
-        assert f"{caption[0]:.3f}-{caption[-1]:.3f}" in text, (recipe, caption)
-    t = gpu_time(run, peak_tflops=989)
-    assert t["runs_dated_by_next_start"] == 1 and t["cells"] == len(rows)
-    assert f"{t['wall_s']:,.0f} s of driver wall time, **{100 * t['train_share']:.1f}% of the cell slots" in text
-    assert f"{100 * t['startup_share']:.1f}% in start-up (median {t['startup_median_s']:.1f} s" in text
-    assert f"{t['tokens']:.3g} tokens, {t['tokens_per_s'] / 1e6:.2f}M tokens/s" in text
-    assert f"aggregate MFU {100 * t['mfu']:.2f}%" in text
-    samples = [line.split() for line in (run / "util.log").read_text().splitlines()]
-    running = [(int(r[1]), float(r[5])) for r in samples if len(r) >= 6 and r[2] == "%," and int(r[3]) > 0]
-    busy, load = statistics.median(b for b, _ in running), statistics.median(x for _, x in running)
-    assert f"a median {busy:.0f}% of the {len(running)} five-second samples" in text
-    assert f"load average a median {load:.1f} on 16 cores (`docs/study/study4/util.log`)" in text
-
-
 def test_the_cells_util_log_and_causal_law_are_the_committed_data(tmp_path):
     """The committed cells are the spec's (no config change re-keyed them), the util figures are the log's, and
     the causal law's intervals, held-out error and compute-optimal sizes are what the fitter writes."""
     from scaling.plan import plan
     from scaling.spec import load_spec
 
-    with open(STUDY / "results.csv", newline="") as f:
+    with open(RUN3 / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     keys = {c.key for c in plan(load_spec(REPO / "configs" / "sweeps" / "study.yaml")).cells}
     assert {r["key"] for r in rows} == keys  # every cell of the spec as committed, none of an earlier one
     text = " ".join(doc().split())
-    samples = [line.split() for line in (STUDY / "util.log").read_text().splitlines()]
+    samples = [line.split() for line in (RUN3 / "util.log").read_text().splitlines()]
     running = [(int(r[1]), float(r[5])) for r in samples if len(r) >= 6 and r[2] == "%," and int(r[3]) > 0]
     busy, load = statistics.median(b for b, _ in running), statistics.median(x for _, x in running)
     assert f"busy a median {busy:.0f}% of the {len(running)} five-second samples" in text
     assert f"load average a median {load:.1f} on 16 cores" in text
-    fit = json.loads((STUDY / "fit" / "fit.json").read_text())["losses"]["loss"]["causal"]
+    fit = json.loads((RUN3 / "fit" / "fit.json").read_text())["losses"]["loss"]["causal"]
     f3, lo, hi = fit["approach3"], *zip(*(fit["approach3"]["interval"][k] for k in ("E", "alpha", "beta")))
     assert f"E = {f3['E']:.4g} [{lo[0]:.3g}, {hi[0]:.3g}]" in text and f"alpha = {f3['alpha']:.4g} [" in text
     assert f"predicts the five 3e15 cells to a mean {100 * fit['held_out']['mean_rel_error']:.1f}%" in text

@@ -117,7 +117,7 @@ def test_pipeline_reads_the_study_shards_raw_or_prepared(study):
 
 
 def test_the_layout_benchmark_runs_on_a_study_build(study):
-    """`benchmarks/data_speed.py --layout`, the source of the skeleton's figure in docs/study/STUDY.md, on the
+    """`benchmarks/data_speed.py --layout`, the source of the skeleton's figure in docs/study/run3/STUDY.md, on the
     prepared study data: documents of few shapes (that is why a skeleton per shape pays)."""
     import sys
 

@@ -1,0 +1,208 @@
+"""docs/study/STUDY.md (the fourth run) cannot drift from its data: the committed results CSV is refitted with the
+repo's fitter, and every table and figure the document gives is what the CSVs, the committed fit.json, the driver
+log and the util log give."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import pytest
+from conftest import REPO
+
+from scaling.lrcheck import lr_check, read_rows
+from scaling.paired import paired_difference
+from scaling.report import fit_csv
+from scaling.runs import read_runs
+
+STUDY = REPO / "docs" / "study"
+RUN = STUDY / "study4"
+LOSSES = ("loss", "loss_caption", "loss_caption_heldout", "loss_qa", "loss_text")
+REFIT = ("loss", "loss_caption", "loss_text")  # the issue's three columns, refitted here (the rest: fit.json)
+
+
+def text() -> str:
+    return (STUDY / "STUDY.md").read_text()
+
+
+def flat() -> str:
+    return " ".join(text().split())  # the prose as read, whatever its line breaks
+
+
+def table_rows(first: set[str], width: int) -> dict:
+    rows = {}
+    for line in text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == width and cells[0] in first:
+            rows[(cells[0], cells[1])] = cells[2:]
+    return rows
+
+
+def csv_rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    return json.loads((RUN / "fit" / "fit.json").read_text())["losses"]
+
+
+@pytest.fixture(scope="module")
+def refit(tmp_path_factory) -> dict:
+    """Point estimates do not depend on the number of resamples (the committed fit's came with 300; 10 here)."""
+    out = tmp_path_factory.mktemp("fit4")
+    return fit_csv(RUN / "results.csv", out, REFIT, "recipe", bootstrap=10, seed=0, flops="6n+attn")["losses"]
+
+
+def test_the_cells_are_the_specs_forty():
+    from scaling.plan import plan
+    from scaling.spec import load_spec
+
+    rows = csv_rows(RUN / "results.csv")
+    keys = {c.key for c in plan(load_spec(REPO / "configs" / "sweeps" / "study4.yaml")).cells}
+    assert {r["key"] for r in rows} == keys and len(rows) == 40  # every cell of the spec, none of an earlier one
+    assert "finished **all 40 of its cells**" in flat()
+    epochs = max(float(r[f"epochs_{s}"]) for r in rows for s in ("caption", "qa", "text"))
+    assert f"more than {epochs:.2f} times" in flat()
+    params = sorted(int(r["params"]) for r in rows)
+    assert f"{params[0] / 1e3:.0f}K to {params[-1] / 1e6:.1f}M matmul parameters" in flat()
+    assert f"the best text cell reached {min(float(r['loss_text']) for r in rows):.4f}" in flat()
+
+
+def test_the_law_table_is_the_refit_and_the_committed_fit(refit, committed):
+    table = table_rows(set(LOSSES), 9)
+    assert len(table) == 10
+    for (col, recipe), cells in table.items():
+        fit = committed[col][recipe]
+        f3 = fit["approach3"]
+        for name, cell in zip(("E", "A", "B", "alpha", "beta"), cells[:5], strict=True):
+            point, interval = cell.split(" [")
+            lo, hi = f3["interval"][name]
+            assert interval == f"{lo:.3g}, {hi:.3g}]", (col, recipe, name)
+            assert f3[name] == pytest.approx(float(point), rel=6e-4), (col, recipe, name)
+            if col in refit:  # the committed fit is this CSV's: the repo's fitter gives its point estimates again
+                assert refit[col][recipe]["approach3"][name] == pytest.approx(float(point), rel=6e-4)
+        assert cells[5] == ("yes" if f3["converged"] else "**no** (E on its bound)")
+        assert cells[6] == f"{100 * fit['held_out']['mean_rel_error']:.1f}%"
+    for recipe in ("bidirectional", "causal"):  # the headline: the overall law determined for both recipes
+        f3 = committed["loss"][recipe]["approach3"]
+        assert f3["converged"] and f"{100 * f3['bootstrap_flagged_share']:.0f}%" in flat().split("refits flagged")[0]
+    assert "E ends on its lower bound" in flat() and not committed["loss_caption"]["causal"]["approach3"]["converged"]
+
+
+def test_approach_two_and_the_compute_optimal_sizes_are_the_fit(refit, committed):
+    table = table_rows(set(REFIT), 6)
+    assert len(table) == 6
+    for (col, recipe), cells in table.items():
+        fit = committed[col][recipe]
+        a2 = fit["approach2"]
+        lo, hi = a2["interval"]["N_exponent"]
+        assert cells[0] == f"{fit['compute_optimal']['N_exponent']:.3f}"
+        assert cells[1] == f"{a2['N_exponent']:.3f} [{lo:.3f}, {hi:.3f}]"
+        assert refit[col][recipe]["approach2"]["N_exponent"] == pytest.approx(a2["N_exponent"], rel=1e-6)
+        assert cells[2] == f"{a2['budgets'] - len(a2['rejected'])} of {a2['budgets']}"
+        assert cells[3] == f"{100 * a2['bootstrap_fallback_share']:.0f}%"
+    keys = {"1e14", "3e14", "1e15", "3e15", "3e16"}
+    budgets = [line for line in text().splitlines() if line.startswith("| ") and line.split("|")[1].strip() in keys]
+    budgets = [line for line in budgets if "size 4" not in line]  # not the position check's header
+    assert len(budgets) == 5
+    for line in budgets:
+        key = line.split("|")[1].strip().replace("e", "e+")
+        cells = [c.strip() for c in line.split("|")[2:6]]
+        for recipe, (n_cell, tpp_cell) in zip(("bidirectional", "causal"), (cells[:2], cells[2:]), strict=True):
+            v = committed["loss"][recipe]["compute_optimal"][key]
+            n = f"{v['N']:.2e} [{v['N_interval'][0]:.2e}, {v['N_interval'][1]:.2e}]".replace("e+0", "e")
+            lo, hi = v["tokens_per_param_interval"]
+            assert n_cell == n and tpp_cell == f"{v['tokens_per_param']:.0f} [{lo:.0f}, {hi:.0f}]", (key, recipe)
+
+
+def test_the_verdict_is_the_fits_multiplier_and_the_cells(committed):
+    for col in ("loss", "loss_qa"):
+        m = committed[col]["causal"]["compute_multiplier_vs_bidirectional"]
+        assert m[0]["from_converged_fits"] and m[0]["share_never"] == 0
+        lo, hi = m[0]["interval"]
+        assert f"{m[0]['multiplier']:.3g}x" in flat() and f"[{lo:.3g}, {hi:.3g}]" in flat()
+    m = committed["loss"]["causal"]["compute_multiplier_vs_bidirectional"]
+    assert m[1]["target_flops"] == pytest.approx(10 * m[0]["target_flops"]) and m[1]["share_never"] == 0
+    assert (
+        f"**{m[1]['multiplier']:.3g}x at 3e16**" in flat()
+        and f"[{m[1]['interval'][0]:.3g}, {m[1]['interval'][1]:.3g}]" in flat()
+    )
+    text_m = committed["loss_text"]["causal"]["compute_multiplier_vs_bidirectional"]
+    at_most, never = text_m[0]["interval"][1], 100 * text_m[0]["share_never"]
+    assert f"{text_m[0]['multiplier']:.3g}x (at most {at_most:.3g}x; {never:.0f}% never reach)" in flat()
+    assert f"{100 * text_m[1]['share_never']:.0f}% never reach)" in flat() and text_m[1]["multiplier"] == 0
+    data = read_runs(RUN / "results.csv", ["loss", "loss_caption", "loss_text"], "recipe", flops="6n+attn")
+    for col in ("loss", "loss_caption", "loss_text"):
+        p = paired_difference(data, col, "bidirectional", "causal", bootstrap=300, seed=0, level=0.95)
+        lo, hi = p["interval"]
+        assert f"{p['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]" in flat(), col
+    p = paired_difference(data, "loss", "bidirectional", "causal", 0, 0, 0.95)
+    assert f"(causal lower in {p['lower_in']}), {p['largest_budget']['mean']:+.4f} at 3e15" in flat()
+
+
+def test_the_position_check_is_its_csv():
+    """The M-RoPE rows are the fourth run's own cells (same keys, same losses); the 1-D RoPE ones ran in the check;
+    the table and the means in the prose are the CSV's."""
+    from scaling.plan import plan
+    from scaling.spec import load_spec
+
+    rows = csv_rows(STUDY / "study4-rope" / "results.csv")
+    cells = plan(load_spec(REPO / "configs" / "sweeps" / "study4-rope.yaml")).cells
+    assert {r["key"] for r in rows} == {c.key for c in cells} and len(rows) == 16
+    study = {r["key"]: r for r in csv_rows(RUN / "results.csv")}
+    for r in rows:
+        assert (r["key"] in study) == (r["recipe"] in ("bidirectional", "causal"))
+        if r["key"] in study:
+            assert r == {k: study[r["key"]][k] for k in r}
+    by = {(r["recipe"], int(r["size"])): r for r in rows}
+    names = {
+        "bidirectional, M-RoPE": "bidirectional",
+        "causal, M-RoPE": "causal",
+        "bidirectional, 1-D RoPE": "bidirectional-rope1d",
+        "causal, 1-D RoPE": "causal-rope1d",
+    }
+    for label, recipe in names.items():
+        line = next(line for line in text().splitlines() if line.startswith(f"| {label} |"))
+        cells = [c.strip() for c in line.split("|")[2:7]]
+        assert cells[:4] == [f"{float(by[recipe, n]['loss']):.4f}" for n in range(4, 8)], label
+        caption = sorted(float(by[recipe, n]["loss_caption"]) for n in range(4, 8))
+        assert cells[4] == f"{caption[0]:.4f}-{caption[-1]:.4f}", label
+
+    def gap(a, b):
+        return statistics.mean(float(by[a, n]["loss"]) - float(by[b, n]["loss"]) for n in range(4, 8))
+
+    assert f"bidirectional is worse by a mean {gap('bidirectional', 'causal'):.4f}" in flat()
+    assert f"it is **better by {-gap('bidirectional-rope1d', 'causal-rope1d'):.4f}**" in flat()
+    assert f"(by a mean {-gap('causal-rope1d', 'causal'):.4f})" in flat()
+    lower = [n for n in range(4, 8) if by["bidirectional-rope1d", n]["loss"] < by["causal-rope1d", n]["loss"]]
+    assert lower == [4, 6, 7] and "lower at sizes 4, 6 and 7" in flat()
+
+
+def test_the_lr_table_is_its_csv():
+    checks = lr_check(read_rows(STUDY / "study4-lr-results.csv"))
+    lines = [line for line in text().splitlines() if line.startswith("| size ")]
+    assert [c["size"] for c in checks] == [1, 2, 3] and len(lines) == 3
+    for c, line in zip(checks, lines, strict=True):
+        assert [f"{v:.4f}" for v in c["losses"].values()] == [x.strip() for x in line.split("|")[2:7]], line
+        assert f"| x{c['best_scale']:g} | {c['rule_excess']:.4f} |" in line and c["rule_within"]
+
+
+def test_the_gpu_time_is_the_driver_and_util_logs():
+    from scaling.gputime import gpu_time, markdown
+
+    t = gpu_time(RUN, peak_tflops=989)
+    assert t["cells"] == 40 and t["runs_dated_by_next_start"] == 1
+    table = markdown(t).split("\n\n")[0]
+    assert table in text()  # the table `python -m scaling time docs/study/study4` prints
+    assert f"{t['tokens']:.3g} tokens, {t['tokens_per_s'] / 1e6:.2f}M tokens/s" in flat()
+    assert f"**aggregate MFU {100 * t['mfu']:.2f}%**" in flat()
+    assert f"**{100 * t['train_share']:.1f}% of the cell slots went to training steps**" in flat()
+    assert f"took {t['wall_s'] / 60:.1f} minutes of driver wall time" in flat()
+    samples = [line.split() for line in (RUN / "util.log").read_text().splitlines()]
+    running = [(int(r[1]), float(r[5])) for r in samples if len(r) >= 6 and r[2] == "%," and int(r[3]) > 0]
+    busy, load = statistics.median(b for b, _ in running), statistics.median(x for _, x in running)
+    assert f"busy a median {busy:.0f}% of the {len(running)} five-second samples" in flat()
+    assert f"load average a median {load:.1f} on 16 cores" in flat()
