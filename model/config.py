@@ -56,6 +56,10 @@ class ModelConfig:
     max_image_patches: int = 1024  # per image, after the data layer's resize
     position_scheme: str = "mrope"
     mrope_sections: tuple[int, int, int] = (0, 0, 0)  # rotary pairs for (t, h, w); zeros: 1/4, 3/8, 3/8
+    # Deal M-RoPE's pairs to t, h, w in turn (pair i to axis i % 3) instead of in contiguous sections, so that each
+    # image axis gets high frequencies too: contiguous sections leave the columns only the lowest (at heads of 16,
+    # 0.022 rad across 8 columns; docs/study/STUDY.md). Qwen3-VL's interleaved M-RoPE is the same idea.
+    mrope_interleaved: bool = False
     rope_theta: float = 10000.0
     # Attention.
     image_mask: str = "bidirectional"
@@ -125,6 +129,12 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.mrope_interleaved and (self.position_scheme != "mrope" or any(self.mrope_sections)):
+            raise ConfigError(
+                "mrope_interleaved deals M-RoPE's pairs to the axes in turn: it needs position_scheme='mrope' and "
+                f"no mrope_sections (got position_scheme='{self.position_scheme}', mrope_sections="
+                f"{tuple(self.mrope_sections)})"
+            )
         sections = self.rope_sections
         if len(sections) != 3 or sum(sections) != self.head_dim // 2 or min(sections) < 0:
             raise ConfigError(

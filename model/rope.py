@@ -12,12 +12,19 @@ import torch
 
 
 class Rotary(torch.nn.Module):
-    def __init__(self, head_dim: int, sections: tuple[int, int, int], theta: float = 10000.0):
+    def __init__(
+        self, head_dim: int, sections: tuple[int, int, int], theta: float = 10000.0, interleaved: bool = False
+    ):
+        """interleaved: pair i (frequency theta^(-2i/head_dim)) follows component i % 3, so every component gets
+        high and low frequencies, instead of `sections` contiguous runs from the highest frequency down."""
         super().__init__()
         pairs = head_dim // 2
         inv_freq = 1.0 / (theta ** (torch.arange(pairs, dtype=torch.float64) * 2 / head_dim))
         # Which of the three position components drives each frequency pair.
-        component = torch.repeat_interleave(torch.arange(3), torch.tensor(sections), output_size=pairs)
+        if interleaved:
+            component = torch.arange(pairs) % 3
+        else:
+            component = torch.repeat_interleave(torch.arange(3), torch.tensor(sections), output_size=pairs)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.register_buffer("component", component, persistent=False)
 

@@ -123,7 +123,7 @@ class FusionTransformer(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.patch_emb = nn.Linear(cfg.patch_dim, cfg.d_model)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_sections, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_sections, cfg.rope_theta, cfg.mrope_interleaved)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)

@@ -53,6 +53,7 @@ ADDED_SINCE_KEYED = {
     ("data", "kinds"): [],
     ("rl",): dataclasses.asdict(RLConfig()),  # objective rl's section (train/rl.py)
     ("deepspeed", "compile_scope"): "blocks",
+    ("model", "mrope_interleaved"): False,
 }
 
 

@@ -247,6 +247,31 @@ def test_mrope_reduces_to_1d_rope_on_text(tiny_cfg):
     assert not torch.allclose(full, flat)
 
 
+def test_interleaved_mrope_gives_every_image_axis_high_frequencies(tiny_cfg):
+    """Contiguous sections leave the column axis the lowest frequencies (at heads of 16 its fastest pair turns
+    0.0032 rad a column); dealt in turn, its fastest turns 0.1. Text (equal t, h, w ids) is 1-D RoPE either way, and
+    on images the two assignments differ."""
+    from model.rope import Rotary
+
+    contiguous, interleaved = Rotary(16, (2, 3, 3)), Rotary(16, (2, 3, 3), interleaved=True)
+    assert contiguous.component.tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert interleaved.component.tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    fastest = [{a: max(r.inv_freq[r.component == a].tolist()) for a in range(3)} for r in (contiguous, interleaved)]
+    assert fastest[0][2] == pytest.approx(10000 ** (-10 / 16)) and fastest[1][2] == pytest.approx(0.1)
+    batch = packed_batch(seed=5)
+    torch.manual_seed(0)
+    base = build_model(tiny_cfg).eval()
+    dealt = build_model(with_(tiny_cfg, mrope_interleaved=True)).eval()
+    dealt.load_state_dict(base.state_dict())  # same weights: only the rotary assignment differs
+    text = {k: batch[k] for k in ("tokens", "doc_ids", "targets")}
+    text["positions"] = batch["positions"][..., :1].expand_as(batch["positions"]).clone()
+    torch.testing.assert_close(dealt(**text, return_logits=True).logits, base(**text, return_logits=True).logits)
+    assert not torch.allclose(dealt(**batch, return_logits=True).logits, base(**batch, return_logits=True).logits)
+    for bad in ({"position_scheme": "rope1d"}, {"mrope_sections": (2, 3, 3)}):
+        with pytest.raises(ConfigError, match="mrope_interleaved"):
+            with_(tiny_cfg, mrope_interleaved=True, **bad).validate()
+
+
 # ------------------------------------------------------------------------------------------------- losses
 def test_loss_is_text_cross_entropy_plus_z_loss(tiny_cfg):
     batch = packed_batch(seed=6)

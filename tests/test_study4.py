@@ -106,7 +106,7 @@ def test_approach_two_and_the_compute_optimal_sizes_are_the_fit(refit, committed
         assert cells[3] == f"{100 * a2['bootstrap_fallback_share']:.0f}%"
     keys = {"1e14", "3e14", "1e15", "3e15", "3e16"}
     budgets = [line for line in text().splitlines() if line.startswith("| ") and line.split("|")[1].strip() in keys]
-    budgets = [line for line in budgets if "size 4" not in line]  # not the position check's header
+    budgets = [line for line in budgets if "| size " not in line]  # not the position checks' headers
     assert len(budgets) == 5
     for line in budgets:
         key = line.split("|")[1].strip().replace("e", "e+")
@@ -179,6 +179,8 @@ def test_the_position_check_is_its_csv():
     assert f"(by a mean {-gap('causal-rope1d', 'causal'):.4f})" in flat()
     lower = [n for n in range(4, 8) if by["bidirectional-rope1d", n]["loss"] < by["causal-rope1d", n]["loss"]]
     assert lower == [4, 6, 7] and "lower at sizes 4, 6 and 7" in flat()
+    above = float(by["bidirectional-rope1d", 5]["loss"]) - float(by["causal-rope1d", 5]["loss"])
+    assert f"higher by {above:.4f} at 5" in flat()
 
 
 def test_the_lr_table_is_its_csv():
@@ -206,3 +208,48 @@ def test_the_gpu_time_is_the_driver_and_util_logs():
     busy, load = statistics.median(b for b, _ in running), statistics.median(x for _, x in running)
     assert f"busy a median {busy:.0f}% of the {len(running)} five-second samples" in flat()
     assert f"load average a median {load:.1f} on 16 cores" in flat()
+
+
+def test_the_interleaved_check_is_its_csv_and_study5_is_study4_interleaved():
+    from scaling.plan import plan
+    from scaling.spec import load_spec
+
+    rows = csv_rows(STUDY / "study4-mropei" / "results.csv")
+    cells = plan(load_spec(REPO / "configs" / "sweeps" / "study4-mropei.yaml")).cells
+    assert {r["key"] for r in rows} == {c.key for c in cells} and len(rows) == 12
+    study = {r["key"]: r for r in csv_rows(RUN / "results.csv")}
+    for r in rows:  # the contiguous rows are the fourth run's cells, the interleaved ones ran in the check
+        assert (r["key"] in study) == (r["recipe"] in ("bidirectional", "causal"))
+    by = {(r["recipe"], int(r["size"])): r for r in rows}
+    for label, recipe in {
+        "bidirectional, contiguous M-RoPE": "bidirectional",
+        "causal, contiguous M-RoPE": "causal",
+        "bidirectional, interleaved M-RoPE": "bidirectional-interleaved",
+        "causal, interleaved M-RoPE": "causal-interleaved",
+    }.items():
+        line = next(line for line in text().splitlines() if line.startswith(f"| {label} |"))
+        cells_ = [c.strip() for c in line.split("|")[2:6]]
+        assert cells_[:3] == [f"{float(by[recipe, n]['loss']):.4f}" for n in (5, 6, 7)], label
+        caption = sorted(float(by[recipe, n]["loss_caption"]) for n in (5, 6, 7))
+        assert cells_[3] == f"{caption[0]:.4f}-{caption[-1]:.4f}", label
+
+    def loss(recipe, n, col="loss"):
+        return float(by[recipe, n][col])
+
+    gaps = [loss("bidirectional-interleaved", n) - loss("causal-interleaved", n) for n in (5, 6, 7)]
+    assert f"(bidirectional higher by {gaps[0]:.4f} and {gaps[1]:.4f})" in flat() and max(gaps[:2]) < 0.001
+    assert f"causal is lower by {gaps[2]:.4f}" in flat()
+    plateau = [loss("bidirectional-interleaved", n, "loss_caption") for n in (5, 6, 7)]
+    assert f"gone at sizes 5 and 6 ({plateau[0]:.4f}, {plateau[1]:.4f})" in flat() and f"({plateau[2]:.4f})" in flat()
+    gain = {
+        m: statistics.mean(loss(m, n) - loss(f"{m}-interleaved", n) for n in (5, 6, 7))
+        for m in ("bidirectional", "causal")
+    }
+    assert f"bidirectional loss by a mean {gain['bidirectional']:.4f} and the causal by {gain['causal']:.4f}" in flat()
+    # the fifth design is the fourth with M-RoPE interleaved, and nothing else
+    four = {(c.recipe, c.size, c.budget): c.config for c in plan(load_spec(REPO / "configs/sweeps/study4.yaml")).cells}
+    five = {(c.recipe, c.size, c.budget): c.config for c in plan(load_spec(REPO / "configs/sweeps/study5.yaml")).cells}
+    assert four.keys() == five.keys() and len(five) == 40
+    for k, config in five.items():
+        assert config["model"].pop("mrope_interleaved") is True and four[k]["model"].pop("mrope_interleaved") is False
+        assert {**config, "run_dir": ""} == {**four[k], "run_dir": ""}, k

@@ -36,7 +36,7 @@ class FusionForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, Rotary):
             cfg = ModelConfig.from_dict(self.config.fusion)
             with torch.device("cpu"):  # transformers builds the model on the meta device first
-                fresh = Rotary(cfg.head_dim, cfg.rope_sections, cfg.rope_theta)
+                fresh = Rotary(cfg.head_dim, cfg.rope_sections, cfg.rope_theta, cfg.mrope_interleaved)
             with torch.no_grad():
                 module.inv_freq.copy_(fresh.inv_freq)
                 module.component.copy_(fresh.component)
