@@ -2,21 +2,24 @@
 # The study in one command (`make study`): build the study data unless present, run the fourth design's IsoFLOP
 # sweep and the LR check of its hyperparameter rule on this host's GPUs, then fit, report and check the rule.
 # Restartable: finished cells are skipped. Results: runs/sweeps/study4/{results.csv,fit/},
-# runs/sweeps/study4-lr/results.csv. (The third design: configs/sweeps/study.yaml and its two LR checks.)
+# runs/sweeps/study4-lr/results.csv. STUDY_SPEC=configs/sweeps/study5.yaml runs the fifth design (interleaved M-RoPE)
+# instead, into runs/sweeps/study5. (The third design: configs/sweeps/study.yaml and its two LR checks.)
 set -euo pipefail
 # the raw shards (artifacts/study) and their prepared copy, which the study config reads (tokenised and decoded
 # once); 600,000 samples a source so that no cell of the fourth design reads any sample more than a few times
 [ -f artifacts/study-prepared/dataset.json ] ||
   python -m data.study --out artifacts/study --prepared artifacts/study-prepared --train "${STUDY_TRAIN:-600000}"
 # the GPU's busy share and the host's load every 5 s while the sweeps run (docs/study/STUDY.md, "GPU time")
-mkdir -p runs/sweeps/study4
+spec=${STUDY_SPEC:-configs/sweeps/study4.yaml}
+out=runs/sweeps/$(basename "$spec" .yaml)
+mkdir -p "$out"
 while sleep 5; do
   echo "$(date +%s) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader) $(cut -d' ' -f1-3 /proc/loadavg)"
-done >> runs/sweeps/study4/util.log &
+done >> "$out/util.log" &
 sampler=$!
 trap 'kill $sampler' EXIT
 python -m scaling run configs/sweeps/study4-lr.yaml
-python -m scaling run configs/sweeps/study4.yaml
-python -m scaling report configs/sweeps/study4.yaml
+python -m scaling run "$spec"
+python -m scaling report "$spec"
 python -m scaling lrcheck configs/sweeps/study4-lr.yaml
-python -m scaling time configs/sweeps/study4.yaml --peak-tflops "${PEAK_TFLOPS:-989}"  # H200 dense bf16
+python -m scaling time "$spec" --peak-tflops "${PEAK_TFLOPS:-989}"  # H200 dense bf16
