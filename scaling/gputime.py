@@ -47,6 +47,10 @@ def gpu_time(out: str | Path, peak_tflops: float | None = None) -> dict:
     slot_s = sum((s["end"] - s["start"]) * s["slots"] for s in ended)
     device_s = sum((s["end"] - s["start"]) * s["gpus"] for s in ended)
     train, startup = (sum(float(r[k]) for r in rows) for k in ("train_s", "startup_s"))
+    # the cells that timed their first steps (and trained past them): their compile is start-up, not training
+    warm = [float(r["warmup_s"]) for r in rows if r.get("warmup_s") not in (None, "")]
+    timed = bool(warm)
+    steps = train - sum(warm)
     tokens, flops = sum(float(r["tokens"]) for r in rows), sum(float(r["flops"]) for r in rows)
     out_ = {
         "runs": len(ended),
@@ -56,11 +60,15 @@ def gpu_time(out: str | Path, peak_tflops: float | None = None) -> dict:
         "cells": len(rows),
         "wall_s": wall,
         "slot_s": slot_s,
-        "train_s": train,
+        "train_s": train,  # as the cells recorded it: their first steps' compile included
+        "warmup_s": sum(warm) if timed else None,
+        "cells_untimed": len(rows) - len(warm),
+        "warmup_median_s": statistics.median(warm) if timed else None,
+        "steps_s": steps,
         "startup_s": startup,
         "rest_s": slot_s - train - startup,
-        "train_share": train / slot_s if slot_s else None,
-        "startup_share": startup / slot_s if slot_s else None,
+        "train_share": steps / slot_s if slot_s else None,
+        "startup_share": (train - steps + startup) / slot_s if slot_s else None,
         "startup_median_s": statistics.median(float(r["startup_s"]) for r in rows) if rows else None,
         "tokens": tokens,
         "tokens_per_s": tokens / wall if wall else None,
@@ -79,14 +87,24 @@ def markdown(t: dict) -> str:
         "| --- | --- | --- |",
         f"| wall time of {t['runs']} driver run(s) | {t['wall_s']:.0f} | |",
         f"| cell slots x wall | {t['slot_s']:.0f} | 100% |",
-        f"| training steps of the {t['cells']} finished cells | {t['train_s']:.0f} | {share(t['train_share'])} |",
-        f"| their start-up (median {t['startup_median_s']:.1f} s) | {t['startup_s']:.0f} "
-        f"| {share(t['startup_share'])} |",
+        f"| training steps of the {t['cells']} finished cells | {t['steps_s']:.0f} | {share(t['train_share'])} |",
+        (
+            f"| their start-up (median {t['startup_median_s']:.1f} s) and first steps' compile (median "
+            f"{t['warmup_median_s']:.1f} s) | {t['startup_s'] + t['warmup_s']:.0f} | {share(t['startup_share'])} |"
+            if t["warmup_s"] is not None
+            else f"| their start-up (median {t['startup_median_s']:.1f} s) | {t['startup_s']:.0f} "
+            f"| {share(t['startup_share'])} |"
+        ),
         f"| the rest | {t['rest_s']:.0f} | {share(t['rest_s'] / t['slot_s'] if t['slot_s'] else None)} |",
         "",
         f"{t['tokens']:.3g} tokens, {t['tokens_per_s'] or 0:,.0f} tokens/s of wall time"
         + (f", aggregate MFU {100 * t['mfu']:.2f}% (start-up included)" if t["mfu"] is not None else ""),
     ]
+    if t["cells_untimed"]:
+        lines.append(
+            f"{t['cells_untimed']} cell(s) did not time their first steps (no warmup_s: run before the trainer did, "
+            "or too short to tell them from the rest): their compile is counted in their training steps"
+        )
     if t["runs_without_end"]:
         left_out = t["runs_without_end"] - t["runs_dated_by_heartbeat"] - t["runs_dated_by_next_start"]
         lines.append(

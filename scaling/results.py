@@ -37,6 +37,7 @@ RESULT_FIELDS = [
     "wall_s",
     "train_s",
     "startup_s",
+    "warmup_s",
 ]
 
 
@@ -60,6 +61,16 @@ def recorded_keys(out: str | Path) -> set[str]:
 
 def has_summary(cell: Cell) -> bool:
     return (cell.run_dir / "summary.json").exists()
+
+
+def warmup(summary: dict) -> float | str:
+    """Seconds of the cell's first steps beyond what as many steady steps take: its compile (and the recompile a
+    second batch shape brings), which the trainer counts in train_s. Empty for a run that did not time them."""
+    first, n, steps = summary.get("first_steps_s"), summary.get("first_steps", 0), summary["steps"]
+    if first is None or not n or steps <= n:
+        return ""
+    steady = (summary["train_s"] - first) / (steps - n)
+    return round(max(0.0, first - n * steady), 3)
 
 
 def record(out: str | Path, cell: Cell, flops_convention: str) -> bool:
@@ -95,6 +106,7 @@ def record(out: str | Path, cell: Cell, flops_convention: str) -> bool:
         "wall_s": summary["wall_s"],
         "train_s": summary.get("train_s", summary["wall_s"]),
         "startup_s": summary.get("startup_s", 0.0),
+        "warmup_s": warmup(summary),
     }
     for k, v in val.items():
         if k.endswith("/text_loss"):

@@ -267,8 +267,21 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
     assert t["wall_s"] == pytest.approx(sum(ends[r] - starts[r] for r in starts))
     assert t["train_s"] == pytest.approx(sum(float(r["train_s"]) for r in final))
     assert t["slot_s"] == pytest.approx(t["wall_s"])  # the spec runs one cell at a time on CPU
+    # each cell timed its first steps (its compile): start-up, not training, in the split
+    from scaling.results import warmup
+
+    timed = 0
+    for r in final:
+        summary = json.loads((out / "cells" / r["key"] / "summary.json").read_text())
+        assert 1 <= summary["first_steps"] <= 5 * 2 and str(warmup(summary)) == r["warmup_s"]
+        if summary["steps"] > summary["first_steps"]:  # past its first steps: the compile told from the rest
+            timed += 1
+            assert float(r["warmup_s"]) >= 0
+    assert timed and t["cells_untimed"] == 4 - timed
+    assert t["steps_s"] == pytest.approx(t["train_s"] - sum(float(r["warmup_s"] or 0) for r in final))
     shown = sweep("time", path)
-    assert shown.returncode == 0 and f"| {t['train_s']:.0f} | {100 * t['train_share']:.1f}% |" in shown.stdout
+    assert shown.returncode == 0 and f"| {t['steps_s']:.0f} | {100 * t['train_share']:.1f}% |" in shown.stdout
+    assert "and first steps' compile (median" in shown.stdout
     assert "1 driver run(s) started and never recorded an end (killed): 1 end at their last heartbeat" in shown.stdout
     # the CSV is the record: with the cell directories gone (cleaned, or the study continued on another machine
     # from its committed results) no recorded cell trains again
@@ -419,6 +432,15 @@ def test_results_csv_is_append_only_and_widens_for_new_loss_columns(micro_config
     assert (table[1]["loss_text"], table[1]["loss_caption"]) == ("", "1.5")
     assert [r["loss"] for r in table] == ["3.0", "2.0"]
     assert [r["flops"] for r in table] == ["900000.0", "900000.0"]  # the 6N count, as asked
+
+
+def test_warmup_is_the_first_steps_beyond_the_steady_rate():
+    from scaling.results import warmup
+
+    # 5 first steps in 10 s, then 100 more in 10 s (0.1 s each): 9.5 s of the first were not steps' work
+    assert warmup({"first_steps_s": 10.0, "first_steps": 5, "steps": 105, "train_s": 20.0}) == 9.5
+    assert warmup({"first_steps_s": 0.4, "first_steps": 5, "steps": 105, "train_s": 10.4}) == 0.0  # no compile
+    assert warmup({"steps": 105, "train_s": 20.0}) == ""  # a run that did not time them: unknown, not zero
 
 
 def test_spec_types_are_checked():

@@ -29,6 +29,10 @@ from train.rundir import RunLock, ensure_run_dir
 from train.schedule import lr_at
 from train.signals import EXIT_REQUEUE, SignalFlags
 
+# A process's first steps are timed apart (summary: first_steps_s): they hold its compile, and the automatic-dynamic
+# recompile a second batch shape brings, which on a tiny sweep cell outlast its start-up (scaling.gputime).
+FIRST_STEPS = 5
+
 
 class Preempted(SystemExit):
     def __init__(self):
@@ -117,7 +121,15 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint.keep, rank, fingerprint(cfg, world), cfg.resume_allow)
     # train_s: the loop (evaluations and checkpoints included); startup_s: launch to the first step; wall_s: launch
     # to the summary. Each summed over the run's segments (a resumed run adds to its checkpoint's).
-    state = {"step": 0, **kind.counters, "train_s": 0.0, "startup_s": 0.0, "wall_s": 0.0}
+    state = {
+        "step": 0,
+        **kind.counters,
+        "train_s": 0.0,
+        "startup_s": 0.0,
+        "wall_s": 0.0,
+        "first_steps_s": 0.0,  # each process's first FIRST_STEPS steps, where its compile happens
+        "first_steps": 0,
+    }
     loaded = None
     if cfg.resume == "auto":  # the newest checkpoint that loads (a truncated one is passed over, with a warning)
         loaded = ckpt.load_newest_good(engine)
@@ -161,12 +173,18 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     if rank == 0:
         (run / "PREEMPTED").unlink(missing_ok=True)
     engine.train()
+    timed = 0  # this process's steps timed apart
     try:
         while state["step"] < cfg.steps:
             lr = lr_at(state["step"], cfg.steps, cfg.optim.lr, cfg.schedule)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            t_step = time.perf_counter()
             objective.step(state, lr, log)
+            if timed < FIRST_STEPS:
+                timed += 1
+                state["first_steps_s"] += time.perf_counter() - t_step
+                state["first_steps"] += 1
             state["step"] += 1
             metrics and metrics.advance()
             stop, save_now = _any_rank([signals.stop, signals.save], group)
@@ -196,6 +214,8 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             "wall_s": time.perf_counter() - wall_t0,
             "train_s": state["train_s"],
             "startup_s": state["startup_s"],
+            "first_steps_s": state["first_steps_s"],
+            "first_steps": state["first_steps"],
             "world_size": world,
             # where it ran, as the launcher gave it (a sweep's cells: which devices and rendezvous port)
             "launch": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "MASTER_PORT", "SLURM_JOB_ID")},
