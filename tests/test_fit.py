@@ -67,7 +67,12 @@ def test_bootstrap_repeats_under_a_seed():
 
 
 def _quiet() -> None:
+    """A pool worker: no warnings, and one BLAS thread (the fits' matrices are tiny; OpenBLAS threads forked from a
+    parent that has used them spin against each other, which made the test 3-7x slower in the full suite)."""
+    from threadpoolctl import threadpool_limits
+
     warnings.simplefilter("ignore")
+    threadpool_limits(1)
 
 
 def _coverage_trial(s: int) -> dict[str, bool]:
