@@ -49,7 +49,6 @@ def gpu_time(out: str | Path, peak_tflops: float | None = None) -> dict:
     train, startup = (sum(float(r[k]) for r in rows) for k in ("train_s", "startup_s"))
     # the cells that timed their first steps (and trained past them): their compile is start-up, not training
     warm = [float(r["warmup_s"]) for r in rows if r.get("warmup_s") not in (None, "")]
-    timed = bool(warm)
     steps = train - sum(warm)
     tokens, flops = sum(float(r["tokens"]) for r in rows), sum(float(r["flops"]) for r in rows)
     out_ = {
@@ -61,9 +60,9 @@ def gpu_time(out: str | Path, peak_tflops: float | None = None) -> dict:
         "wall_s": wall,
         "slot_s": slot_s,
         "train_s": train,  # as the cells recorded it: their first steps' compile included
-        "warmup_s": sum(warm) if timed else None,
+        "warmup_s": sum(warm) if warm else None,
         "cells_untimed": len(rows) - len(warm),
-        "warmup_median_s": statistics.median(warm) if timed else None,
+        "warmup_median_s": statistics.median(warm) if warm else None,
         "steps_s": steps,
         "startup_s": startup,
         "rest_s": slot_s - train - startup,

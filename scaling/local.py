@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from scaling.plan import Cell, Plan
-from scaling.results import finished, has_summary, record
+from scaling.results import finished, has_summary, record, recorded_keys
 from scaling.spec import SweepSpec
 from train.config import ConfigError
 from train.signals import EXIT_REQUEUE
@@ -104,7 +104,8 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
     for c in p.cells:
         if has_summary(c) and not c.is_trunk:
             record(spec.out, c, spec.flops_convention)
-    todo = [c for c in p.cells if not finished(c)]
+    recorded = recorded_keys(spec.out)
+    todo = [c for c in p.cells if not finished(c, recorded)]
     needed = {c.trunk for c in todo if c.trunk}  # a trunk runs only for branches still to train
     todo = [c for c in todo if not c.is_trunk or c.key in needed]
     todo.sort(key=lambda c: (not c.is_trunk, -c.minutes))  # trunks first, then the longest cells
@@ -181,7 +182,7 @@ def _loop(
             beat = -HEARTBEAT_S  # a cell ended: say so at the top of the next pass
             for d in devices:
                 free[d] += 1
-            if proc.returncode and finished(cell):  # its summary is written: a signal caught it on its way out
+            if proc.returncode and has_summary(cell):  # a signal caught it on its way out, its summary written
                 print(f"{key} exited {proc.returncode} after writing its summary: finished", flush=True)
             elif proc.returncode and (stopping or proc.returncode == EXIT_REQUEUE):
                 # asked to stop (by us, or by a signal of its own): it resumes on the next run

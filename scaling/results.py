@@ -41,14 +41,17 @@ RESULT_FIELDS = [
 ]
 
 
-def finished(cell: Cell) -> bool:
-    """Its run wrote a summary, or (a measurement cell) its row is in the sweep's results.csv already: the CSV is
-    the sweep's record, so a sweep whose cell directories are gone (cleaned for disk, or a study continued on
-    another machine from its committed results) does not train those cells again. Keys hash the training
-    config, so a row from a config since changed matches no cell."""
-    if (cell.run_dir / "summary.json").exists():
-        return True
-    return not cell.is_trunk and cell.key in recorded_keys(cell.run_dir.parent.parent)
+def has_summary(cell: Cell) -> bool:
+    return (cell.run_dir / "summary.json").exists()
+
+
+def finished(cell: Cell, recorded: set[str]) -> bool:
+    """Its run wrote a summary, or (a measurement cell) its key is in `recorded`, the keys of the sweep's
+    results.csv (`recorded_keys`, read once by the caller): the CSV is the sweep's record, so a sweep whose cell
+    directories are gone (cleaned for disk, or a study continued on another machine from its committed results)
+    does not train those cells again. Keys hash the training config, so a row from a config since changed matches
+    no cell."""
+    return has_summary(cell) or (not cell.is_trunk and cell.key in recorded)
 
 
 def recorded_keys(out: str | Path) -> set[str]:
@@ -57,10 +60,6 @@ def recorded_keys(out: str | Path) -> set[str]:
         return set()
     with open(path, newline="") as f:
         return {r["key"] for r in csv.DictReader(f)}
-
-
-def has_summary(cell: Cell) -> bool:
-    return (cell.run_dir / "summary.json").exists()
 
 
 def warmup(summary: dict) -> float | str:

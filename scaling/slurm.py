@@ -22,7 +22,7 @@ from pathlib import Path
 
 from scaling.cellfile import read_cells, write_cells
 from scaling.plan import Plan
-from scaling.results import finished, has_summary, record
+from scaling.results import finished, has_summary, record, recorded_keys
 from scaling.spec import SweepSpec
 
 SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
@@ -74,16 +74,17 @@ def run_slurm(spec: SweepSpec, p: Plan) -> None:
     jobs: dict[str, str] = json.loads(jobs_path.read_text()) if jobs_path.exists() else {}
     alive = alive_tasks()
     recorded = sum(record(out, c, spec.flops_convention) for c in p.cells if has_summary(c) and not c.is_trunk)
+    in_csv = recorded_keys(out)
     args = [f"--ntasks-per-node={spec.launcher.nproc}", f"--output={out}/logs/%A_%a.out", *spec.launcher.sbatch_args]
-    waiting = {c.key for c in p.cells if not finished(c) and jobs.get(c.key) in alive}
+    waiting = {c.key for c in p.cells if not finished(c, in_csv) and jobs.get(c.key) in alive}
     trunk_jobs = {jobs[c.key].split("_")[0] for c in p.cells if c.is_trunk and c.key in waiting}
     submitted = 0
-    needed = {c.trunk for c in p.cells if c.trunk and not finished(c)}  # a trunk runs only for branches to train
+    needed = {c.trunk for c in p.cells if c.trunk and not finished(c, in_csv)}  # trunks of branches still to train
     for stage, group in (
         ("trunks", [c for c in p.cells if c.is_trunk and c.key in needed]),
         ("cells", [c for c in p.cells if not c.is_trunk]),
     ):
-        group = [c for c in group if not finished(c) and c.key not in waiting]
+        group = [c for c in group if not finished(c, in_csv) and c.key not in waiting]
         if not group:
             continue
         for c in group:
@@ -100,7 +101,7 @@ def run_slurm(spec: SweepSpec, p: Plan) -> None:
         tmp = jobs_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(jobs, indent=1))
         tmp.replace(jobs_path)
-    done = sum(finished(c) or (c.is_trunk and c.key not in needed) for c in p.cells)
+    done = sum(finished(c, in_csv) or (c.is_trunk and c.key not in needed) for c in p.cells)
     print(
         f"{done} of {len(p.cells)} cells finished ({recorded} rows recorded now), {len(waiting)} queued or running, "
         f"{submitted} submitted; run again to record the rest"

@@ -92,6 +92,9 @@ def test_zero2_trains_logs_and_summarises(zero2_run):
         "mfu",
         "grad_norm",
         "memory_gb",
+        "tokens",
+        "flops",
+        "skipped_steps",
     ):
         assert key in logged[0], key
     assert logged[0]["mfu"] is None  # no peak is known for a CPU: not reported rather than invented
@@ -101,6 +104,7 @@ def test_zero2_trains_logs_and_summarises(zero2_run):
     summary = json.loads((zero2_run / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["tokens"] == 12 * 2 * 2 * 64
     assert summary["final_train_loss"] == logged[-1]["loss"]
+    assert logged[-1]["tokens"] == summary["tokens"] and logged[-1]["flops"] == summary["flops"]  # cumulative
     assert summary["params"] > summary["params_non_embedding"] > 0
     assert summary["flops"] == pytest.approx(summary["flops_per_token"] * summary["tokens"])
     assert set(summary["final_val"]) >= {"caption/text_loss", "caption_heldout/text_loss", "text_loss"}

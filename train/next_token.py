@@ -132,6 +132,7 @@ class NextToken(Objective):
             "mfu": self.fpt * tps / (peak * world) if peak else None,
             "mfu_run": fpt_run * tps / (peak * world) if peak else None,
             "memory_gb": memory_gb(self.device),
+            **{k: state[k] for k in self.counters},  # tokens and FLOPs so far: loss against compute, from the log
         }
         if telemetry:
             record["max_attn_logit"] = float(self.model.max_attention_logit())

@@ -2,9 +2,8 @@
 objective (train/objective.py: next-token prediction for `lm` and `sft`, GRPO for `rl`).
 
 The loop owns what every run shares: the processes, the run directory and its lock, the engine, the LR schedule,
-checkpoints every
-`checkpoint.every`, at the end and on signals, resume, metrics, the start-up block, timing and the summary. The
-objective owns its step.
+checkpoints every `checkpoint.every`, at the end and on signals, resume, metrics, the start-up block, timing and the
+summary. The objective owns its step.
 """
 
 from __future__ import annotations
