@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The study in one command (`make study`): build the study data unless present, run the fourth design's IsoFLOP
-# sweep and the LR check of its hyperparameter rule on this host's GPUs, then fit, report and check the rule.
-# Restartable: finished cells are skipped. Results: runs/sweeps/study4/{results.csv,fit/},
-# runs/sweeps/study4-lr/results.csv. STUDY_SPEC=configs/sweeps/study5.yaml runs the fifth design (interleaved M-RoPE)
-# instead, into runs/sweeps/study5. (The third design: configs/sweeps/study.yaml and its two LR checks.)
+# The study in one command (`make study`): build the study data unless present, run the fifth design's IsoFLOP
+# sweep (docs/study/STUDY.md) and the LR check of its hyperparameter rule on this host's GPUs, then fit, report and
+# check the rule. Restartable: finished cells are skipped. Results: runs/sweeps/study5/{results.csv,fit/},
+# runs/sweeps/study4-lr/results.csv (the check ran under contiguous M-RoPE, the fourth design's).
+# STUDY_SPEC=configs/sweeps/study4.yaml runs the fourth design (contiguous M-RoPE) instead, into runs/sweeps/study4.
+# (The third design: configs/sweeps/study.yaml and its two LR checks.)
 set -euo pipefail
 # the raw shards (artifacts/study) and their prepared copy, which the study config reads (tokenised and decoded
-# once); 600,000 samples a source so that no cell of the fourth design reads any sample more than a few times
+# once); 600,000 samples a source so that no cell of the fourth or fifth design reads any sample more than a few times
 [ -f artifacts/study-prepared/dataset.json ] ||
   python -m data.study --out artifacts/study --prepared artifacts/study-prepared --train "${STUDY_TRAIN:-600000}"
 # the GPU's busy share and the host's load every 5 s while the sweeps run (docs/study/STUDY.md, "GPU time")
-spec=${STUDY_SPEC:-configs/sweeps/study4.yaml}
+spec=${STUDY_SPEC:-configs/sweeps/study5.yaml}
 out=runs/sweeps/$(basename "$spec" .yaml)
 mkdir -p "$out"
 while sleep 5; do

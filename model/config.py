@@ -58,7 +58,7 @@ class ModelConfig:
     mrope_sections: tuple[int, int, int] = (0, 0, 0)  # rotary pairs for (t, h, w); zeros: 1/4, 3/8, 3/8
     # Deal M-RoPE's pairs to t, h, w in turn (pair i to axis i % 3) instead of in contiguous sections, so that each
     # image axis gets high frequencies too: contiguous sections leave the columns only the lowest 3/8 (the fastest
-    # turns theta^-0.625 = 0.0032 rad a column at any head size; docs/study/STUDY.md). Qwen3-VL's interleaved
+    # turns theta^-0.625 = 0.0032 rad a column at any head size; docs/study/study4/STUDY.md). Qwen3-VL's interleaved
     # M-RoPE is the same idea.
     mrope_interleaved: bool = False
     rope_theta: float = 10000.0

@@ -1,14 +1,14 @@
-"""docs/study/STUDY.md (the fourth run) cannot drift from its data: the committed results CSV is refitted with the
-repo's fitter, and every table and figure the document gives is what the CSVs, the committed fit.json, the driver
-log and the util log give."""
+"""docs/study/study4/STUDY.md (the fourth run) cannot drift from its data: the committed results CSV is refitted
+with the repo's fitter, and every table and figure the document gives is what the CSVs, the committed fit.json, the
+driver log and the util log give."""
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 
 import pytest
+import studydoc
 from conftest import REPO
 
 from scaling.lrcheck import lr_check, read_rows
@@ -17,31 +17,24 @@ from scaling.report import fit_csv
 from scaling.runs import read_runs
 
 STUDY = REPO / "docs" / "study"
-RUN = STUDY / "study4"
+RUN = STUDY / "study4"  # the fourth run: its data and its document
 LOSSES = ("loss", "loss_caption", "loss_caption_heldout", "loss_qa", "loss_text")
 REFIT = ("loss", "loss_caption", "loss_text")  # the issue's three columns, refitted here (the rest: fit.json)
 
 
 def text() -> str:
-    return (STUDY / "STUDY.md").read_text()
+    return (RUN / "STUDY.md").read_text()
 
 
 def flat() -> str:
-    return " ".join(text().split())  # the prose as read, whatever its line breaks
+    return studydoc.flat(RUN / "STUDY.md")
 
 
 def table_rows(first: set[str], width: int) -> dict:
-    rows = {}
-    for line in text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == width and cells[0] in first:
-            rows[(cells[0], cells[1])] = cells[2:]
-    return rows
+    return studydoc.table_rows(RUN / "STUDY.md", first, width)
 
 
-def csv_rows(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+csv_rows = studydoc.csv_rows
 
 
 @pytest.fixture(scope="module")

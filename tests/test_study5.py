@@ -1,0 +1,212 @@
+"""docs/study/STUDY.md (the fifth run) cannot drift from its data: the committed results CSV is refitted with the
+repo's fitter, and every table and figure the document gives is what the CSVs, the committed fit.json, the driver
+log and the util log give."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from conftest import REPO
+from studydoc import csv_rows, flat, row, table_rows
+
+from scaling.paired import paired_difference
+from scaling.report import fit_csv
+from scaling.runs import read_runs
+
+STUDY = REPO / "docs" / "study"
+RUN = STUDY / "study5"
+DOC = STUDY / "STUDY.md"
+LOSSES = ("loss", "loss_caption", "loss_caption_heldout", "loss_qa", "loss_text")
+REFIT = ("loss", "loss_caption", "loss_text")  # the issue's three columns, refitted here (the rest: fit.json)
+RECIPES = ("bidirectional", "causal")
+
+
+def said() -> str:
+    return flat(DOC)
+
+
+def rows(path=RUN / "results.csv") -> list[dict]:
+    return csv_rows(path)
+
+
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    return json.loads((RUN / "fit" / "fit.json").read_text())["losses"]
+
+
+@pytest.fixture(scope="module")
+def refit(tmp_path_factory) -> dict:
+    """Point estimates do not depend on the number of resamples (the committed fit's came with 300; 10 here)."""
+    out = tmp_path_factory.mktemp("fit5")
+    return fit_csv(RUN / "results.csv", out, REFIT, "recipe", bootstrap=10, seed=0, flops="6n+attn")["losses"]
+
+
+def test_the_cells_are_the_specs_forty_six_of_them_from_the_check():
+    from scaling.plan import plan
+    from scaling.spec import load_spec
+
+    cells = rows()
+    keys = {c.key for c in plan(load_spec(REPO / "configs" / "sweeps" / "study5.yaml")).cells}
+    assert {r["key"] for r in cells} == keys and len(cells) == 40
+    assert "finished **all 40 of its cells**" in said()
+    # the interleaved check's six cells are this study's own: the same keys and numbers, the recipe without a suffix
+    check = [r for r in rows(STUDY / "study4-mropei" / "results.csv") if r["recipe"].endswith("-interleaved")]
+    mine = {r["key"]: r for r in cells}
+    assert len(check) == 6
+    for r in check:
+        assert {**r, "recipe": r["recipe"].removesuffix("-interleaved")} == {k: mine[r["key"]][k] for k in r}
+    assert sum(not r.get("warmup_s") for r in cells) == 6  # only they ran before the trainer timed its first steps
+    epochs = max(float(r[f"epochs_{s}"]) for r in cells for s in ("caption", "qa", "text"))
+    assert f"more than {epochs:.2f} times" in said()
+    params = sorted(int(r["params"]) for r in cells)
+    assert f"{params[0] / 1e3:.0f}K to {params[-1] / 1e6:.1f}M matmul parameters" in said()
+    assert f"The best text cell reached {min(float(r['loss_text']) for r in cells):.4f}" in said()
+    best_caption = min(float(r["loss_caption"]) for r in cells)
+    assert f"The best caption cell reached {best_caption:.4f}, {100 * (best_caption / 0.0913 - 1):.0f}% above" in said()
+    for budget, lo, hi in (("1e+14", 0.47, 0.96), ("3.2e+15", 0.113, 0.172)):
+        caption = [float(r["loss_caption"]) for r in cells if r["budget"] == f"flops={budget}"]
+        assert (round(min(caption), 3), round(max(caption), 3)) == pytest.approx((lo, hi), abs=0.0051), budget
+
+
+def test_the_law_table_is_the_refit_and_the_committed_fit(refit, committed):
+    table = table_rows(DOC, set(LOSSES), 10)
+    assert len(table) == 10
+    for (col, recipe), cells in table.items():
+        fit = committed[col][recipe]
+        f3 = fit["approach3"]
+        for name, cell in zip(("E", "A", "B", "alpha", "beta"), cells[:5], strict=True):
+            point, interval = cell.split(" [")
+            lo, hi = f3["interval"][name]
+            assert interval == f"{lo:.3g}, {hi:.3g}]", (col, recipe, name)
+            assert f3[name] == pytest.approx(float(point), rel=6e-4), (col, recipe, name)
+            if col in refit:  # the committed fit is this CSV's: the repo's fitter gives its point estimates again
+                assert refit[col][recipe]["approach3"][name] == pytest.approx(float(point), rel=6e-4)
+        which = f3["message"].split(":")[0].removeprefix("the 95% interval of ")
+        assert cells[5] == ("yes" if f3["converged"] else f"**no** ({which})"), (col, recipe)
+        assert cells[6] == f"{100 * f3['bootstrap_flagged_share']:.0f}%"
+        assert cells[7] == f"{100 * fit['held_out']['mean_rel_error']:.1f}%"
+    for recipe in RECIPES:  # the headline: the overall law determined for both recipes
+        f3 = committed["loss"][recipe]["approach3"]
+        assert f3["converged"] and f3["bootstrap_flagged_share"] == pytest.approx(0.01, abs=0.005)
+    errors = [f"{100 * committed['loss'][r]['held_out']['mean_rel_error']:.1f}%" for r in RECIPES]
+    assert f"predicted to {errors[0]} (bidirectional) and {errors[1]} (causal)" in said()
+    text_e = [committed["loss_text"][r]["approach3"]["E"] for r in RECIPES]
+    above = [f"{100 * (e / 1.7269 - 1):.1f}%" for e in text_e]
+    assert f"{above[0]} and {above[1]} above the generator's 1.7269" in said()
+
+
+def test_approach_two_and_the_compute_optimal_sizes_are_the_fit(refit, committed):
+    table = table_rows(DOC, set(REFIT), 6)
+    assert len(table) == 6
+    for (col, recipe), cells in table.items():
+        fit = committed[col][recipe]
+        a2 = fit["approach2"]
+        lo, hi = a2["interval"]["N_exponent"]
+        assert cells[0] == f"{fit['compute_optimal']['N_exponent']:.3f}"
+        assert cells[1] == f"{a2['N_exponent']:.3f} [{lo:.3f}, {hi:.3f}]"
+        assert refit[col][recipe]["approach2"]["N_exponent"] == pytest.approx(a2["N_exponent"], rel=1e-6)
+        assert cells[2] == f"{a2['budgets'] - len(a2['rejected'])} of {a2['budgets']}"
+        assert cells[3] == f"{100 * a2['bootstrap_fallback_share']:.0f}%"
+    for budget in ("1e14", "3e14", "1e15", "3.2e15", "3.2e16"):
+        cells = row(DOC, budget)
+        for recipe, (n_cell, tpp_cell) in zip(RECIPES, (cells[:2], cells[2:4]), strict=True):
+            v = committed["loss"][recipe]["compute_optimal"][budget.replace("e", "e+")]
+            n = f"{v['N']:.2e} [{v['N_interval'][0]:.2e}, {v['N_interval'][1]:.2e}]".replace("e+0", "e")
+            lo, hi = v["tokens_per_param_interval"]
+            assert n_cell == n and tpp_cell == f"{v['tokens_per_param']:.0f} [{lo:.0f}, {hi:.0f}]", (budget, recipe)
+    # each budget's best cell inside its grid, as the prose says
+    best = {}
+    for r in rows():
+        key = (r["recipe"], r["budget"])
+        best.setdefault(key, []).append((float(r["loss"]), int(r["size"])))
+    for recipe in RECIPES:
+        got = [min(best[recipe, f"flops={b}"])[1] for b in ("1e+14", "3e+14", "1e+15", "3.2e+15")]
+        grids = [sorted(s for _, s in best[recipe, f"flops={b}"]) for b in ("1e+14", "3e+14", "1e+15", "3.2e+15")]
+        assert got == [3, 3, 5, 6] and all(g[0] < n < g[-1] for n, g in zip(got, grids, strict=True))
+
+
+def test_the_verdict_is_the_fits_multiplier_and_the_cells(committed):
+    m = committed["loss"]["bidirectional"]["compute_multiplier_vs_causal"]
+    assert m[0]["from_converged_fits"] and m[1]["target_flops"] == pytest.approx(10 * m[0]["target_flops"])
+    lo, hi = m[0]["interval"]
+    assert lo < 1 < hi  # the tie: the interval holds 1
+    assert (
+        f"**{m[0]['multiplier']:.3g}x** less compute than causal for causal's loss at 3.2e15 FLOPs (95% interval "
+        f"[{lo:.3g}, {hi:.3g}], {100 * m[0]['share_never']:.0f}% of resamples never reach it)" in said()
+    )
+    assert (
+        f"{m[1]['multiplier']:.3g}x (at most {m[1]['interval'][1]:.3g}x; {100 * m[1]['share_never']:.0f}% never "
+        "reach" in said()
+    )
+    qa = committed["loss_qa"]["bidirectional"]["compute_multiplier_vs_causal"][0]
+    assert f"QA {qa['multiplier']:.3g}x (at most {qa['interval'][1]:.3g}x; {100 * qa['share_never']:.0f}% never" in (
+        said()
+    )
+    for col in ("loss_caption", "loss_text"):  # resting on fits that did not converge: not quoted
+        assert not committed[col]["bidirectional"]["compute_multiplier_vs_causal"][0]["from_converged_fits"]
+    cols = ["loss", "loss_caption", "loss_qa", "loss_text"]
+    data = read_runs(RUN / "results.csv", cols, "recipe", flops="6n+attn")
+    for col, name in zip(cols, ("overall **", "caption ", "QA ", "text "), strict=True):
+        p = paired_difference(data, col, "bidirectional", "causal", bootstrap=300, seed=0, level=0.95)
+        lo, hi = p["interval"]
+        stars = "**" if col == "loss" else ""
+        assert f"{name}{p['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]{stars}" in said(), col
+    p = paired_difference(data, "loss", "bidirectional", "causal", 0, 0, 0.95)
+    top = p["largest_budget"]
+    top_said = f"{top['mean']:+.4f} at 3.2e15 (causal lower in {top['lower_in']} of 5)"
+    assert f"(causal lower in {p['lower_in']}), {top_said}" in said()
+    by = {(r["recipe"], r["budget"], int(r["size"])): float(r["loss"]) for r in rows()}
+    gaps = [by["bidirectional", "flops=3.2e+15", n] - by["causal", "flops=3.2e+15", n] for n in range(4, 9)]
+    assert max(abs(g) for g in gaps) < 0.01 and "the masks are within 0.01 at every size" in said()
+    # the cells on the caption transition, where the masks differ most
+    for budget, n, said_gap in (("1e+14", 1, 0.127), ("3e+14", 1, 0.033), ("1e+15", 3, 0.047), ("1e+15", 7, 0.032)):
+        assert by["bidirectional", f"flops={budget}", n] - by["causal", f"flops={budget}", n] == pytest.approx(
+            said_gap, abs=0.0006
+        )
+
+
+def test_what_interleaving_changed_is_the_two_csvs():
+    four = {(r["recipe"], r["budget"], int(r["size"])): r for r in rows(STUDY / "study4" / "results.csv")}
+    five = {(r["recipe"], r["budget"], int(r["size"])): r for r in rows()}
+    shared = [k for k in five if k in four]
+    assert len(shared) == 30 and {k[1] for k in shared} == {"flops=1e+14", "flops=3e+14", "flops=1e+15"}
+    for col, words in (("loss", "overall loss"), ("loss_caption", "caption loss")):
+        d = [statistics.mean(float(five[k][col]) - float(four[k][col]) for k in shared if k[0] == r) for r in RECIPES]
+        assert d[0] < 0 and d[1] < 0
+        if col == "loss":
+            assert f"lowered the {words} by a mean {-d[0]:.4f} (bidirectional) and {-d[1]:.4f} (causal)" in said()
+        else:
+            assert f"the {words} by {-d[0]:.4f} and {-d[1]:.4f}" in said()
+    d = [
+        statistics.mean(float(five[k]["loss_text"]) - float(four[k]["loss_text"]) for k in shared if k[0] == r)
+        for r in RECIPES
+    ]
+    assert f"the text loss rose by {d[0]:.4f} and {d[1]:.4f}" in said()
+
+
+def test_the_gpu_time_is_the_driver_results_and_util_logs():
+    from scaling.gputime import gpu_time, markdown
+
+    t = gpu_time(RUN, peak_tflops=989)
+    assert t["cells"] == 40 and t["runs"] == 4 and t["runs_without_end"] == 0 and t["cells_untimed"] == 6
+    table = markdown(t).split("\n\n")[0]
+    assert table in DOC.read_text()  # the table `python -m scaling time docs/study/study5` prints
+    assert f"{t['tokens']:.3g} tokens, {t['tokens_per_s'] / 1e6:.2f}M tokens/s" in said()
+    assert f"**aggregate MFU {100 * t['mfu']:.2f}%**" in said()
+    assert f"**{100 * t['train_share']:.1f}% in training steps is an upper bound" in said()
+    assert f"took {t['wall_s'] / 60:.1f} minutes of driver wall time" in said()
+    warm = sorted(float(r["warmup_s"]) for r in rows() if r["warmup_s"])
+    first, cached = [w for w in warm if w > 40], [w for w in warm if w < 15]
+    assert len(first) == 16 and len(cached) == 16  # the 16 shapes (8 sizes x 2 masks): one compile each
+    assert len({(r["recipe"], r["micro_rows"], r["size"]) for r in rows()}) == 16
+    assert f"compiled for {first[0]:.1f}-{first[-1]:.1f} s" in said()
+    assert f"took {cached[0]:.1f}-{cached[-1]:.1f} s" in said()
+    middle = [w for w in warm if 15 <= w <= 40]
+    assert f"two took {middle[0]:.1f} and {middle[1]:.1f} s" in said()
+    samples = [line.split() for line in (RUN / "util.log").read_text().splitlines()]
+    running = [(int(r[1]), float(r[5])) for r in samples if len(r) >= 6 and r[2] == "%," and int(r[3]) > 0]
+    busy, load = statistics.median(b for b, _ in running), statistics.median(x for _, x in running)
+    assert f"busy a median {busy:.0f}% of the {len(running)} five-second samples" in said()
+    assert f"load average a median {load:.1f} on 16 cores" in said()
