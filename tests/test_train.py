@@ -289,20 +289,24 @@ def test_schedules():
 @pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_compiled_regions_compute_what_eager_computes(tiny_cfg, scope):
     """apply_compile (blocks + the output loss region, or the whole forward) changes speed, not the function or its
-    gradients, also for batches whose counts of text targets (the loss region's input length) differ; the whole
-    forward's evaluation (no gradients) runs eagerly and gives the same loss."""
+    gradients, also for batches whose counts of image patches and text targets differ, as a packed batch's do from
+    step to step: the second batch compiles nothing (those counts are symbolic from the first call, not compiled as
+    constants and then compiled again); the whole forward's evaluation (no gradients) runs eagerly and gives the
+    same loss."""
     from conftest import packed_batch
 
     from model import build_model
     from train.engine import apply_compile
 
-    batches = [packed_batch(seed=3), packed_batch(seed=4, n_docs=30)]
-    assert len(batches[0]["target_index"]) != len(batches[1]["target_index"])
+    batches = [packed_batch(seed=3, rows=2), packed_batch(seed=4, n_docs=30, rows=2)]
+    for name in ("target_index", "patches"):
+        assert len(batches[0][name]) != len(batches[1][name])
     torch.manual_seed(0)
     eager, compiled = build_model(tiny_cfg), build_model(tiny_cfg)
     compiled.load_state_dict(eager.state_dict())
     torch._dynamo.utils.counters.clear()
     apply_compile(compiled, scope=scope)
+    graphs = []
     for batch in batches:
         losses = []
         for model in (eager, compiled):
@@ -313,6 +317,8 @@ def test_compiled_regions_compute_what_eager_computes(tiny_cfg, scope):
         torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
         for (name, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0]  # one compile serves both batches
     if scope == "model":  # one graph: neither the input check (a value read back) nor the loss kernel breaks it
         assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
         torch._dynamo.utils.counters.clear()

@@ -35,8 +35,8 @@ def quiet_host_threads(device: torch.device) -> None:
 def apply_compile(model: FusionTransformer, mode: str = "default", scope: str = "blocks") -> None:
     """Compile block by block (regional compilation): one graph reused by every layer, short compile times; and
     the output layer with its loss as one more region (fused instead of B x T x V fp32 logits in eager). The loss
-    region's input length, the batch's count of text targets, varies: the second length seen makes that dimension
-    symbolic (automatic dynamic shapes), one recompile instead of one per length. `mode` applies to the blocks
+    region's input length, the batch's count of text targets, varies: it is symbolic from the first call
+    (`VARYING`), so one compile serves every length. `mode` applies to the blocks
     (reduce-overhead: CUDA graphs for steps too small to keep the GPU ahead of the host). scope `model`: the
     whole forward as one region instead (mask build, embeddings, rotary and loss inside it), for steps whose
     eager glue between regions costs more host time than the GPU spends on the layers."""
@@ -47,16 +47,18 @@ def apply_compile(model: FusionTransformer, mode: str = "default", scope: str = 
         signature, checked = inspect.signature(eager), list(inspect.signature(model._check).parameters)
 
         def forward(*args, **kwargs):
-            """Training forwards compiled; evaluation's run eagerly (flex attention still compiled per call): torch
-            2.11's inductor fails to lower flex attention inside a whole-model graph without gradients ("convert
-            FlexibleLayout to FixedLayout first", on an H200), which ended 15 sweep cells at their final evaluation.
+            """Training forwards compiled, the batch-varying lengths symbolic from the first step (`VARYING`);
+            evaluation's run eagerly (flex attention still compiled per call): torch 2.11's inductor fails to lower
+            flex attention inside a whole-model graph without gradients ("convert FlexibleLayout to FixedLayout
+            first", on an H200), which ended 15 sweep cells at their final evaluation.
             The input check, which reads values back, runs here rather than in the graph: inside, it would break
             the first step's graph in five places and make the second step compile again without it."""
             if not torch.is_grad_enabled():
                 return eager(*args, **kwargs)
+            given = signature.bind(*args, **kwargs)
+            mark_varying(given.arguments)
             if not model.check_inputs:
                 return compiled(*args, **kwargs)
-            given = signature.bind(*args, **kwargs)
             given.apply_defaults()
             model._check(**{k: given.arguments[k] for k in checked})
             model.check_inputs = False
@@ -69,7 +71,28 @@ def apply_compile(model: FusionTransformer, mode: str = "default", scope: str = 
         return
     for block in model.blocks:
         block.compile(dynamic=False, mode=None if mode == "default" else mode)
-    model.text_losses = torch.compile(model.text_losses, dynamic=None)
+    losses, text_signature = torch.compile(model.text_losses, dynamic=None), inspect.signature(model.text_losses)
+
+    def text_losses(*args, **kwargs):
+        mark_varying(text_signature.bind(*args, **kwargs).arguments)
+        return losses(*args, **kwargs)
+
+    model.text_losses = text_losses
+
+
+# The inputs whose first dimension changes from batch to batch: a packed batch's count of image patches and of text
+# targets. Left to automatic dynamic shapes, the first step compiles them as constants and the second step, seeing
+# other counts, compiles the whole graph again with them symbolic (`TORCH_LOGS=recompiles`: "tensor 'patches' size
+# mismatch at index 0"); marked before the first call, one compile serves every batch, the graph the second
+# compile would have built.
+VARYING = ("patches", "target_index")
+
+
+def mark_varying(arguments: dict) -> None:
+    for name in VARYING:
+        t = arguments.get(name)
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
