@@ -2,8 +2,8 @@
 # The study in one command (`make study`): build the study data unless present, run the fifth design's IsoFLOP
 # sweep (docs/study/STUDY.md) and the LR check of its hyperparameter rule on this host's GPUs, then fit, report and
 # check the rule. Restartable: finished cells are skipped. Results: runs/sweeps/study5/{results.csv,fit/},
-# runs/sweeps/study4-lr/results.csv (the check ran under contiguous M-RoPE, the fourth design's).
-# STUDY_SPEC=configs/sweeps/study4.yaml runs the fourth design (contiguous M-RoPE) instead, into runs/sweeps/study4.
+# runs/sweeps/study5-lr/results.csv (the rule against 1/4x-4x its LR at 1e14 and 1e15, three sizes each).
+# STUDY_SPEC=configs/sweeps/study4.yaml runs the fourth design (contiguous M-RoPE) and its check instead.
 # (The third design: configs/sweeps/study.yaml and its two LR checks.)
 set -euo pipefail
 # the raw shards (artifacts/study) and their prepared copy, which the study config reads (tokenised and decoded
@@ -19,8 +19,11 @@ while sleep 5; do
 done >> "$out/util.log" &
 sampler=$!
 trap 'kill $sampler' EXIT
-python -m scaling run configs/sweeps/study4-lr.yaml
+lr=${STUDY_LR_SPEC:-configs/sweeps/study5-lr.yaml}
+[ "$spec" = configs/sweeps/study4.yaml ] && lr=configs/sweeps/study4-lr.yaml
 python -m scaling run "$spec"
+# the LR check's factor-1 cells are the study's own: reused from its results, not trained again
+python -m scaling run "$lr" --reuse "$out/results.csv"
 python -m scaling report "$spec"
-python -m scaling lrcheck configs/sweeps/study4-lr.yaml
+python -m scaling lrcheck "$lr"
 python -m scaling time "$spec" --peak-tflops "${PEAK_TFLOPS:-989}"  # H200 dense bf16

@@ -3,6 +3,7 @@
     python -m scaling plan   SPEC     # the cells: N, D, FLOPs (both conventions), batch split, LR, time; warnings
     python -m scaling run    SPEC     # locally (CPU, or spread over this host's GPUs) or as SLURM arrays
                                      [--launch-for SECONDS]  # local: start no cell after that; rerun to go on
+                                     [--reuse OTHER/results.csv]  # its rows of this spec's cells count as run
     python -m scaling fit    SPEC     # fit OUT/results.csv: OUT/fit/fit.json and the plots
     python -m scaling report SPEC     # fit, then OUT/fit/report.md
     python -m scaling lrcheck SPEC    # a spec with lr_scales: is the rule's LR within 2x of the best tried?
@@ -70,6 +71,12 @@ def main(argv=None) -> int:
     ap.add_argument("target", help="a sweep spec (YAML), or for `fit` a CSV of runs")
     ap.add_argument(
         "more", nargs="*", help="lrcheck: more results CSVs whose cells join the target's (a study's factor-1 cells)"
+    )
+    ap.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        help="run: another sweep's results.csv whose rows of this spec's cells (same key) count as finished",
     )
     ap.add_argument("--out", help="fit a CSV: the directory for fit.json and the plots")
     ap.add_argument("--loss", action="append", help="loss column(s) to fit, each separately")
@@ -145,6 +152,10 @@ def main(argv=None) -> int:
         elif args.command == "run":
             for w in cells.warnings:
                 print(f"warning: {w}")
+            for source in args.reuse:
+                from scaling.results import adopt
+
+                print(f"reused {adopt(spec.out, cells.cells, source)} cell(s) from {source}")
             if spec.launcher.kind == "slurm":
                 from scaling.slurm import run_slurm
 

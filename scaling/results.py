@@ -116,12 +116,17 @@ def record(out: str | Path, cell: Cell, flops_convention: str) -> bool:
             row[f"task_{parts[1]}_{parts[2]}"] = value
     for name, epochs in summary.get("data_epochs", {}).items():
         row["epochs_" + name] = round(epochs, 4)
+    return append_row(path, row)
+
+
+def append_row(path: Path, row: dict) -> bool:
+    """Append `row` to the results CSV at `path` unless its key has a row; True when a row was written."""
     existing, header = [], []
     if path.exists():
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             existing, header = list(reader), list(reader.fieldnames or [])
-        if any(r["key"] == cell.key for r in existing):
+        if any(r["key"] == row["key"] for r in existing):
             return False
     new_columns = [k for k in RESULT_FIELDS + sorted(k for k in row if k not in RESULT_FIELDS) if k not in header]
     fields = header + new_columns
@@ -138,6 +143,18 @@ def record(out: str | Path, cell: Cell, flops_convention: str) -> bool:
             w.writeheader()
         w.writerow(row)
     return True
+
+
+def adopt(out: str | Path, cells: list[Cell], source: str | Path) -> int:
+    """Copy into OUT/results.csv the rows of another sweep's results CSV whose key is one of `cells` (the same
+    training config, so the same run: an LR check's factor-1 cells are its study's own), under this sweep's recipe
+    name; they count as finished from then on. Returns how many rows were copied."""
+    by_key = {c.key: c for c in cells if not c.is_trunk}
+    with open(source, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("key") in by_key]
+    path = Path(out) / "results.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return sum(append_row(path, {**r, "recipe": by_key[r["key"]].recipe}) for r in rows)
 
 
 def loss_columns(out: str | Path) -> list[str]:

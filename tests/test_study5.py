@@ -210,3 +210,25 @@ def test_the_gpu_time_is_the_driver_results_and_util_logs():
     busy, load = statistics.median(b for b, _ in running), statistics.median(x for _, x in running)
     assert f"busy a median {busy:.0f}% of the {len(running)} five-second samples" in said()
     assert f"load average a median {load:.1f} on 16 cores" in said()
+
+
+def test_the_lr_check_reuses_the_studys_own_cells(tmp_path):
+    """configs/sweeps/study5-lr.yaml's factor-1 cells are the fifth run's (same configs, same keys):
+    `scaling run --reuse` copies their rows under the check's recipe name, so they count as finished and only the
+    other factors train; copying again adds nothing."""
+    from scaling.plan import plan
+    from scaling.results import adopt, finished, recorded_keys
+    from scaling.spec import load_spec
+
+    cells = plan(load_spec(REPO / "configs" / "sweeps" / "study5-lr.yaml")).cells
+    assert adopt(tmp_path, cells, RUN / "results.csv") == 6
+    assert adopt(tmp_path, cells, RUN / "results.csv") == 0
+    recorded = recorded_keys(tmp_path)
+    done = [c for c in cells if finished(c, recorded)]
+    assert sorted((c.budget, c.size) for c in done) == [("flops=1e+14", n) for n in (1, 2, 3)] + [
+        ("flops=1e+15", n) for n in (4, 5, 6)
+    ]
+    assert {c.lr_scale for c in done} == {1} and len(cells) == 30
+    study = {r["key"]: r for r in rows()}
+    for r in rows(tmp_path / "results.csv"):
+        assert r["recipe"] == "bidirectional@lr1" and {**r, "recipe": "bidirectional"} == study[r["key"]]
