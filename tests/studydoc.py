@@ -4,7 +4,11 @@ the rows of its tables, so a test can hold each figure against what the data giv
 from __future__ import annotations
 
 import csv
+import json
+import statistics
 from pathlib import Path
+
+import pytest
 
 
 def flat(doc: Path) -> str:
@@ -30,3 +34,59 @@ def row(doc: Path, label: str) -> list[str]:
 def csv_rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def committed_fit(run: Path) -> dict:
+    """The committed fit of a run: `fit.json`'s losses, per column and recipe."""
+    return json.loads((run / "fit" / "fit.json").read_text())["losses"]
+
+
+def refit(run: Path, out: Path, columns) -> dict:
+    """The run's CSV fitted again by the repo's fitter. Point estimates do not depend on the number of resamples
+    (a committed fit's came with 300; 10 here)."""
+    from scaling.report import fit_csv
+
+    return fit_csv(run / "results.csv", out, columns, "recipe", bootstrap=10, seed=0, flops="6n+attn")["losses"]
+
+
+def check_law_cells(table: dict, committed: dict, refitted: dict) -> None:
+    """Each row's E, A, B, alpha, beta cells are the committed fit's point and 95% interval, and, for a column fitted
+    again, the refit's point."""
+    for (col, recipe), cells in table.items():
+        f3 = committed[col][recipe]["approach3"]
+        for name, cell in zip(("E", "A", "B", "alpha", "beta"), cells[:5], strict=True):
+            point, interval = cell.split(" [")
+            lo, hi = f3["interval"][name]
+            assert interval == f"{lo:.3g}, {hi:.3g}]", (col, recipe, name)
+            assert f3[name] == pytest.approx(float(point), rel=6e-4), (col, recipe, name)
+            if col in refitted:  # the committed fit is this CSV's: the fitter gives its point estimates again
+                assert refitted[col][recipe]["approach3"][name] == pytest.approx(float(point), rel=6e-4)
+
+
+def check_approach_two(table: dict, committed: dict, refitted: dict) -> None:
+    """Rows of approach 3's N* exponent next to approach 2's, its interval, budgets kept and fallback share."""
+    for (col, recipe), cells in table.items():
+        fit = committed[col][recipe]
+        a2 = fit["approach2"]
+        lo, hi = a2["interval"]["N_exponent"]
+        assert cells[0] == f"{fit['compute_optimal']['N_exponent']:.3f}"
+        assert cells[1] == f"{a2['N_exponent']:.3f} [{lo:.3f}, {hi:.3f}]"
+        assert refitted[col][recipe]["approach2"]["N_exponent"] == pytest.approx(a2["N_exponent"], rel=1e-6)
+        assert cells[2] == f"{a2['budgets'] - len(a2['rejected'])} of {a2['budgets']}"
+        assert cells[3] == f"{100 * a2['bootstrap_fallback_share']:.0f}%"
+
+
+def optimal_cells(committed: dict, recipe: str, budget: str) -> tuple[str, str]:
+    """N* and tokens per parameter at a budget ("3e15"), with intervals, as the study tables print them."""
+    v = committed["loss"][recipe]["compute_optimal"][budget.replace("e", "e+")]
+    n = f"{v['N']:.2e} [{v['N_interval'][0]:.2e}, {v['N_interval'][1]:.2e}]".replace("e+0", "e")
+    lo, hi = v["tokens_per_param_interval"]
+    return n, f"{v['tokens_per_param']:.0f} [{lo:.0f}, {hi:.0f}]"
+
+
+def util_medians(run: Path) -> tuple[float, float, int]:
+    """The GPU's busy share and the host's load average, medians over the 5 s samples taken while cells held the
+    GPU's memory (util.log), and how many samples those are."""
+    samples = [line.split() for line in (run / "util.log").read_text().splitlines()]
+    running = [(int(r[1]), float(r[5])) for r in samples if len(r) >= 6 and r[2] == "%," and int(r[3]) > 0]
+    return statistics.median(b for b, _ in running), statistics.median(x for _, x in running), len(running)

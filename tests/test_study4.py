@@ -4,7 +4,6 @@ driver log and the util log give."""
 
 from __future__ import annotations
 
-import json
 import statistics
 
 import pytest
@@ -13,7 +12,6 @@ from conftest import REPO
 
 from scaling.lrcheck import lr_check, read_rows
 from scaling.paired import paired_difference
-from scaling.report import fit_csv
 from scaling.runs import read_runs
 
 STUDY = REPO / "docs" / "study"
@@ -39,14 +37,12 @@ csv_rows = studydoc.csv_rows
 
 @pytest.fixture(scope="module")
 def committed() -> dict:
-    return json.loads((RUN / "fit" / "fit.json").read_text())["losses"]
+    return studydoc.committed_fit(RUN)
 
 
 @pytest.fixture(scope="module")
 def refit(tmp_path_factory) -> dict:
-    """Point estimates do not depend on the number of resamples (the committed fit's came with 300; 10 here)."""
-    out = tmp_path_factory.mktemp("fit4")
-    return fit_csv(RUN / "results.csv", out, REFIT, "recipe", bootstrap=10, seed=0, flops="6n+attn")["losses"]
+    return studydoc.refit(RUN, tmp_path_factory.mktemp("fit4"), REFIT)
 
 
 def test_the_cells_are_the_specs_forty():
@@ -67,17 +63,10 @@ def test_the_cells_are_the_specs_forty():
 def test_the_law_table_is_the_refit_and_the_committed_fit(refit, committed):
     table = table_rows(set(LOSSES), 9)
     assert len(table) == 10
+    studydoc.check_law_cells(table, committed, refit)
     for (col, recipe), cells in table.items():
         fit = committed[col][recipe]
-        f3 = fit["approach3"]
-        for name, cell in zip(("E", "A", "B", "alpha", "beta"), cells[:5], strict=True):
-            point, interval = cell.split(" [")
-            lo, hi = f3["interval"][name]
-            assert interval == f"{lo:.3g}, {hi:.3g}]", (col, recipe, name)
-            assert f3[name] == pytest.approx(float(point), rel=6e-4), (col, recipe, name)
-            if col in refit:  # the committed fit is this CSV's: the repo's fitter gives its point estimates again
-                assert refit[col][recipe]["approach3"][name] == pytest.approx(float(point), rel=6e-4)
-        assert cells[5] == ("yes" if f3["converged"] else "**no** (E on its bound)")
+        assert cells[5] == ("yes" if fit["approach3"]["converged"] else "**no** (E on its bound)")
         assert cells[6] == f"{100 * fit['held_out']['mean_rel_error']:.1f}%"
     for recipe in ("bidirectional", "causal"):  # the headline: the overall law determined for both recipes
         f3 = committed["loss"][recipe]["approach3"]
@@ -88,15 +77,7 @@ def test_the_law_table_is_the_refit_and_the_committed_fit(refit, committed):
 def test_approach_two_and_the_compute_optimal_sizes_are_the_fit(refit, committed):
     table = table_rows(set(REFIT), 6)
     assert len(table) == 6
-    for (col, recipe), cells in table.items():
-        fit = committed[col][recipe]
-        a2 = fit["approach2"]
-        lo, hi = a2["interval"]["N_exponent"]
-        assert cells[0] == f"{fit['compute_optimal']['N_exponent']:.3f}"
-        assert cells[1] == f"{a2['N_exponent']:.3f} [{lo:.3f}, {hi:.3f}]"
-        assert refit[col][recipe]["approach2"]["N_exponent"] == pytest.approx(a2["N_exponent"], rel=1e-6)
-        assert cells[2] == f"{a2['budgets'] - len(a2['rejected'])} of {a2['budgets']}"
-        assert cells[3] == f"{100 * a2['bootstrap_fallback_share']:.0f}%"
+    studydoc.check_approach_two(table, committed, refit)
     keys = {"1e14", "3e14", "1e15", "3e15", "3e16"}
     budgets = [line for line in text().splitlines() if line.startswith("| ") and line.split("|")[1].strip() in keys]
     budgets = [line for line in budgets if "| size " not in line]  # not the position checks' headers
@@ -104,11 +85,8 @@ def test_approach_two_and_the_compute_optimal_sizes_are_the_fit(refit, committed
     for line in budgets:
         key = line.split("|")[1].strip().replace("e", "e+")
         cells = [c.strip() for c in line.split("|")[2:6]]
-        for recipe, (n_cell, tpp_cell) in zip(("bidirectional", "causal"), (cells[:2], cells[2:]), strict=True):
-            v = committed["loss"][recipe]["compute_optimal"][key]
-            n = f"{v['N']:.2e} [{v['N_interval'][0]:.2e}, {v['N_interval'][1]:.2e}]".replace("e+0", "e")
-            lo, hi = v["tokens_per_param_interval"]
-            assert n_cell == n and tpp_cell == f"{v['tokens_per_param']:.0f} [{lo:.0f}, {hi:.0f}]", (key, recipe)
+        for recipe, pair in zip(("bidirectional", "causal"), (cells[:2], cells[2:]), strict=True):
+            assert tuple(pair) == studydoc.optimal_cells(committed, recipe, key.replace("e+", "e")), (key, recipe)
 
 
 def test_the_verdict_is_the_fits_multiplier_and_the_cells(committed):
@@ -220,10 +198,8 @@ def test_the_gpu_time_is_the_driver_and_util_logs():
     assert f"Eight of the 21 took {fast[0]:.1f}-{fast[-1]:.1f} s" in flat() and len(fast) == 8
     assert f"the first of each took {c[len(fast)]:.1f}-{c[-1]:.1f} s" in flat()
     assert f"took {t['wall_s'] / 60:.1f} minutes of driver wall time" in flat()
-    samples = [line.split() for line in (RUN / "util.log").read_text().splitlines()]
-    running = [(int(r[1]), float(r[5])) for r in samples if len(r) >= 6 and r[2] == "%," and int(r[3]) > 0]
-    busy, load = statistics.median(b for b, _ in running), statistics.median(x for _, x in running)
-    assert f"busy a median {busy:.0f}% of the {len(running)} five-second samples" in flat()
+    busy, load, samples = studydoc.util_medians(RUN)
+    assert f"busy a median {busy:.0f}% of the {samples} five-second samples" in flat()
     assert f"load average a median {load:.1f} on 16 cores" in flat()
 
 
