@@ -9,6 +9,7 @@
     python -m scaling lrcheck SPEC    # a spec with lr_scales: is the rule's LR within 2x of the best tried?
     python -m scaling time   SPEC|DIR # where the device time went: training, start-up, the rest; aggregate MFU
                                      [--peak-tflops 989]
+    python -m scaling calibrate SPEC [RESULTS.csv]  # the plan's throughput constants fitted to measured cells
     python -m scaling fit RUNS.csv --out DIR [--loss loss ...] [--recipe-col recipe] [--params-col params]
                                      [--flops 6n+attn] [--bootstrap 1000] [--seed 0] [--target-flops 1e18]
 
@@ -67,10 +68,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=["plan", "run", "fit", "report", "lrcheck", "time"])
+    ap.add_argument("command", choices=["plan", "run", "fit", "report", "lrcheck", "time", "calibrate"])
     ap.add_argument("target", help="a sweep spec (YAML), or for `fit` a CSV of runs")
     ap.add_argument(
-        "more", nargs="*", help="lrcheck: more results CSVs whose cells join the target's (a study's factor-1 cells)"
+        "more", nargs="*", help="lrcheck: more results CSVs whose cells join the target's; calibrate: the results CSV"
     )
     ap.add_argument(
         "--reuse",
@@ -94,8 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target-flops", type=float, help="compute for the allocations and multipliers (default: max)")
     ap.add_argument("--peak-tflops", type=float, help="time: one device's peak, for the aggregate MFU (H200 bf16: 989)")
     args = ap.parse_args(argv)
-    if args.more and args.command != "lrcheck":
-        ap.error(f"`{args.command}` takes one target; more CSVs only join an lrcheck")
+    if args.more and args.command not in ("lrcheck", "calibrate") or args.command == "calibrate" and len(args.more) > 1:
+        ap.error(f"`{args.command}` takes one target; more CSVs only join an lrcheck (or name calibrate's results)")
     from scaling.report import summarize, write_markdown
 
     try:
@@ -108,6 +109,18 @@ def main(argv=None) -> int:
             if not (out / "results.csv").exists():
                 raise SystemExit(f"error: {out / 'results.csv'} does not exist yet: `python -m scaling run` first")
             print(markdown(gpu_time(out, args.peak_tflops)))
+            return 0
+        if args.command == "calibrate":
+            from scaling.spec import load_spec
+            from scaling.throughput import describe, measured
+
+            spec = load_spec(args.target)
+            if spec.schedule == "wsd":
+                raise SystemExit("error: calibrate from a cosine sweep (a WSD branch trains only its cooldown)")
+            path = Path(args.more[0]) if args.more else Path(spec.out) / "results.csv"
+            if not path.exists():
+                raise SystemExit(f"error: {path} does not exist yet: `python -m scaling run` first")
+            print(describe(measured(path), spec.throughput, spec.launcher.nproc))
             return 0
         if args.command == "lrcheck":
             from scaling.lrcheck import describe, lr_check, read_rows

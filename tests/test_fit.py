@@ -256,3 +256,29 @@ def test_lr_check_names_the_best_factor_and_judges_the_rule(tmp_path):
         timeout=120,
     )
     assert out.returncode == 0 and out.stdout.strip() == text, out.stdout + out.stderr
+
+
+def test_the_plans_time_model_is_fitted_to_measured_cells(capsys):
+    """`scaling calibrate`: constants a run's cells were generated from come back; on the fifth study run's 40
+    cells the fitted constants plan its measured process-minutes (the spec's guessed ones plan 13% fewer)."""
+    from scaling.__main__ import main
+    from scaling.spec import load_spec
+    from scaling.throughput import calibrate, errors, measured, predict
+
+    rng = np.random.default_rng(0)
+    cells = {"flops": 10 ** rng.uniform(13, 15.5, 40), "steps": 10 ** rng.uniform(2.5, 4.3, 40)}
+    cells["seconds"] = predict(cells, 2e13, 0.02, 30.0)
+    fit = calibrate(cells)
+    assert fit == pytest.approx({"flops_per_s": 2e13, "step_s": 0.02, "startup_s": 30.0}, rel=1e-3)
+
+    study = REPO / "docs" / "study" / "study5"
+    spec, cells = load_spec(REPO / "configs" / "sweeps" / "study5.yaml"), measured(study / "results.csv")
+    t = spec.throughput
+    guessed = errors(cells, t.flops_per_s, t.step_s, t.startup_s)
+    fitted = errors(cells, **calibrate(cells))
+    assert guessed["planned_min"] < 0.9 * guessed["measured_min"]
+    assert fitted["planned_min"] == pytest.approx(fitted["measured_min"], rel=0.02)
+    assert fitted["median_abs_error"] < guessed["median_abs_error"]
+    assert main(["calibrate", str(REPO / "configs/sweeps/study5.yaml"), str(study / "results.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert f"{fitted['planned_min']:.1f} process-minutes" in printed and "fitted:  throughput: {flops_per_s:" in printed

@@ -210,3 +210,27 @@ def test_the_lr_check_reuses_the_studys_own_cells(tmp_path):
     study = {r["key"]: r for r in rows()}
     for r in rows(tmp_path / "results.csv"):
         assert r["recipe"] == "bidirectional@lr1" and {**r, "recipe": "bidirectional"} == study[r["key"]]
+
+
+def test_the_calibrated_plan_is_the_runs():
+    from scaling.spec import load_spec
+    from scaling.throughput import calibrate, errors, measured
+
+    cells = measured(RUN / "results.csv")
+    t = load_spec(REPO / "configs" / "sweeps" / "study5.yaml").throughput
+    guessed, fit = errors(cells, t.flops_per_s, t.step_s, t.startup_s), calibrate(cells)
+    fitted = errors(cells, **fit)
+    assert f"planned {guessed['planned_min']:.1f} process-minutes for these cells; they took" in said()
+    assert f"took {fitted['measured_min']:.1f} (start-up and training" in said()
+    assert (
+        f"{fit['flops_per_s']:.3g} model FLOP/s a process, {fit['step_s']:.3g} s a step at least, "
+        f"{fit['startup_s']:.3g} s of start-up, which plan {fitted['planned_min']:.1f} process-minutes, each cell "
+        f"within {100 * fitted['median_abs_error']:.0f}% (median; the guessed constants: "
+        f"{100 * guessed['median_abs_error']:.0f}%)" in said()
+    )
+    lr = load_spec(REPO / "configs" / "sweeps" / "study5-lr.yaml").throughput
+    assert (lr.flops_per_s, lr.step_s, lr.startup_s) == (
+        float(f"{fit['flops_per_s']:.3g}"),
+        float(f"{fit['step_s']:.3g}"),
+        float(f"{fit['startup_s']:.3g}"),
+    )

@@ -283,6 +283,11 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
     assert shown.returncode == 0 and f"| {t['steps_s']:.0f} | {100 * t['train_share']:.1f}% |" in shown.stdout
     assert "and first steps' compile (median" in shown.stdout
     assert "1 driver run(s) started and never recorded an end (killed): 1 end at their last heartbeat" in shown.stdout
+    # the plan's time model fitted to these four measured cells: it plans what they took
+    calibrated = sweep("calibrate", path)
+    measured_min = sum(float(r["train_s"]) + float(r["startup_s"]) for r in final) / 60
+    assert calibrated.returncode == 0 and f"4 cells measured: {measured_min:.1f} process-minutes" in calibrated.stdout
+    assert "fitted:  throughput: {flops_per_s:" in calibrated.stdout, calibrated.stdout
     # the CSV is the record: with the cell directories gone (cleaned, or the study continued on another machine
     # from its committed results) no recorded cell trains again
     shutil.rmtree(out / "cells")
