@@ -120,7 +120,10 @@ def main(argv=None) -> int:
             path = Path(args.more[0]) if args.more else Path(spec.out) / "results.csv"
             if not path.exists():
                 raise SystemExit(f"error: {path} does not exist yet: `python -m scaling run` first")
-            print(describe(measured(path), spec.throughput, spec.launcher.nproc))
+            try:
+                print(describe(measured(path), spec.throughput, spec.launcher.nproc))
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from e
             return 0
         if args.command == "lrcheck":
             from scaling.lrcheck import describe, lr_check, read_rows
@@ -168,6 +171,8 @@ def main(argv=None) -> int:
             for source in args.reuse:
                 from scaling.results import adopt
 
+                if not Path(source).exists():
+                    raise SystemExit(f"error: --reuse {source}: no such file")
                 print(f"reused {adopt(spec.out, cells.cells, source)} cell(s) from {source}")
             if spec.launcher.kind == "slurm":
                 from scaling.slurm import run_slurm

@@ -16,18 +16,23 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import least_squares
 
+NEEDED = ("flops", "steps", "train_s", "startup_s")
+
 
 def measured(path: str | Path) -> dict[str, np.ndarray]:
     """Per finished cell: its FLOPs (the spec's convention), optimizer steps, and process seconds (start-up and
-    training, the first steps' compile included: what the plan's estimate stands for)."""
+    training, the first steps' compile included: what the plan's estimate stands for). A row without those
+    (a CSV from before the driver recorded start-up) is skipped and counted (`skipped`)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{path} has no finished cells to calibrate from")
+    usable = [r for r in rows if all((r.get(k) or "").strip() for k in NEEDED)]
+    if not usable:
+        raise ValueError(f"{path}: no row has {', '.join(NEEDED)}: nothing to calibrate from")
     return {
-        "flops": np.array([float(r["flops"]) for r in rows]),
-        "steps": np.array([float(r["steps"]) for r in rows]),
-        "seconds": np.array([float(r["train_s"]) + float(r["startup_s"]) for r in rows]),
+        "flops": np.array([float(r["flops"]) for r in usable]),
+        "steps": np.array([float(r["steps"]) for r in usable]),
+        "seconds": np.array([float(r["train_s"]) + float(r["startup_s"]) for r in usable]),
+        "skipped": len(rows) - len(usable),
     }
 
 
@@ -77,9 +82,10 @@ def describe(cells: dict, spec_throughput, nproc: int = 1) -> str:
             f"(median) and {100 * e['max_abs_error']:.0f}% (worst)"
         )
 
+    skipped = f" ({cells['skipped']} row(s) without them skipped)" if cells.get("skipped") else ""
     return "\n".join(
         [
-            f"{len(cells['seconds'])} cells measured: {e_old['measured_min']:.1f} process-minutes",
+            f"{len(cells['seconds'])} cells measured: {e_old['measured_min']:.1f} process-minutes{skipped}",
             f"the spec's throughput {{flops_per_s: {old[0]:.3g}, startup_s: {old[2]:.3g}, step_s: {old[1]:.3g}}} "
             + line(e_old),
             f"fitted:  throughput: {{flops_per_s: {fit['flops_per_s']:.3g}, startup_s: {fit['startup_s']:.3g}, "

@@ -282,3 +282,30 @@ def test_the_plans_time_model_is_fitted_to_measured_cells(capsys):
     assert main(["calibrate", str(REPO / "configs/sweeps/study5.yaml"), str(study / "results.csv")]) == 0
     printed = capsys.readouterr().out
     assert f"{fitted['planned_min']:.1f} process-minutes" in printed and "fitted:  throughput: {flops_per_s:" in printed
+
+
+def test_calibrate_skips_rows_without_timings_and_refuses_none(tmp_path):
+    """A results CSV from before start-up was recorded: its rows are counted skips; with none usable, a clear error
+    (through the CLI: exit status and message, no traceback)."""
+    from scaling.throughput import measured
+
+    fields = ["key", "flops", "steps", "train_s", "startup_s"]
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows([{"key": "a", "flops": 1e14, "steps": 100, "train_s": 10, "startup_s": ""}])
+        w.writerows([{"key": "b", "flops": 2e14, "steps": 200, "train_s": 20, "startup_s": 5}])
+    cells = measured(path)
+    assert cells["skipped"] == 1 and list(cells["seconds"]) == [25.0]
+    path.write_text("key,flops,steps,train_s\na,1e14,100,10\n")
+    with pytest.raises(ValueError, match="no row has flops, steps, train_s, startup_s"):
+        measured(path)
+    out = subprocess.run(
+        [sys.executable, "-m", "scaling", "calibrate", str(REPO / "configs/sweeps/study5.yaml"), str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and "error:" in out.stderr and "Traceback" not in out.stderr, out.stderr
