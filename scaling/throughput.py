@@ -19,7 +19,7 @@ from scipy.optimize import least_squares
 NEEDED = ("flops", "steps", "train_s", "startup_s")
 
 
-def measured(path: str | Path) -> dict[str, np.ndarray]:
+def measured(path: str | Path) -> dict:
     """Per finished cell: its FLOPs (the spec's convention), optimizer steps, and process seconds (start-up and
     training, the first steps' compile included: what the plan's estimate stands for). A row without those
     (a CSV from before the driver recorded start-up) is skipped and counted (`skipped`)."""
