@@ -73,8 +73,21 @@ def gpu_time(out: str | Path, peak_tflops: float | None = None) -> dict:
         "tokens_per_s": tokens / wall if wall else None,
         "flops": flops,
         "mfu": flops / (device_s * peak_tflops * 1e12) if peak_tflops and device_s else None,
+        "startup_phases": startup_phases(rows),
     }
     return out_
+
+
+def startup_phases(rows: list[dict]) -> dict[str, float]:
+    """The median seconds of each start-up stage over the cells that recorded them (results.csv's
+    `startup_<stage>_s`, from the trainer: the last process of each cell), in the order the trainer runs them."""
+    names = [k for k in (rows[0] if rows else {}) if k.startswith("startup_") and k.endswith("_s") and k != "startup_s"]
+    medians = {}
+    for k in names:
+        values = [float(r[k]) for r in rows if r.get(k) not in (None, "")]
+        if values:
+            medians[k.removeprefix("startup_").removesuffix("_s")] = statistics.median(values)
+    return medians
 
 
 def markdown(t: dict) -> str:
@@ -99,6 +112,12 @@ def markdown(t: dict) -> str:
         f"{t['tokens']:.3g} tokens, {t['tokens_per_s'] or 0:,.0f} tokens/s of wall time"
         + (f", aggregate MFU {100 * t['mfu']:.2f}% (start-up included)" if t["mfu"] is not None else ""),
     ]
+    if t.get("startup_phases"):
+        lines.append(
+            "start-up, median seconds a cell by stage: "
+            + ", ".join(f"{name} {seconds:.1f}" for name, seconds in t["startup_phases"].items())
+            + " (launch: spawn and imports; engine: model, compile wrappers, optimizer; objective: the data loader)"
+        )
     if t["cells_untimed"]:
         lines.append(
             f"{t['cells_untimed']} cell(s) did not time their first steps (no warmup_s: run before the trainer did, "

@@ -38,6 +38,13 @@ RESULT_FIELDS = [
     "train_s",
     "startup_s",
     "warmup_s",
+    # the trainer's start-up stages, in its order (summary `startup_phases`, the cell's last process)
+    "startup_launch_s",
+    "startup_distributed_s",
+    "startup_engine_s",
+    "startup_resume_s",
+    "startup_objective_s",
+    "startup_rest_s",
 ]
 
 
@@ -116,6 +123,8 @@ def record(out: str | Path, cell: Cell, flops_convention: str) -> bool:
             row[f"task_{parts[1]}_{parts[2]}"] = value
     for name, epochs in summary.get("data_epochs", {}).items():
         row["epochs_" + name] = round(epochs, 4)
+    for name, seconds in summary.get("startup_phases", {}).items():  # the last process's start-up, stage by stage
+        row[f"startup_{name}_s"] = seconds
     return append_row(path, row)
 
 

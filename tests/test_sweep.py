@@ -278,10 +278,21 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
             timed += 1
             assert float(r["warmup_s"]) >= 0
     assert timed and t["cells_untimed"] == 4 - timed
+    # and its start-up stage by stage (the last process's): the stages add up to that process's start-up
+    stages = ("launch", "distributed", "engine", "resume", "objective", "rest")
+    for r in final:
+        summary = json.loads((out / "cells" / r["key"] / "summary.json").read_text())
+        assert list(summary["startup_phases"]) == list(stages)
+        assert [float(r[f"startup_{s}_s"]) for s in stages] == list(summary["startup_phases"].values())
+        assert all(v >= 0 for v in summary["startup_phases"].values())
+        last = summary["ended_at"] - summary["launched_at"]  # this process's launch to its end
+        assert sum(summary["startup_phases"].values()) <= min(last, summary["startup_s"]) + 0.01
+    assert list(t["startup_phases"]) == list(stages)
     assert t["steps_s"] == pytest.approx(t["train_s"] - sum(float(r["warmup_s"] or 0) for r in final))
     shown = sweep("time", path)
     assert shown.returncode == 0 and f"| {t['steps_s']:.0f} | {100 * t['train_share']:.1f}% |" in shown.stdout
     assert "and first steps' compile (median" in shown.stdout
+    assert "start-up, median seconds a cell by stage: launch " in shown.stdout
     assert "1 driver run(s) started and never recorded an end (killed): 1 end at their last heartbeat" in shown.stdout
     # the plan's time model fitted to these four measured cells: it plans what they took
     calibrated = sweep("calibrate", path)

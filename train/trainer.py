@@ -111,12 +111,22 @@ def objective_for(cfg: TrainConfig) -> type[Objective]:
 
 def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     launched = launch_time(launched_at)
+    # where this process's start-up went (summary `startup_phases`, a sweep's results.csv `startup_<phase>_s`):
+    # launch: the launcher's spawn, the interpreter and the imports up to here; then each stage to the first step
+    phases, mark = {"launch": time.time() - launched}, time.time()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        phases[name], mark = time.time() - mark, time.time()
+
     rank, world, device = setup_distributed()
+    phase("distributed")
     kind = objective_for(cfg)
     cfg = kind.configure(cfg, world)
     run, lock = prepare_run_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
     engine, optimizer, model = build_engine(cfg, device, world)
+    phase("engine")
     ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint.keep, rank, fingerprint(cfg, world), cfg.resume_allow)
     # train_s: the loop (evaluations and checkpoints included); startup_s: launch to the first step; wall_s: launch
     # to the summary. Each summed over the run's segments (a resumed run adds to its checkpoint's).
@@ -140,8 +150,10 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
         state.update(loaded[1]["train"])
         if rank == 0:
             print(f"resumed from {loaded[0]} at step {state['step']}", flush=True)
+    phase("resume")
     group = host_group()
     objective = kind(cfg, run, engine, optimizer, model, device, rank, world, group, loaded[2] if loaded else None)
+    phase("objective")  # the data loader (or the RL prompts and reference model)
     signals = SignalFlags()
     metrics = (
         MetricsWriter(run, cfg.steps, state["step"], cfg.logging.tensorboard, cfg.logging.progress)
@@ -166,6 +178,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             f"run_dir {run}\n{objective.banner()}\nengine  {engine_kind(cfg, world)}, {device.type}\nstart   {start}",
             flush=True,
         )
+    phase("rest")
     state["startup_s"] += time.time() - launched
     run_t0 = time.perf_counter() - state["train_s"]
     wall_t0 = time.perf_counter() - (state["wall_s"] + time.time() - launched)  # start-up counts as wall time
@@ -215,6 +228,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             "startup_s": state["startup_s"],
             "first_steps_s": state["first_steps_s"],
             "first_steps": state["first_steps"],
+            "startup_phases": {k: round(v, 3) for k, v in phases.items()},  # this process's, not summed over segments
             "world_size": world,
             # where it ran, as the launcher gave it (a sweep's cells: which devices and rendezvous port)
             "launch": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "MASTER_PORT", "SLURM_JOB_ID")},
