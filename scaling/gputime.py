@@ -43,6 +43,8 @@ def gpu_time(out: str | Path, peak_tflops: float | None = None) -> dict:
     dated = [s for s in ended if s.get("killed")]
     with open(Path(out) / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    reused = [r for r in rows if r.get("reused_from")]  # trained in another sweep's runs (`scaling run --reuse`)
+    rows = [r for r in rows if not r.get("reused_from")]
     wall = sum(s["end"] - s["start"] for s in ended)
     slot_s = sum((s["end"] - s["start"]) * s["slots"] for s in ended)
     device_s = sum((s["end"] - s["start"]) * s["gpus"] for s in ended)
@@ -74,6 +76,7 @@ def gpu_time(out: str | Path, peak_tflops: float | None = None) -> dict:
         "flops": flops,
         "mfu": flops / (device_s * peak_tflops * 1e12) if peak_tflops and device_s else None,
         "startup_phases": startup_phases(rows),
+        "cells_reused": len(reused),
     }
     return out_
 
@@ -93,6 +96,12 @@ def startup_phases(rows: list[dict]) -> dict[str, float]:
 def markdown(t: dict) -> str:
     def share(x):
         return f"{100 * x:.1f}%" if x is not None else "-"
+
+    if not t["cells"]:
+        return (
+            f"no cell of this sweep's own has finished ({t['cells_reused']} reused from another sweep's results, "
+            "whose time was spent in that sweep's runs)"
+        )
 
     lines = [
         "| what | seconds | share |",
@@ -117,6 +126,11 @@ def markdown(t: dict) -> str:
             "start-up, median seconds a cell by stage: "
             + ", ".join(f"{name} {seconds:.1f}" for name, seconds in t["startup_phases"].items())
             + " (launch: spawn and imports; engine: model, compile wrappers, optimizer; objective: the data loader)"
+        )
+    if t.get("cells_reused"):
+        lines.append(
+            f"{t['cells_reused']} cell(s) reused from another sweep's results (`scaling run --reuse`) are left out: "
+            "their time was spent in that sweep's runs"
         )
     if t["cells_untimed"]:
         lines.append(

@@ -207,13 +207,15 @@ def test_the_lr_check_reuses_the_studys_own_cells(tmp_path):
         ("flops=1e+15", n) for n in (4, 5, 6)
     ]
     assert {c.lr_scale for c in done} == {1} and len(cells) == 30
+    from scaling.gputime import gpu_time, markdown
+
+    t = gpu_time(tmp_path)  # their device time was the study's: this sweep's account leaves them out
+    assert t["cells"] == 0 and t["cells_reused"] == 6 and "no cell of this sweep's own" in markdown(t)
     study = {r["key"]: r for r in rows()}
     for r in rows(tmp_path / "results.csv"):
         mine = study[r["key"]]
-        assert r["recipe"] == "bidirectional@lr1" and {**r, "recipe": "bidirectional"} == {
-            **dict.fromkeys(r, ""),
-            **mine,
-        }
+        assert r["recipe"] == "bidirectional@lr1" and r.pop("reused_from") == str(RUN / "results.csv")
+        assert {**r, "recipe": "bidirectional"} == {**dict.fromkeys(r, ""), **mine}
 
 
 def test_the_calibrated_plan_is_the_runs():
