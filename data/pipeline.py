@@ -510,8 +510,17 @@ def source_samples(cfg: DataConfig) -> dict[str, int | None]:
 
 
 def eval_batches(cfg: DataConfig, source: SourceConfig, rank: int = 0, world: int = 1) -> Iterator[dict]:
-    """One deterministic pass over a held-out source, split across ranks (no workers: eval sets are small)."""
-    worker = StreamWorker(cfg, Tokenizer(cfg.tokenizer), rank, world, None, sources=[source], repeat=False)
+    """One deterministic pass over a held-out source, split across ranks (no workers: eval sets are small). Every
+    batch has `batch_size` rows: the last, short one is filled with empty rows (padding: no targets, no patches), so
+    a compiled forward meets one shape. Each source's own short batch otherwise compiled flex attention and its tile
+    flags again: the eight recompiles (four sources, two functions) of a study cell's final evaluation on an H200."""
+    tok = Tokenizer(cfg.tokenizer)
+    worker = StreamWorker(cfg, tok, rank, world, None, sources=[source], repeat=False)
+    empty = Packer(cfg.seq_len, tok.special.pad, 3 * cfg.patch_size**2).row.arrays(tok.special.pad, 0)
     for batch in worker.batches(0):
         batch.pop("_meta")
+        short = cfg.batch_size - int(batch["tokens"].shape[0])
+        if short > 0:  # row fields only: the patches and target positions of the real rows stay as they are
+            for k in ("tokens", "patch_mask", "positions", "doc_ids", "image_ids", "targets"):
+                batch[k] = torch.cat([batch[k], torch.from_numpy(np.stack([empty[k]] * short))])
         yield batch

@@ -392,6 +392,40 @@ def test_eval_pass_covers_each_sample_once_across_ranks(embedded):
     assert docs == n_samples
 
 
+def test_the_last_eval_batch_is_filled_with_empty_rows_that_change_no_loss(embedded):
+    """Every eval batch has `batch_size` rows (a compiled forward meets one shape); the short last one is filled
+    with padding rows, which add no target and no patch: the model's loss sums over the real rows are unchanged."""
+    from conftest import tiny_model_config
+
+    from model import build_model
+
+    cfg = mixture(embedded, batch_size=7)
+    source = SourceConfig("val", str(embedded / "scenes-caption" / "val"))
+    batches = list(eval_batches(cfg, source))
+    worker = StreamWorker(cfg, Tokenizer(cfg.tokenizer), 0, 1, None, sources=[source], repeat=False)
+    raw = [b for b in worker.batches(0)]
+    assert len(batches) == len(raw) and int(raw[-1]["tokens"].shape[0]) < 7  # a short last batch to fill
+    assert {int(b["tokens"].shape[0]) for b in batches} == {7}
+    padded, short = batches[-1], raw[-1]
+    n = int(short["tokens"].shape[0])
+    for k in ("tokens", "patch_mask", "positions", "doc_ids", "image_ids", "targets", "patches", "target_index"):
+        assert torch.equal(padded[k][:n] if k not in ("patches", "target_index") else padded[k], short[k]), k
+    assert (padded["targets"][n:] == IGNORE).all() and not padded["patch_mask"][n:].any()
+    vocab = Tokenizer(cfg.tokenizer).vocab_size
+    model = build_model(
+        tiny_model_config(
+            vocab_size=vocab,
+            patch_size=cfg.patch_size,
+            max_image_patches=cfg.max_image_patches,
+            max_seq_len=cfg.seq_len,
+        )
+    ).eval()
+    with torch.no_grad():
+        a, b = model(**padded), model(**{k: v for k, v in short.items() if k != "_meta"})
+    torch.testing.assert_close(a.text_loss, b.text_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.image_loss, b.image_loss, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.fixture(scope="module")
 def bad_shards(tmp_path_factory):
