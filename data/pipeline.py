@@ -38,7 +38,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 from data.handoff import HandedBatch, pack
 from data.images import ImageSpec
 from data.layout import layout_document
-from data.packing import ImageTooLong, Packer, collate
+from data.packing import ImageTooLong, Packer, Row, collate
 from data.prepared import PreparedMismatch, fingerprint, unchunk
 from data.samples import Skip, to_segments
 from data.shards import resolve_shards
@@ -516,7 +516,7 @@ def eval_batches(cfg: DataConfig, source: SourceConfig, rank: int = 0, world: in
     flags again: the eight recompiles (four sources, two functions) of a study cell's final evaluation on an H200."""
     tok = Tokenizer(cfg.tokenizer)
     worker = StreamWorker(cfg, tok, rank, world, None, sources=[source], repeat=False)
-    empty = Packer(cfg.seq_len, tok.special.pad, 3 * cfg.patch_size**2).row.arrays(tok.special.pad, 0)
+    empty = Row(cfg.seq_len).arrays(tok.special.pad, 3 * cfg.patch_size**2)  # all padding: one row's fields
     for batch in worker.batches(0):
         batch.pop("_meta")
         short = cfg.batch_size - int(batch["tokens"].shape[0])

@@ -117,7 +117,8 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
 
     def phase(name: str) -> None:
         nonlocal mark
-        phases[name], mark = time.time() - mark, time.time()
+        now = time.time()
+        phases[name], mark = now - mark, now
 
     rank, world, device = setup_distributed()
     phase("distributed")
