@@ -3,10 +3,14 @@ the bound set by HBM bandwidth (each step reads every weight and every row's KV 
 
     python benchmarks/decode.py [--configs 20m,125m] [--batches 1,64,256] [--prompt 64] [--new 256]
                                 [--engines engine,static,compiled] [--vocab 32768] [--hbm-gbps 4800]
-                                [--set model.depth=2,...] [--json out.json]
+                                [--set model.depth=2,...] [--json out.json] [--profile]
 
 Engines: `engine` (the growing cache), `static` (StaticCache: every step one shape), `compiled` (the static step
 compiled with CUDA graphs, torch.compile's reduce-overhead mode; meant for a GPU).
+
+--profile runs each measured call once more under torch.profiler and adds what a decode step is made of: the device
+kernels a new token costs (CPU operators on a CPU) and the few that take most of the time, with their share: where
+the step's time goes when it is far from the bound.
 
 Random weights, random text prompts of --prompt tokens, greedy, no stop ids, so every row decodes --new tokens.
 tokens/s counts new tokens over the whole call (prefill included). `bound` is batch x steps over the time to read
@@ -63,8 +67,42 @@ ENGINES = {  # Engine options per variant: the growing cache, the static one, th
 }
 
 
+def profile_call(fn, device, steps: int, top: int = 8) -> dict:
+    """One call of `fn` under torch.profiler: kernels (on a CPU: operators, nested ones included) per decode step,
+    and the `top` ones by their own time, each as milliseconds a step and a share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    events = [e for e in prof.events() if (e.device_type.name == "CUDA") == cuda]
+    own = [(e.name, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3) for e in events]
+    totals: dict[str, float] = {}
+    for name, ms in own:
+        totals[name] = totals.get(name, 0.0) + ms
+    total = sum(totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "profiled": "cuda kernels" if cuda else "cpu operators",
+        "per_step": len(events) / steps,
+        "top": [{"name": n[:120], "ms_per_step": ms / steps, "share": ms / total} for n, ms in ranked],
+    }
+
+
 def bench(
-    config, overrides, vocab: int, batches, prompt: int, new: int, gbps: float, device, engines=("engine",), emit=None
+    config,
+    overrides,
+    vocab: int,
+    batches,
+    prompt: int,
+    new: int,
+    gbps: float,
+    device,
+    engines=("engine",),
+    emit=None,
+    profile: bool = False,
 ) -> list[dict]:
     """One row per engine and batch; `emit` sees each as it is measured (a run cut short keeps what it printed)."""
     # random prompts: no tokenizer is read (nor checked against the vocabulary)
@@ -96,6 +134,10 @@ def bench(
                 if b == 1:  # bf16 near-ties may flip a token between cache layouts: counted, not fatal
                     same = sum(x == y for x, y in zip(out[0], single.tokens, strict=False))
                     row_["greedy_match"] = same / max(1, len(single.tokens))
+                if profile:
+                    row_["profile"] = profile_call(
+                        lambda batch=batch, engine=engine: engine.generate(batch, params), device, new
+                    )
                 results.append(row_)
                 emit and emit(row_)
         except Exception as e:  # noqa: BLE001
@@ -129,6 +171,11 @@ def print_row(r: dict) -> None:
         + (f"  greedy tokens as the loop's: {r['greedy_match']:.0%}" if "greedy_match" in r else ""),
         flush=True,
     )
+    if "profile" in r:
+        p = r["profile"]
+        print(f"    {p['per_step']:.1f} {p['profiled']} a step; the most time:", flush=True)
+        for t in p["top"]:
+            print(f"      {t['share']:6.1%} {t['ms_per_step']:8.4f} ms  {t['name']}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -142,6 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", default="", help="config overrides, comma-separated (e.g. model.depth=2)")
     ap.add_argument("--engines", default="engine", help=f"comma-separated, of {', '.join(ENGINES)}")
     ap.add_argument("--json")
+    ap.add_argument("--profile", action="store_true", help="what a decode step is made of (torch.profiler)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     overrides = [s for s in args.set.split(",") if s]
@@ -155,7 +203,17 @@ def main(argv=None) -> int:
         config = CONFIGS.get(name, name)
         engines = args.engines.split(",")
         rows += bench(
-            config, overrides, args.vocab, batches, args.prompt, args.new, args.hbm_gbps, device, engines, print_row
+            config,
+            overrides,
+            args.vocab,
+            batches,
+            args.prompt,
+            args.new,
+            args.hbm_gbps,
+            device,
+            engines,
+            print_row,
+            args.profile,
         )
     if args.json:
         with open(args.json, "w") as f:

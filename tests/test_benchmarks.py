@@ -58,6 +58,24 @@ def test_decode_benchmark_runs_the_engine_and_the_loop_on_cpu():
     assert all(r["tokens_per_s"] > 0 and 0 < r["of_bound"] < 1 for r in rows)
     assert [r["greedy_match"] for r in rows if r["batch"] == 1] == [1.0, 1.0]  # fp32: the single-row loop's tokens
     assert rows[1]["bound_tokens_per_s"] > rows[0]["bound_tokens_per_s"]
+    # --profile: what a step is made of, its top entries' shares of the profiled time
+    (row,) = bench(
+        "configs/gpu-20m.yaml",
+        ["model.depth=1"],
+        512,
+        [4],
+        8,
+        6,
+        4800.0,
+        torch.device("cpu"),
+        ("static",),
+        profile=True,
+    )
+    p = row["profile"]
+    assert p["profiled"] == "cpu operators" and p["per_step"] > 10 and 0 < len(p["top"]) <= 8
+    shares = [t["share"] for t in p["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert any(t["name"] == "aten::mm" for t in p["top"])  # the matmuls are among the largest
 
 
 def test_the_decode_table_in_the_docs_is_the_committed_json():
