@@ -513,7 +513,8 @@ def eval_batches(cfg: DataConfig, source: SourceConfig, rank: int = 0, world: in
     """One deterministic pass over a held-out source, split across ranks (no workers: eval sets are small). Every
     batch has `batch_size` rows: the last, short one is filled with empty rows (padding: no targets, no patches), so
     a compiled forward meets one shape. Each source's own short batch otherwise compiled flex attention and its tile
-    flags again: the eight recompiles (four sources, two functions) of a study cell's final evaluation on an H200."""
+    flags again: by their count (four sources, two functions), the eight recompiles an H200 logged beyond the
+    training graph's in a study cell (docs/study/STUDY.md)."""
     tok = Tokenizer(cfg.tokenizer)
     worker = StreamWorker(cfg, tok, rank, world, None, sources=[source], repeat=False)
     empty = Row(cfg.seq_len).arrays(tok.special.pad, 3 * cfg.patch_size**2)  # all padding: one row's fields

@@ -70,8 +70,8 @@ def recorded_keys(out: str | Path) -> set[str]:
 
 
 def warmup(summary: dict) -> float | str:
-    """Seconds of the cell's first steps beyond what as many steady steps take: its compile (and the recompile a
-    second batch shape brings), which the trainer counts in train_s. Empty for a run that did not time them."""
+    """Seconds of the cell's first steps beyond what as many steady steps take: its compile, which the trainer
+    counts in train_s. Empty for a run that did not time them."""
     first, n, steps = summary.get("first_steps_s"), summary.get("first_steps", 0), summary["steps"]
     if first is None or not n or steps <= n:
         return ""
@@ -125,19 +125,26 @@ def record(out: str | Path, cell: Cell, flops_convention: str) -> bool:
         row["epochs_" + name] = round(epochs, 4)
     for name, seconds in summary.get("startup_phases", {}).items():  # the last process's start-up, stage by stage
         row[f"startup_{name}_s"] = seconds
-    return append_row(path, row)
+    return append_rows(path, [row]) == 1
 
 
-def append_row(path: Path, row: dict) -> bool:
-    """Append `row` to the results CSV at `path` unless its key has a row; True when a row was written."""
+def append_rows(path: Path, rows: list[dict]) -> int:
+    """Append to the results CSV at `path` the rows whose key has none yet, in one read and one write; returns
+    how many were written."""
     existing, header = [], []
     if path.exists():
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             existing, header = list(reader), list(reader.fieldnames or [])
-        if any(r["key"] == row["key"] for r in existing):
-            return False
-    new_columns = [k for k in RESULT_FIELDS + sorted(k for k in row if k not in RESULT_FIELDS) if k not in header]
+    keys, new = {r["key"] for r in existing}, []
+    for r in rows:
+        if r["key"] not in keys:
+            keys.add(r["key"])
+            new.append(r)
+    if not new:
+        return 0
+    extra = sorted({k for r in new for k in r if k not in RESULT_FIELDS})
+    new_columns = [k for k in RESULT_FIELDS + extra if k not in header]
     fields = header + new_columns
     if header and new_columns:  # a new loss column: rewrite once with the wider header
         tmp = path.with_suffix(".csv.tmp")
@@ -150,8 +157,8 @@ def append_row(path: Path, row: dict) -> bool:
         w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         if not header:
             w.writeheader()
-        w.writerow(row)
-    return True
+        w.writerows(new)
+    return len(new)
 
 
 def adopt(out: str | Path, cells: list[Cell], source: str | Path) -> int:
@@ -164,7 +171,7 @@ def adopt(out: str | Path, cells: list[Cell], source: str | Path) -> int:
         rows = [r for r in csv.DictReader(f) if r.get("key") in by_key]
     path = Path(out) / "results.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return sum(append_row(path, {**r, "recipe": by_key[r["key"]].recipe, "reused_from": str(source)}) for r in rows)
+    return append_rows(path, [{**r, "recipe": by_key[r["key"]].recipe, "reused_from": str(source)} for r in rows])
 
 
 def loss_columns(out: str | Path) -> list[str]:

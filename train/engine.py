@@ -42,9 +42,11 @@ def apply_compile(model: FusionTransformer, mode: str = "default", scope: str = 
     eager glue between regions costs more host time than the GPU spends on the layers."""
     if scope == "model":
         model.loss_kernel = False  # its call would break the graph: the loss's compiled torch form instead
-        compiled = torch.compile(model.forward, dynamic=None, mode=None if mode == "default" else mode)
         eager = model.forward
         signature, checked = inspect.signature(eager), list(inspect.signature(model._check).parameters)
+        compiled = varying_from_the_start(
+            torch.compile(eager, dynamic=None, mode=None if mode == "default" else mode), signature
+        )
 
         def forward(*args, **kwargs):
             """Training forwards compiled, the batch-varying lengths symbolic from the first step (`VARYING`);
@@ -55,10 +57,9 @@ def apply_compile(model: FusionTransformer, mode: str = "default", scope: str = 
             the first step's graph in five places and make the second step compile again without it."""
             if not torch.is_grad_enabled():
                 return eager(*args, **kwargs)
-            given = signature.bind(*args, **kwargs)
-            mark_varying(given.arguments)
             if not model.check_inputs:
                 return compiled(*args, **kwargs)
+            given = signature.bind(*args, **kwargs)
             given.apply_defaults()
             model._check(**{k: given.arguments[k] for k in checked})
             model.check_inputs = False
@@ -71,13 +72,8 @@ def apply_compile(model: FusionTransformer, mode: str = "default", scope: str = 
         return
     for block in model.blocks:
         block.compile(dynamic=False, mode=None if mode == "default" else mode)
-    losses, text_signature = torch.compile(model.text_losses, dynamic=None), inspect.signature(model.text_losses)
-
-    def text_losses(*args, **kwargs):
-        mark_varying(text_signature.bind(*args, **kwargs).arguments)
-        return losses(*args, **kwargs)
-
-    model.text_losses = text_losses
+    text_losses = model.text_losses
+    model.text_losses = varying_from_the_start(torch.compile(text_losses, dynamic=None), inspect.signature(text_losses))
 
 
 # The inputs whose first dimension changes from batch to batch: a packed batch's count of image patches and of text
@@ -88,11 +84,23 @@ def apply_compile(model: FusionTransformer, mode: str = "default", scope: str = 
 VARYING = ("patches", "target_index")
 
 
-def mark_varying(arguments: dict) -> None:
-    for name in VARYING:
-        t = arguments.get(name)
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+def varying_from_the_start(compiled, signature: inspect.Signature):
+    """`compiled` with the VARYING inputs of its first call marked dynamic before that call compiles it. Only the
+    first: the graph it builds keeps them symbolic, so later steps pay nothing for the marking."""
+    first = True
+
+    def call(*args, **kwargs):
+        nonlocal first
+        if first:
+            given = signature.bind(*args, **kwargs).arguments
+            for name in VARYING:
+                t = given.get(name)
+                if isinstance(t, torch.Tensor) and t.dim() > 0:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            first = False
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

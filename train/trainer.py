@@ -28,8 +28,8 @@ from train.rundir import RunLock, ensure_run_dir
 from train.schedule import lr_at
 from train.signals import EXIT_REQUEUE, SignalFlags
 
-# A process's first steps are timed apart (summary: first_steps_s): they hold its compile, and the automatic-dynamic
-# recompile a second batch shape brings, which on a tiny sweep cell outlast its start-up (scaling.gputime).
+# A process's first steps are timed apart (summary: first_steps_s): they hold its compile, which on a tiny sweep
+# cell outlasts its start-up (scaling.gputime).
 FIRST_STEPS = 5
 
 
