@@ -2,6 +2,8 @@
 
 On a GPU host each cell gets `launcher.nproc` devices through CUDA_VISIBLE_DEVICES and its own rendezvous port;
 cells start as devices free up, the costliest first, and `launcher.cells_per_gpu` lets tiny cells share a device.
+A cell whose compiled shape another cell is compiling waits for that compile and then reads it from the cache
+(`CompileGate`).
 Cells die with the driver (Linux's parent-death signal), so a killed sweep leaves no cell training on its own; a
 cell launched through torchrun (nproc > 1) loses its torchrun that way but not its workers.
 
@@ -28,6 +30,7 @@ from scaling.plan import Cell, Plan
 from scaling.results import finished, has_summary, record, recorded_keys
 from scaling.spec import SweepSpec
 from train.config import ConfigError
+from train.rundir import FIRST_STEPS_FILE
 from train.signals import EXIT_REQUEUE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +72,51 @@ def take_devices(free: dict[str, int], n: int) -> list[str] | None:
     for d in ready[:n]:
         free[d] -= 1
     return ready[:n]
+
+
+def compile_shape(cell: Cell) -> str | None:
+    """What a cell's compiled graphs depend on (the model, the engine's settings, the micro-batch's shape), or None
+    when it compiles nothing. Cells that agree share inductor's on-disk cache: on an H200 a study cell whose shape
+    was compiled before started in 6-10 s of first steps, one compiling it afresh in 40-120 s (docs/study/STUDY.md)."""
+    cfg = cell.config
+    engine = cfg.get("deepspeed") or {}
+    if not engine.get("compile"):
+        return None
+    data = cfg.get("data") or {}
+    batch = {k: data.get(k) for k in ("seq_len", "batch_size", "patch_size", "max_image_patches")}
+    return json.dumps({"model": cfg.get("model"), "engine": engine, "batch": batch}, sort_keys=True)
+
+
+class CompileGate:
+    """One cell of a shape compiles at a time: another cell of that shape waits until the first has finished its
+    first steps (the trainer's FIRST_STEPS_FILE, written after them), and from then on every cell of the shape
+    starts freely and loads the graphs from the cache instead of compiling them again beside it. A first cell that
+    stops before its first steps are done hands the compile to the next one. Cells of other shapes start meanwhile;
+    a slot stays free only when every cell left waits on a compile (`launcher.stagger_compiles: false`: no gate)."""
+
+    def __init__(self, on: bool = True):
+        self.on = on
+        self.warming: dict[str, tuple[Cell, float]] = {}  # shape -> the cell compiling it, and when it started
+        self.compiled: set[str] = set()
+
+    def started(self, cell: Cell, at: float) -> None:
+        shape = compile_shape(cell)
+        if self.on and shape is not None and shape not in self.compiled and shape not in self.warming:
+            self.warming[shape] = (cell, at)
+
+    def settle(self, running: set[str]) -> None:
+        """Move the shapes whose compiling cell is past its first steps (in this process) to compiled; let go of
+        those whose compiling cell stopped short of them."""
+        for shape, (cell, at) in list(self.warming.items()):
+            marker = cell.run_dir / FIRST_STEPS_FILE
+            if marker.exists() and marker.stat().st_mtime >= at:
+                self.compiled.add(shape)
+            elif cell.key in running:
+                continue
+            del self.warming[shape]
+
+    def blocked(self, cell: Cell) -> bool:
+        return self.on and compile_shape(cell) in self.warming
 
 
 def command(cell: Cell, nproc: int, port: int) -> list[str]:
@@ -165,6 +213,7 @@ def _loop(
     returns how many interrupted cells saved their step (exit EXIT_REQUEUE) and how many did not. A cell that fails
     goes into `failed` and the sweep goes on without it."""
     nproc, saved, lost, stopping = spec.launcher.nproc, 0, 0, False
+    gate = CompileGate(spec.launcher.stagger_compiles)
     beat = time.monotonic()
     while todo or running:
         if time.monotonic() - beat > HEARTBEAT_S:
@@ -208,7 +257,10 @@ def _loop(
         ready = [c for c in todo if not c.trunk or (Path(spec.out) / "cells" / c.trunk / "summary.json").exists()]
         if closed:
             ready = []
+        gate.settle(set(running))
         for cell in ready:
+            if gate.blocked(cell):
+                continue
             if slots:
                 devices = take_devices(free, nproc)
                 if devices is None:
@@ -220,7 +272,8 @@ def _loop(
             todo.remove(cell)
             cell.write_config()
             port = free_port({r[4] for r in running.values()})
-            cell_env = {**env, "MASTER_PORT": str(port), "FUSION_LAUNCH_TIME": repr(time.time())}
+            launched = time.time()
+            cell_env = {**env, "MASTER_PORT": str(port), "FUSION_LAUNCH_TIME": repr(launched)}
             if slots:
                 cell_env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
             log = open(log_dir / f"{cell.key}.log", "a")  # noqa: SIM115 - closed when the process ends
@@ -234,6 +287,7 @@ def _loop(
                 start_new_session=True,  # a signal to the driver's group (`timeout`, Ctrl-C) is the driver's to pass on
             )
             running[cell.key] = (proc, cell, log, devices, port)
+            gate.started(cell, launched)
             beat = -HEARTBEAT_S
         time.sleep(0.5)
     return saved, lost

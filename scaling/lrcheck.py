@@ -16,25 +16,32 @@ from pathlib import Path
 def lr_check(rows: list[dict], loss: str = "loss", tolerance: float = 2.0) -> list[dict]:
     """Per (base recipe, size, budget) tried at two factors or more: loss by factor, the best factor, and whether
     the rule is within tolerance. A cell alone in its group (a study's other cells, read beside a check) says
-    nothing of the LR and is left out."""
-    groups: dict[tuple, dict[float, float]] = defaultdict(dict)
+    nothing of the LR and is left out. A cell trained more than once (its key in a repeat's CSV too) counts at the
+    mean of its runs (`runs` says how many); the same run read twice (a row another sweep reused) counts once."""
+    seen: dict[tuple, tuple] = {}
     for r in rows:
         if r.get(loss) in (None, "") or not math.isfinite(float(r[loss])):
             continue
-        recipe = r["recipe"].split("@lr")[0]
-        groups[(recipe, int(r["size"]), r["budget"])][float(r.get("lr_scale") or 1.0)] = float(r[loss])
+        group = (r["recipe"].split("@lr")[0], int(r["size"]), r["budget"])
+        run = (r.get("key") or id(r), r.get("wall_s"), r[loss])  # one training run, however many CSVs hold it
+        seen[run] = (group, float(r.get("lr_scale") or 1.0), float(r[loss]))
+    groups: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for group, scale, value in seen.values():
+        groups[group][scale].append(value)
     out = []
-    for (recipe, size, budget), by_scale in sorted(groups.items()):
-        if len(by_scale) < 2:
+    for (recipe, size, budget), runs in sorted(groups.items()):
+        if len(runs) < 2:
             continue
-        scales = sorted(by_scale)
+        scales = sorted(runs)
+        by_scale = {s: sum(runs[s]) / len(runs[s]) for s in scales}
         best = min(scales, key=lambda s: by_scale[s])
         out.append(
             {
                 "recipe": recipe,
                 "size": size,
                 "budget": budget,
-                "losses": {s: by_scale[s] for s in scales},
+                "losses": by_scale,
+                "runs": {s: len(runs[s]) for s in scales},
                 "best_scale": best,
                 "best_at_edge": len(scales) > 1 and best in (scales[0], scales[-1]),
                 "rule_loss": by_scale.get(1.0),
@@ -48,7 +55,10 @@ def lr_check(rows: list[dict], loss: str = "loss", tolerance: float = 2.0) -> li
 def describe(checks: list[dict], tolerance: float = 2.0) -> str:
     lines = []
     for c in checks:
-        losses = ", ".join(f"x{s:g}: {v:.4f}" for s, v in c["losses"].items())
+        losses = ", ".join(
+            f"x{s:g}: {v:.4f}" + (f" (mean of {c['runs'][s]} runs)" if c["runs"][s] > 1 else "")
+            for s, v in c["losses"].items()
+        )
         verdict = (
             f"the rule's LR is within {tolerance:g}x of the best tried"
             if c["rule_within"]

@@ -25,6 +25,9 @@ class Launcher:
     gpus: list[int] | None = None
     cells_per_gpu: int = 1
     parallel: int = 1  # local without GPUs: cells at once
+    # local: a cell waits while another cell of its compiled shape is in its first steps, then loads that compile
+    # from inductor's cache rather than building the same graphs beside it (scaling.local.CompileGate)
+    stagger_compiles: bool = True
     max_micro_rows: int = 0  # micro-batch rows per rank at most (memory); 0: the whole per-rank batch at once
     max_concurrent: int = 8  # slurm: array tasks at once
     sbatch_args: list[str] = field(default_factory=list)

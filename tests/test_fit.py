@@ -258,6 +258,26 @@ def test_lr_check_names_the_best_factor_and_judges_the_rule(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == text, out.stdout + out.stderr
 
 
+def test_lr_check_averages_a_repeated_cell_and_counts_a_reused_row_once():
+    """A repeat of the check (the same keys trained again) moves each factor to the mean of its runs, which can
+    change the verdict; the rule's cell copied into both CSVs (`scaling run --reuse`) is one run, not two."""
+    from scaling.lrcheck import describe, lr_check
+
+    def row(scale, loss, wall, reused=""):
+        return {"key": f"k{scale:g}", "recipe": f"a@lr{scale:g}", "size": 1, "budget": "flops=1e+14",
+                "lr_scale": scale, "loss": loss, "wall_s": wall, "reused_from": reused}  # fmt: skip
+
+    first = [row(0.5, 2.9, 10), row(1.0, 2.8, 11, "study.csv"), row(4.0, 2.6, 12)]
+    repeat = [row(0.5, 2.9, 20), row(1.0, 2.8, 11, "study.csv"), row(4.0, 3.2, 22)]
+    (alone,) = lr_check(first)
+    assert (alone["best_scale"], alone["rule_within"]) == (4.0, False)
+    (both,) = lr_check(first + repeat)
+    assert both["runs"] == {0.5: 2, 1.0: 1, 4.0: 2}
+    assert both["losses"][4.0] == pytest.approx(2.9) and both["losses"][1.0] == pytest.approx(2.8)
+    assert (both["best_scale"], both["rule_within"]) == (1.0, True)
+    assert "x4: 2.9000 (mean of 2 runs)" in describe([both]) and "x1: 2.8000," in describe([both])
+
+
 def test_the_plans_time_model_is_fitted_to_measured_cells(capsys):
     """`scaling calibrate`: constants a run's cells were generated from come back; on the fifth study run's 40
     cells the fitted constants plan its measured process-minutes (the spec's guessed ones plan 13% fewer)."""

@@ -462,3 +462,71 @@ def test_warmup_is_the_first_steps_beyond_the_steady_rate():
 def test_spec_types_are_checked():
     with pytest.raises(ConfigError, match="exactly one of tokens_per_param or flops"):
         build(SweepSpec, {"name": "x", "base": "b", "out": "o", "sizes": [1]})
+
+
+def test_cells_of_one_compiled_shape_wait_for_its_first_compile(spec, tmp_path):
+    """Two sizes at two LRs, compiled, three slots, a fresh inductor cache: each size's first cell starts at once
+    (one shape does not hold up another), and its sibling starts only once that cell has written its first steps'
+    marker (its graphs then in the cache), rather than compiling the same graphs beside it."""
+    from scaling.local import compile_shape
+    from train.rundir import FIRST_STEPS_FILE
+
+    path = spec(
+        lr_scales=[0.5, 1.0],
+        tokens_per_param=[0.008],
+        overrides={"deepspeed": {"zero_stage": 0, "compile": True}},
+        launcher={"parallel": 3},
+    )
+    cells = plan(load_spec(path)).cells
+    shapes = {compile_shape(c) for c in cells}
+    assert len(cells) == 4 and len(shapes) == 2 and None not in shapes  # the LR is no part of a shape
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    result = sweep("run", path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    firsts = []
+    for size in (1, 2):
+        mine = [c for c in cells if c.size == size]
+        started = {c.key: json.loads((c.run_dir / "summary.json").read_text())["launched_at"] for c in mine}
+        first, second = sorted(mine, key=lambda c: started[c.key])
+        marker = first.run_dir / FIRST_STEPS_FILE
+        assert json.loads(marker.read_text())["step"] == 5
+        assert started[second.key] >= marker.stat().st_mtime > started[first.key]
+        firsts.append((started[first.key], marker.stat().st_mtime))
+    (a_start, a_done), (b_start, b_done) = sorted(firsts)
+    assert b_start < a_done  # the two shapes compiled side by side
+
+
+def test_the_compile_gate_lets_a_shape_go_once_compiled_and_passes_a_failed_compile_on(spec):
+    """After a shape's first cell is past its first steps, all its other cells start at once; a first cell that
+    stops short hands the compile to the next; a marker from an earlier process of the cell does not count."""
+    from scaling.local import CompileGate
+    from train.rundir import FIRST_STEPS_FILE
+
+    path = spec(
+        lr_scales=[0.5, 1.0, 2.0], sizes=[1], tokens_per_param=[0.008], overrides={"deepspeed": {"compile": True}}
+    )
+    a, b, c = plan(load_spec(path)).cells
+    for cell in (a, b, c):
+        cell.run_dir.mkdir(parents=True)
+    marker = a.run_dir / FIRST_STEPS_FILE
+    marker.write_text("{}")
+    os.utime(marker, (time.time() - 60, time.time() - 60))  # an earlier segment's
+    gate = CompileGate()
+    gate.started(a, time.time() - 1)
+    gate.settle({a.key})
+    assert gate.blocked(b) and gate.blocked(c)
+    marker.write_text("{}")  # this process's first steps done
+    gate.settle({a.key})
+    assert not gate.blocked(b)
+    gate.started(b, time.time())
+    assert not gate.blocked(c)  # the shape is compiled: b does not hold c up
+
+    gate = CompileGate()
+    gate.started(b, time.time())
+    gate.settle(set())  # b stopped before its first steps were done
+    assert not gate.blocked(c)
+    gate.started(c, time.time())
+    assert gate.blocked(a)  # c compiles now
+    off = CompileGate(on=False)
+    off.started(a, time.time())
+    assert not off.blocked(b)

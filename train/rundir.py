@@ -12,6 +12,10 @@ from pathlib import Path
 
 from train.config import ConfigError
 
+# Written by the trainer when a process's first steps are done: its compiled graphs are in inductor's on-disk cache
+# from then on, which a sweep driver waits for before it starts another cell of that shape (scaling.local.CompileGate)
+FIRST_STEPS_FILE = "first_steps.json"
+
 
 def ensure_run_dir(run_dir: str | Path) -> Path:
     run = Path(run_dir)

@@ -24,7 +24,7 @@ from train.export import at_end as export_at_end
 from train.fingerprint import fingerprint
 from train.metrics import MetricsWriter
 from train.objective import Objective
-from train.rundir import RunLock, ensure_run_dir
+from train.rundir import FIRST_STEPS_FILE, RunLock, ensure_run_dir
 from train.schedule import lr_at
 from train.signals import EXIT_REQUEUE, SignalFlags
 
@@ -186,7 +186,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     if rank == 0:
         (run / "PREEMPTED").unlink(missing_ok=True)
     engine.train()
-    timed = 0  # this process's steps timed apart
+    timed, timed_s = 0, 0.0  # this process's steps timed apart, and their seconds
     try:
         while state["step"] < cfg.steps:
             lr = lr_at(state["step"], cfg.steps, cfg.optim.lr, cfg.schedule)
@@ -195,9 +195,12 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             t_step = time.perf_counter()
             objective.step(state, lr, log)
             if timed < FIRST_STEPS:
-                timed += 1
-                state["first_steps_s"] += time.perf_counter() - t_step
+                timed, took = timed + 1, time.perf_counter() - t_step
+                timed_s += took
+                state["first_steps_s"] += took
                 state["first_steps"] += 1
+                if timed == FIRST_STEPS and rank == 0:  # compiled: a sweep driver may start this shape's next cell
+                    (run / FIRST_STEPS_FILE).write_text(json.dumps({"step": state["step"] + 1, "seconds": timed_s}))
             state["step"] += 1
             metrics and metrics.advance()
             stop, save_now = _any_rank([signals.stop, signals.save], group)
