@@ -259,3 +259,82 @@ def test_the_calibrated_plan_is_the_runs():
         float(f"{fit['step_s']:.3g}"),
         float(f"{fit['startup_s']:.3g}"),
     )
+
+
+LR = STUDY / "study5-lr"
+GATE = STUDY / "compile-gate"
+
+
+def test_the_lr_check_table_is_both_runs_of_its_cells():
+    from scaling.lrcheck import lr_check, read_rows
+
+    first, repeat = read_rows(LR / "results.csv"), read_rows(GATE / "results.csv")
+    checks = lr_check(first + repeat)
+    assert len(checks) == 6
+    for c in checks:
+        line = row(DOC, f"size {c['size']}, {c['budget'][6:]}")
+        assert line == [f"{v:.4f}" for v in c["losses"].values()] + [f"x{c['best_scale']:g}", f"{c['rule_excess']:.4f}"]
+        twice = c["size"] < 4  # the 1e14 cells ran again, all but the rule's (the study's own)
+        assert c["rule_within"] and c["runs"] == {s: 2 if twice and s != 1 else 1 for s in c["runs"]}
+    assert "**The rule's LR is within 2x of the best factor at all six sizes**" in said()
+    for rows_ in (first, repeat):
+        assert all(c["rule_within"] for c in lr_check(rows_, "loss_text"))
+    one, two = lr_check(first)[0], lr_check(repeat)[0]
+    assert (one["size"], one["best_scale"], one["rule_within"]) == (1, 2.0, True)
+    assert (two["size"], two["best_scale"], two["rule_within"]) == (1, 4.0, False)
+    assert f"x2 (the rule within 2x, {one['rule_excess']:.4f} behind)" in said()
+    assert f"x4, the edge of those tried (outside 2x, {two['rule_excess']:.4f} behind)" in said()
+    assert f"Sizes 2-6 lose at most {max(c['rule_excess'] for c in checks[1:]):.4f}" in said()
+    caption = sorted(float(r["loss_caption"]) for r in first + repeat if r["size"] == "1" and r["lr_scale"] != "1.0")
+    assert len(caption) == 8 and caption[5] < 0.7 < caption[6]
+    assert f"{caption[0]:.3f}-{caption[5]:.3f} in six of the eight runs" in said()
+    assert f"{caption[6]:.3f} and {caption[7]:.3f} in two" in said()
+    rule = next(r for r in first if r["size"] == "1" and r["lr_scale"] == "1.0")
+    assert f"and {float(rule['loss_caption']):.3f} in the rule's one run" in said()
+
+
+def test_run_to_run_differences_are_the_two_csvs():
+    again = {r["key"]: r for r in rows(GATE / "results.csv") if not r["reused_from"]}
+    before = {r["key"]: r for r in rows(LR / "results.csv")}
+    assert len(again) == 12
+    for k, r in again.items():  # the same cells: same steps and tokens, the same seed
+        assert (r["steps"], r["tokens"], r["seed"], r["lr"]) == tuple(
+            before[k][c] for c in ("steps", "tokens", "seed", "lr")
+        )
+    for col, words in (
+        ("loss", "overall validation loss"),
+        ("loss_caption", "caption loss"),
+        ("loss_text", "text loss"),
+    ):
+        d = [abs(float(again[k][col]) - float(before[k][col])) for k in again]
+        assert f"the {words} by a median {statistics.median(d):.4f} (at most {max(d):.4f}" in said()
+    d = [abs(float(again[k]["loss"]) - float(before[k]["loss"])) for k in again]
+    assert statistics.median(d) > 0.0101  # "smaller than the median change of one cell between two runs"
+
+
+def test_the_compile_gate_figures_are_its_run():
+    from scaling.gputime import gpu_time, markdown
+
+    for run in (LR, GATE):
+        assert markdown(gpu_time(run, peak_tflops=989)).split("\n\n")[0] in DOC.read_text()
+    again = {r["key"]: float(r["warmup_s"]) for r in rows(GATE / "results.csv") if not r["reused_from"]}
+    before = {r["key"]: float(r["warmup_s"]) for r in rows(LR / "results.csv") if r["key"] in again}
+    first, rest = sorted(again.values())[-3:], sorted(again.values())[:-3]
+    assert min(first) > 4 * max(rest)  # one compile per shape, three shapes
+    nine = f"the nine others in {rest[0]:.1f}-{rest[-1]:.1f} s"
+    assert f"compiled in {first[0]:.1f}-{first[-1]:.1f} s, three at once; {nine}" in said()
+    b = sorted(before.values())
+    assert (
+        f"took {b[0]:.1f}-{b[-1]:.1f} s each, {sum(b):.1f} s in all against {sum(again.values()):.1f} s now" in said()
+    )
+    allcheck = [float(r["warmup_s"]) for r in rows(LR / "results.csv") if not r["reused_from"]]
+    assert f"none in less than {min(allcheck):.1f} s" in said()
+    launched = [
+        float(line.split()[0])
+        for line in (GATE / "gate.log").read_text().splitlines()
+        if line.strip() and line.split()[0].replace(".", "").isdigit() and len(line.split()) == 6
+    ]
+    assert len(launched) == 12 and launched.count(0.0) == 3
+    assert f"five slots waited {sorted(launched)[3]:.1f} s for the first compiles" in said()
+    t = gpu_time(GATE, peak_tflops=989)
+    assert f"Start-up is now a median {t['startup_median_s']:.1f} s a cell" in said()
