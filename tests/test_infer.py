@@ -91,8 +91,10 @@ def test_fork_each_prefills_many_prompts_once_and_samples_each(model):
     assert a == b and all(len({tuple(r) for r in g}) > 1 for g in a)
 
 
-def test_stop_ids_and_per_row_limits(model):
-    engine = Engine(model, check_every=2)
+@pytest.mark.parametrize("static", [False, True], ids=["growing-cache", "static-greedy-step"])
+def test_stop_ids_and_per_row_limits(model, static):
+    """Also through the static cache's greedy step, whose bookkeeping (lengths, stops) runs on the device."""
+    engine = Engine(model, check_every=2, static=static)
     free = engine.generate(prompts(), SamplingParams(max_new_tokens=12))
     stop = free[2][3]  # a token row 2 emits at its 4th step
     rows = engine.generate(
@@ -101,6 +103,21 @@ def test_stop_ids_and_per_row_limits(model):
     assert rows[2] == free[2][: free[2].index(stop) + 1]  # ends with its stop id
     assert rows[0] == free[0][: min(5, free[0].index(stop) + 1 if stop in free[0] else 5)]
     assert len(rows[3]) == 1 and rows[3] == free[3][:1]
+
+
+def test_compiled_greedy_step_gives_the_row_by_row_tokens(model):
+    """The compiled engine's greedy decoding, one compiled call a token with the argmax and the bookkeeping inside
+    it (`Engine._greedy_step`, fullgraph: nothing falls back to eager), gives model.generate's tokens for prompts
+    with and without images; the other step is never called, and sampling still goes through it."""
+    engine = Engine(model, check_every=4, compile=True)
+    calls = []
+    engine.step = lambda *a: calls.append(a) or Engine._step(engine, *a)
+    rows = engine.generate(prompts(), SamplingParams(max_new_tokens=6))
+    for prompt, got in zip(prompts(), rows, strict=True):
+        assert got == generate(model, prompt, max_new_tokens=6).tokens
+    assert not calls
+    engine.generate(prompts()[:1], SamplingParams(max_new_tokens=3, temperature=1.0, seed=0))
+    assert len(calls) == 2
 
 
 def test_cli_captions_and_completes_in_one_batch(random_export, tmp_path):
