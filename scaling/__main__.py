@@ -10,6 +10,7 @@
     python -m scaling time   SPEC|DIR # where the device time went: training, start-up, the rest; aggregate MFU
                                      [--peak-tflops 989]
     python -m scaling calibrate SPEC [RESULTS.csv]  # the plan's throughput constants fitted to measured cells
+    python -m scaling repeats FIRST.csv AGAIN.csv  # the same cells trained twice: how far their losses move
     python -m scaling fit RUNS.csv --out DIR [--loss loss ...] [--recipe-col recipe] [--params-col params]
                                      [--flops 6n+attn] [--bootstrap 1000] [--seed 0] [--target-flops 1e18]
 
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=["plan", "run", "fit", "report", "lrcheck", "time", "calibrate"])
+    ap.add_argument("command", choices=["plan", "run", "fit", "report", "lrcheck", "time", "calibrate", "repeats"])
     ap.add_argument("target", help="a sweep spec (YAML), or for `fit` a CSV of runs")
     ap.add_argument(
         "more", nargs="*", help="lrcheck: more results CSVs whose cells join the target's; calibrate: the results CSV"
@@ -95,8 +96,23 @@ def main(argv=None) -> int:
     ap.add_argument("--target-flops", type=float, help="compute for the allocations and multipliers (default: max)")
     ap.add_argument("--peak-tflops", type=float, help="time: one device's peak, for the aggregate MFU (H200 bf16: 989)")
     args = ap.parse_args(argv)
-    if args.more and args.command not in ("lrcheck", "calibrate") or args.command == "calibrate" and len(args.more) > 1:
+    if (
+        args.more
+        and args.command not in ("lrcheck", "calibrate", "repeats")
+        or (args.command in ("calibrate", "repeats") and len(args.more) > 1)
+    ):
         ap.error(f"`{args.command}` takes one target; more CSVs only join an lrcheck (or name calibrate's results)")
+    if args.command == "repeats":
+        from scaling.repeats import describe, repeats
+
+        if len(args.more) != 1:
+            ap.error("repeats takes two results CSVs: FIRST.csv AGAIN.csv")
+        try:
+            found = repeats(args.target, args.more[0], args.loss or ("loss", "loss_caption", "loss_text"))
+            print(describe(found, args.target, args.more[0]))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from e
+        return 0
     from scaling.report import summarize, write_markdown
 
     try:

@@ -278,6 +278,37 @@ def test_lr_check_averages_a_repeated_cell_and_counts_a_reused_row_once():
     assert "x4: 2.9000 (mean of 2 runs)" in describe([both]) and "x1: 2.8000," in describe([both])
 
 
+def test_repeats_compares_the_cells_trained_in_both_csvs(tmp_path):
+    """`scaling repeats`: per loss column the median and largest change between two runs of the same cells; a row
+    reused from another sweep is not a run of either; no shared cell is a clear error."""
+    fields = ["key", "recipe", "size", "budget", "loss", "loss_text", "warmup_s", "reused_from"]
+
+    def write(name, rows):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(dict(zip(fields, r, strict=True)) for r in rows)
+        return str(tmp_path / name)
+
+    first = write("a.csv", [("k1", "a", 1, "b", 2.0, 3.0, 30, ""), ("k2", "a", 2, "b", 1.5, 2.5, 40, ""),
+                            ("k3", "a", 3, "b", 1.0, 2.0, 50, "study.csv")])  # fmt: skip
+    again = write("b.csv", [("k1", "a", 1, "b", 2.1, 3.0, 5, ""), ("k2", "a", 2, "b", 1.4, 2.7, 6, ""),
+                            ("k3", "a", 3, "b", 1.0, 2.0, 50, "study.csv")])  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "scaling", "repeats", first, again, "--loss", "loss", "--loss", "loss_text"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"2 cells trained in both {first} and {again}")
+    assert "loss: median 0.1000, at most 0.1000" in out.stdout
+    assert "loss_text: median 0.1000, at most 0.2000 (size 2, a, b)" in out.stdout
+    assert f"first steps in {again}: 5.0-6.0 s a cell, 11.0 s in all" in out.stdout
+    alone = write("c.csv", [("k9", "a", 1, "b", 2.0, 3.0, 30, "")])
+    out = subprocess.run([sys.executable, "-m", "scaling", "repeats", first, alone], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode != 0 and "share no cell" in out.stderr
+
+
 def test_the_plans_time_model_is_fitted_to_measured_cells(capsys):
     """`scaling calibrate`: constants a run's cells were generated from come back; on the fifth study run's 40
     cells the fitted constants plan its measured process-minutes (the spec's guessed ones plan 13% fewer)."""

@@ -294,6 +294,14 @@ def test_the_lr_check_table_is_both_runs_of_its_cells():
 
 
 def test_run_to_run_differences_are_the_two_csvs():
+    from scaling.repeats import repeats
+
+    found = repeats(LR / "results.csv", GATE / "results.csv")
+    assert "`python -m scaling repeats docs/study/study5-lr/results.csv docs/study/compile-gate/results.csv`" in said()
+    d = found["losses"]["loss"]
+    assert f"overall validation loss by a median {d['median_abs']:.4f} (at most {d['max_abs']:.4f}" in said()
+    w = found["warmup_s"]
+    assert f"{w['first']['sum']:.1f} s in all against {w['again']['sum']:.1f} s now" in said()
     again = {r["key"]: r for r in rows(GATE / "results.csv") if not r["reused_from"]}
     before = {r["key"]: r for r in rows(LR / "results.csv")}
     assert len(again) == 12
