@@ -57,21 +57,25 @@ def resolve_backend(cfg: ModelConfig, device: torch.device) -> str:
     return "flex" if flex_ok else "sdpa"
 
 
-def attention_spans(doc: torch.Tensor, img: torch.Tensor, bidirectional: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_spans(
+    doc: torch.Tensor, img: torch.Tensor, bidirectional: bool | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi), each (B, T): query t attends keys lo[t]..hi[t]. lo is the first position of t's document, hi is t
-    itself or, with bidirectional images, the last position of t's image. Fixed-shape ops only (no host wait)."""
+    itself or, with bidirectional images, the last position of t's image. Fixed-shape ops only (no host wait).
+    `bidirectional` may be a 0-dim bool tensor: then it is data, not code, and a compiled graph serves both masks
+    (the model passes its own, so a sweep's two image masks share one compile)."""
     B, T = doc.shape
     t = torch.arange(T, device=doc.device).expand(B, T)
     starts = torch.ones_like(doc, dtype=torch.bool)
     starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
     lo = torch.where(starts, t, 0).cummax(1).values
-    if not bidirectional:
+    if bidirectional is False:
         return lo, t
     inside = img >= 0
     last = inside.clone()
     last[:, :-1] &= img[:, :-1] != img[:, 1:]
     image_end = torch.where(last, t, T).flip(1).cummin(1).values.flip(1)  # the next image end at or after t
-    return lo, torch.where(inside, image_end, t)
+    return lo, torch.where(inside & bidirectional, image_end, t)
 
 
 def mask_rule(lo: torch.Tensor, hi: torch.Tensor):
@@ -98,7 +102,7 @@ class AttentionMask:
     max_seqlen: int = 0
 
     @classmethod
-    def build(cls, backend: str, doc_ids, image_ids, bidirectional_images: bool) -> AttentionMask:
+    def build(cls, backend: str, doc_ids, image_ids, bidirectional_images: bool | torch.Tensor) -> AttentionMask:
         mask = cls(backend, *attention_spans(doc_ids, image_ids, bidirectional_images))
         if backend == "sdpa":
             mask.dense_mask()

@@ -124,6 +124,10 @@ class FusionTransformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.patch_emb = nn.Linear(cfg.patch_dim, cfg.d_model)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_sections, cfg.rope_theta, cfg.mrope_interleaved)
+        # the image mask as data, not a branch: a compiled forward is the same graph for both masks, so a sweep's two
+        # recipes share one compile (scaling.local.compile_shape); not saved (the config says it)
+        bidirectional = torch.tensor(cfg.image_mask == "bidirectional")
+        self.register_buffer("bidirectional_images", bidirectional, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -256,7 +260,7 @@ class FusionTransformer(nn.Module):
             None
             if decoding
             else AttentionMask.build(
-                self.attention_backend(dev), doc_ids, image_ids, self.cfg.image_mask == "bidirectional"
+                self.attention_backend(dev), doc_ids, image_ids, self.bidirectional_images
             )
         )
         for block in self.blocks:

@@ -76,7 +76,8 @@ def take_devices(free: dict[str, int], n: int) -> list[str] | None:
 
 def compile_shape(cell: Cell) -> str | None:
     """What a cell's compiled graphs depend on (the model, the engine's settings, the micro-batch's shape), or None
-    when it compiles nothing. Cells that agree share inductor's on-disk cache: on an H200 a study cell whose shape
+    when it compiles nothing. The image mask is not part of it: the model reads it as data, so a study's two
+    recipes share their compiles. Cells that agree share inductor's on-disk cache: on an H200 a study cell whose shape
     was compiled before started in 6-10 s of first steps, one compiling it afresh in 40-120 s (docs/study/STUDY.md)."""
     cfg = cell.config
     engine = cfg.get("deepspeed") or {}
@@ -84,7 +85,19 @@ def compile_shape(cell: Cell) -> str | None:
         return None
     data = cfg.get("data") or {}
     batch = {k: data.get(k) for k in ("seq_len", "batch_size", "patch_size", "max_image_patches")}
-    return json.dumps({"model": cfg.get("model"), "engine": engine, "batch": batch}, sort_keys=True)
+    model = dict(cfg.get("model") or {})
+    if not _mask_picks_kernel(model):
+        model.pop("image_mask", None)  # data in the graph (FusionTransformer.bidirectional_images), not code
+    return json.dumps({"model": model, "engine": engine, "batch": batch}, sort_keys=True)
+
+
+def _mask_picks_kernel(model: dict) -> bool:
+    """Whether the image mask chooses the attention kernel: flash-attn serves causal masks only, and `auto` takes it
+    for them where it is installed (model.attention.resolve_backend)."""
+    from model.attention import HAS_FLASH_ATTN
+
+    backend = model.get("attention_backend", "auto")
+    return backend == "flash" or (backend == "auto" and HAS_FLASH_ATTN)
 
 
 class CompileGate:

@@ -90,6 +90,8 @@ def test_interval_rule_is_the_pairwise_rule_on_packed_rows(bidirectional, scheme
     expected = (q == k) & allowed
     got = AttentionMask.build("sdpa", doc, img, bidirectional).dense[:, 0]
     assert torch.equal(got, expected)
+    as_data = AttentionMask.build("sdpa", doc, img, torch.tensor(bidirectional)).dense[:, 0]  # the model's flag
+    assert torch.equal(as_data, expected)
 
 
 def test_ids_that_are_not_contiguous_spans_are_refused(tiny_cfg):

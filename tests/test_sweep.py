@@ -496,6 +496,20 @@ def test_cells_of_one_compiled_shape_wait_for_its_first_compile(spec, tmp_path):
     assert b_start < a_done  # the two shapes compiled side by side
 
 
+def test_a_studys_two_image_masks_are_one_compiled_shape():
+    """The fifth study's 40 cells: 16 (size, micro-batch, mask) combinations, 8 compiled shapes, since the model
+    reads its image mask as data; where the mask picks the kernel (flash-attn serves causal only) it stays apart."""
+    from scaling.local import compile_shape
+
+    cells = plan(load_spec(REPO / "configs" / "sweeps" / "study5.yaml")).cells
+    assert len({(c.size, c.micro_rows, c.config["model"]["image_mask"]) for c in cells}) == 16
+    assert len({compile_shape(c) for c in cells}) == 8
+    a, b = (next(c for c in cells if c.size == 4 and c.recipe == r) for r in ("bidirectional", "causal"))
+    for cell in (a, b):
+        cell.config["model"]["attention_backend"] = "flash"
+    assert compile_shape(a) != compile_shape(b)
+
+
 def test_the_compile_gate_lets_a_shape_go_once_compiled_and_passes_a_failed_compile_on(spec):
     """After a shape's first cell is past its first steps, all its other cells start at once; a first cell that
     stops short hands the compile to the next; a marker from an earlier process of the cell does not count."""

@@ -327,6 +327,39 @@ def test_compiled_regions_compute_what_eager_computes(tiny_cfg, scope):
         assert not torch._dynamo.utils.counters["frames"]  # nothing traced, nothing compiled without gradients
 
 
+def test_the_two_image_masks_are_one_compiled_graph(tiny_cfg, monkeypatch, tmp_path):
+    """The image mask is data in the model (a flag tensor), not a branch: the causal model's whole-forward compile,
+    traced afresh, is found in inductor's cache where the bidirectional model's put it (a sweep's two recipes share
+    their compiles), and each still computes its own mask (the losses differ, each equal to its eager model's)."""
+    import dataclasses
+
+    from conftest import packed_batch
+
+    from model import build_model
+    from train.engine import apply_compile
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cold cache
+    batch = packed_batch(seed=3, rows=2)
+    assert len(batch["patches"])
+    losses, counts = {}, []
+    for mask in ("bidirectional", "causal"):
+        torch.manual_seed(0)
+        eager = build_model(dataclasses.replace(tiny_cfg, image_mask=mask))
+        compiled = build_model(dataclasses.replace(tiny_cfg, image_mask=mask))
+        compiled.load_state_dict(eager.state_dict())
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        apply_compile(compiled, scope="model")
+        got = compiled(**batch).loss
+        got.backward()
+        torch.testing.assert_close(got, eager(**batch).loss, atol=1e-5, rtol=1e-5)
+        losses[mask] = got.item()
+        counts.append(dict(torch._dynamo.utils.counters["inductor"]))
+    assert losses["bidirectional"] != losses["causal"]
+    assert counts[0].get("fxgraph_cache_miss", 0) > 0 and not counts[0].get("fxgraph_cache_hit")
+    assert counts[1].get("fxgraph_cache_hit", 0) > 0 and not counts[1].get("fxgraph_cache_miss"), counts
+
+
 def test_host_threads_drop_to_one_on_a_gpu_unless_told(monkeypatch):
     """train.engine.quiet_host_threads: one intra-op thread for a GPU trainer (a pool per core competed with the
     loader's workers), nothing on a CPU run, and OMP_NUM_THREADS, when set, wins."""

@@ -32,7 +32,11 @@ class FusionForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module):
-        """Weights come from the checkpoint; only the rotary tables (buffers, not saved) are computed here."""
+        """Weights come from the checkpoint; only the buffers, which are not saved, are set here: the rotary tables
+        and the image-mask flag."""
+        if isinstance(module, FusionTransformer):
+            with torch.no_grad():
+                module.bidirectional_images.fill_(module.cfg.image_mask == "bidirectional")
         if isinstance(module, Rotary):
             cfg = ModelConfig.from_dict(self.config.fusion)
             with torch.device("cpu"):  # transformers builds the model on the meta device first
