@@ -87,6 +87,7 @@ def profile_call(fn, device, steps: int, top: int = 8) -> dict:
     return {
         "profiled": "cuda kernels" if cuda else "cpu operators",
         "per_step": len(events) / steps,
+        "ms_per_step": total / steps,  # all of them: on a GPU, the kernel time a new token costs
         "top": [{"name": n[:120], "ms_per_step": ms / steps, "share": ms / total} for n, ms in ranked],
     }
 
@@ -173,7 +174,7 @@ def print_row(r: dict) -> None:
     )
     if "profile" in r:
         p = r["profile"]
-        print(f"    {p['per_step']:.1f} {p['profiled']} a step; the most time:", flush=True)
+        print(f"    {p['per_step']:.1f} {p['profiled']} a step, {p['ms_per_step']:.3f} ms; the most time:", flush=True)
         for t in p["top"]:
             print(f"      {t['share']:6.1%} {t['ms_per_step']:8.4f} ms  {t['name']}", flush=True)
 

@@ -143,6 +143,13 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator) -> torc
     return sample(logits, params.temperature, params.top_p, generator)
 
 
+def advance_rows(token: torch.Tensor, length: torch.Tensor, done: torch.Tensor, limit, stops) -> None:
+    """In place, after a step wrote `token`: each row not yet done grows by one, and is done at a stop id or at its
+    limit (rows go on decoding after that; their tokens past `length` are cut when the call returns)."""
+    length += (~done).long()
+    done |= torch.isin(token, stops) | (length >= limit)
+
+
 class Engine:
     """`generate(prompts, params)`: one prefill over the padded batch, then one cached step per token for every
     row; `fork(prompt, n, params)`: one prefill, n samples. Returns each row's new tokens (stop id included)."""
@@ -179,8 +186,7 @@ class Engine:
         new = logits.argmax(-1)
         column += 1
         out.index_copy_(1, column.view(1), new.view(B, 1))
-        length += (~done).long()
-        done |= torch.isin(new, stops) | (length >= limit)
+        advance_rows(new, length, done, limit, stops)
         token.copy_(new)
 
     @torch.no_grad()
@@ -228,9 +234,6 @@ class Engine:
         self, logits, cache, next_pos, params: SamplingParams, limits: list[int], pos_dims: int, on_tokens=None
     ):
         B, steps = logits.shape[0], max(limits)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
         out = torch.zeros(B, steps, dtype=torch.long, device=self.device)
         limit = torch.tensor(limits, device=self.device)
         stops = torch.tensor(list(params.stop_ids) or [-1], device=self.device)
@@ -244,28 +247,37 @@ class Engine:
             if self.static and params.temperature == 0 and on_tokens is None:
                 self._decode_greedy(logits, cache, next_pos, pos_dims, out, length, done, limit, stops)
             else:
-                for step in range(steps):
-                    token = sample_next(logits, params, generator)
-                    out[:, step] = token
-                    length += (~done).long()
-                    done |= torch.isin(token, stops) | (length >= limit)
-                    if on_tokens is not None:
-                        for row in on_tokens(token.tolist(), done.tolist()) or ():
-                            done[row] = True
-                        if bool(done.all()):
-                            break
-                    if step + 1 == steps or ((step + 1) % self.check_every == 0 and bool(done.all())):
-                        break
-                    if self.static:  # this step writes position length + step and reads every key before it
-                        cache.set_view(cache.length + step + 1)
-                    pos = (next_pos + step).view(B, 1)
-                    if pos_dims == 3:  # M-RoPE: text after the prompt takes the same next id on all three axes
-                        pos = pos.unsqueeze(-1).expand(B, 1, 3)
-                    logits = self.step(token.view(B, 1), pos.contiguous(), cache)
+                self._decode_steps(
+                    logits, cache, next_pos, pos_dims, out, length, done, limit, stops, params, on_tokens
+                )
         finally:
             self.model.check_inputs = checking
         lengths = length.tolist()
         return [row[:n] for row, n in zip(out.tolist(), lengths, strict=True)]
+
+    def _decode_steps(self, logits, cache, next_pos, pos_dims, out, length, done, limit, stops, params, on_tokens):
+        """`_decode`'s loop for any sampling: each token drawn on the host's call (seeded), then one model step."""
+        B, steps = out.shape
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        for step in range(steps):
+            token = sample_next(logits, params, generator)
+            out[:, step] = token
+            advance_rows(token, length, done, limit, stops)
+            if on_tokens is not None:
+                for row in on_tokens(token.tolist(), done.tolist()) or ():
+                    done[row] = True
+                if bool(done.all()):
+                    break
+            if step + 1 == steps or ((step + 1) % self.check_every == 0 and bool(done.all())):
+                break
+            if self.static:  # this step writes position length + step and reads every key before it
+                cache.set_view(cache.length + step + 1)
+            pos = (next_pos + step).view(B, 1)
+            if pos_dims == 3:  # M-RoPE: text after the prompt takes the same next id on all three axes
+                pos = pos.unsqueeze(-1).expand(B, 1, 3)
+            logits = self.step(token.view(B, 1), pos.contiguous(), cache)
 
     def _decode_greedy(self, logits, cache, next_pos, pos_dims: int, out, length, done, limit, stops) -> None:
         """`_decode`'s loop for greedy rows of a static cache, each step one `greedy_step`: the same tokens, the same
@@ -273,8 +285,7 @@ class Engine:
         B, steps = out.shape
         token = logits.argmax(-1)
         out[:, 0] = token
-        length += 1
-        done |= torch.isin(token, stops) | (length >= limit)
+        advance_rows(token, length, done, limit, stops)
         column = torch.zeros((), dtype=torch.long, device=self.device)  # the column last written
         base = next_pos.view(B, 1)
         if pos_dims == 3:  # M-RoPE: text after the prompt takes the same next id on all three axes

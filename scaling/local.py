@@ -86,18 +86,25 @@ def compile_shape(cell: Cell) -> str | None:
     data = cfg.get("data") or {}
     batch = {k: data.get(k) for k in ("seq_len", "batch_size", "patch_size", "max_image_patches")}
     model = dict(cfg.get("model") or {})
-    if not _mask_picks_kernel(model):
+    if _mask_is_data(model):
         model.pop("image_mask", None)  # data in the graph (FusionTransformer.bidirectional_images), not code
     return json.dumps({"model": model, "engine": engine, "batch": batch}, sort_keys=True)
 
 
-def _mask_picks_kernel(model: dict) -> bool:
-    """Whether the image mask chooses the attention kernel: flash-attn serves causal masks only, and `auto` takes it
-    for them where it is installed (model.attention.resolve_backend)."""
-    from model.attention import HAS_FLASH_ATTN
+def _mask_is_data(model: dict) -> bool:
+    """Whether both image masks run the same attention kernel here (model.attention.resolve_backend: flash-attn,
+    where `auto` finds it, serves causal masks only), so that the mask is only data in the compiled graph."""
+    import torch
 
-    backend = model.get("attention_backend", "auto")
-    return backend == "flash" or (backend == "auto" and HAS_FLASH_ATTN)
+    from model.attention import resolve_backend
+    from model.config import IMAGE_MASKS, ModelConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kernels = {resolve_backend(ModelConfig.from_dict({**model, "image_mask": m}), device) for m in IMAGE_MASKS}
+    except ConfigError:  # a kernel that serves one mask only
+        return False
+    return len(kernels) == 1
 
 
 class CompileGate:

@@ -8,15 +8,15 @@ losses must be before a comparison of cells means anything. Imports no torch.
 
 from __future__ import annotations
 
-import csv
 import statistics
 from pathlib import Path
+
+from scaling.lrcheck import read_rows
 
 
 def _trained(path: str | Path) -> dict[str, dict]:
     """Key -> row, the rows this sweep trained itself (a row copied with `scaling run --reuse` is another run's)."""
-    with open(path, newline="") as f:
-        return {r["key"]: r for r in csv.DictReader(f) if not r.get("reused_from")}
+    return {r["key"]: r for r in read_rows(path) if not r.get("reused_from")}
 
 
 def repeats(first: str | Path, again: str | Path, losses=("loss", "loss_caption", "loss_text")) -> dict:

@@ -73,6 +73,7 @@ def test_decode_benchmark_runs_the_engine_and_the_loop_on_cpu():
     )
     p = row["profile"]
     assert p["profiled"] == "cpu operators" and p["per_step"] > 10 and 0 < len(p["top"]) <= 8
+    assert p["ms_per_step"] >= sum(t["ms_per_step"] for t in p["top"])  # the top eight are part of the whole
     shares = [t["share"] for t in p["top"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     assert any(t["name"] == "aten::mm" for t in p["top"])  # the matmuls are among the largest
@@ -109,3 +110,12 @@ def test_the_decode_table_in_the_docs_is_the_committed_json():
     assert f"**missed: {100 * small['of_bound']:.2f}%**" in text and small["of_bound"] < 0.25
     assert f"A step takes {1e3 * 256 / small['tokens_per_s']:.2f} ms" in text
     assert f"would take {1e3 * 256 / small['bound_tokens_per_s']:.2f} ms" in text
+    # the 20M profile: kernels and kernel time a token (this JSON predates `ms_per_step`: a kernel's ms over its share)
+    (prof,) = json.loads((REPO / "docs" / "perf" / "decode_profile_h200.json").read_text())
+    p, flat = prof["profile"], " ".join(text.split())
+    kernel_ms = p["top"][0]["ms_per_step"] / p["top"][0]["share"]
+    attention = [t for t in p["top"] if "sdpa" in t["name"] and t["name"].startswith("cudnn")]
+    assert f"**{p['per_step']:.1f} kernels** and **{kernel_ms:.3f} ms of kernel time**" in flat
+    assert f"{100 * sum(t['share'] for t in attention):.1f}% of the kernel time" in flat
+    assert f"{prof['tokens_per_s']:,.0f} tokens/s ({100 * prof['of_bound']:.2f}% of the bound)" in flat
+    assert f"a step of {1e3 * 256 / prof['tokens_per_s']:.3f} ms" in flat
