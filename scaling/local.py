@@ -3,8 +3,9 @@
 On a GPU host each cell gets `launcher.nproc` devices through CUDA_VISIBLE_DEVICES and its own rendezvous port;
 cells start as devices free up, the costliest first, and `launcher.cells_per_gpu` lets tiny cells share a device.
 A cell whose compiled shape another cell is compiling waits for that compile and then reads it from the cache
-(`CompileGate`).
-Cells die with the driver (Linux's parent-death signal), so a killed sweep leaves no cell training on its own; a
+(`CompileGate`). A cell of one process runs on a warm worker that trains cell after cell (`Launches`,
+scaling/worker.py), so it pays no interpreter start and no imports.
+Cells (and workers) die with the driver (Linux's parent-death signal), so a killed sweep leaves no cell training on its own; a
 cell launched through torchrun (nproc > 1) loses its torchrun that way but not its workers.
 
 SIGTERM or SIGUSR1 to the driver (a time box's `timeout`, SLURM's warning signal) stops the sweep cleanly instead:
@@ -17,6 +18,7 @@ with the group on an H200, 14 of 15 running study cells exited on SIGTERM (-15) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -157,6 +159,125 @@ def free_port(taken: set[int]) -> int:
             return port
 
 
+class ColdCell:
+    """A cell in a process of its own (`train.py`, under torchrun when it takes several)."""
+
+    def __init__(self, cell: Cell, nproc: int, port: int, env: dict, log: Path):
+        self.log = open(log, "a")  # noqa: SIM115 - closed when the process ends
+        self.proc = subprocess.Popen(
+            command(cell, nproc, port),
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_driver if sys.platform == "linux" else None,
+            start_new_session=True,  # a signal to the driver's group (`timeout`, Ctrl-C) is the driver's to pass on
+        )
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def terminate(self) -> None:
+        self.proc.terminate()
+
+
+class WarmWorker:
+    """A `scaling.worker` process bound to its devices, and the cell it trains now: `poll` reads the worker's answer
+    when there is one, or the worker's own exit status when it died mid-cell (killed by a signal, say)."""
+
+    def __init__(self, devices: tuple[str, ...], env: dict, log_dir: Path):
+        self.devices = devices
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "scaling.worker", "--log", str(log_dir.parent / "workers.log")],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            preexec_fn=_die_with_driver if sys.platform == "linux" else None,
+            start_new_session=True,
+        )
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.pending = b""
+        self.returncode: int | None = None
+
+    def give(self, config: Path, env: dict, log: Path) -> None:
+        self.returncode = None
+        line = json.dumps({"config": str(config), "env": env, "log": str(log)}) + "\n"
+        self.proc.stdin.write(line.encode())
+        self.proc.stdin.flush()
+
+    def poll(self) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            chunk = None
+        self.pending += chunk or b""
+        if b"\n" in self.pending:
+            line, self.pending = self.pending.split(b"\n", 1)
+            self.returncode = json.loads(line)["code"]
+        elif chunk == b"" or self.proc.poll() is not None:  # gone without an answer
+            self.returncode = self.proc.wait() or 1
+        return self.returncode
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # the trainer's handler: finish the step, save, answer EXIT_REQUEUE
+
+    @property
+    def idle(self) -> bool:
+        return self.returncode == 0 and self.proc.poll() is None
+
+
+class Launches:
+    """How cells start: in a process each (ColdCell), or, with `launcher.warm_workers` and one process a cell, on
+    warm workers, one a slot, that train cell after cell (scaling.worker) and are reused once their cell finished."""
+
+    def __init__(self, env: dict, log_dir: Path, warm: bool):
+        self.env, self.log_dir, self.warm = env, log_dir, warm
+        self.idle: list[WarmWorker] = []
+        self.workers: list[WarmWorker] = []
+
+    def start(self, cell: Cell, nproc: int, port: int, devices: list[str], launched: float):
+        """devices: what the cell gets through CUDA_VISIBLE_DEVICES ([] on a CPU host)."""
+        cell_env = {"MASTER_PORT": str(port), "FUSION_LAUNCH_TIME": repr(launched)}
+        if devices:
+            cell_env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        log = self.log_dir / f"{cell.key}.log"
+        if not self.warm:
+            return ColdCell(cell, nproc, port, {**self.env, **cell_env}, log)
+        worker = next((w for w in self.idle if w.devices == tuple(devices)), None)
+        if worker is None:
+            worker = WarmWorker(tuple(devices), {**self.env, **cell_env}, self.log_dir)
+            self.workers.append(worker)
+        else:
+            self.idle.remove(worker)
+        worker.give(cell.config_path, cell_env, log)
+        return worker
+
+    def ended(self, handle) -> None:
+        if isinstance(handle, ColdCell):
+            handle.log.close()
+        elif handle.idle:
+            self.idle.append(handle)
+
+    def close(self) -> None:
+        """End of input to every worker; an idle one exits at once, one still in a cell is past waiting for."""
+        for w in self.workers:
+            with contextlib.suppress(OSError):
+                w.proc.stdin.close()
+        for w in self.workers:
+            try:
+                w.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+
+
 def _die_with_driver() -> None:
     """Runs in a cell's process before it starts (Linux): the kernel kills the cell when the driver dies."""
     import ctypes
@@ -184,13 +305,16 @@ def run_local(spec: SweepSpec, p: Plan, slots: dict[str, int], launch_for: float
     log_dir = Path(spec.out) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    warm = spec.launcher.warm_workers and spec.launcher.nproc == 1
+    launches = Launches(env, log_dir, warm)
     free = dict(slots)
     stop: list[str] = []  # the signal that asked the sweep to stop
     handlers = {sig: signal.signal(sig, lambda n, f: stop.append(signal.Signals(n).name)) for sig in STOP_SIGNALS}
     failed: list[str] = []
     try:
-        saved, lost = _loop(spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop, failed, run_id)
+        saved, lost = _loop(spec, todo, running, free, slots, launches, deadline, launch_for, stop, failed, run_id)
     finally:
+        launches.close()
         for sig, old in handlers.items():
             signal.signal(sig, old)
         _span(spec.out, run=run_id, end=time.time())
@@ -226,9 +350,7 @@ def _span(out: str, **fields) -> str:
     return fields["run"]
 
 
-def _loop(
-    spec, todo, running, free, slots, env, log_dir, deadline, launch_for, stop, failed, run_id
-) -> tuple[int, int]:
+def _loop(spec, todo, running, free, slots, launches, deadline, launch_for, stop, failed, run_id) -> tuple[int, int]:
     """Launch and reap cells until all are done, the time box closes, or a stop signal has brought them down;
     returns how many interrupted cells saved their step (exit EXIT_REQUEUE) and how many did not. A cell that fails
     goes into `failed` and the sweep goes on without it."""
@@ -243,10 +365,10 @@ def _loop(
             stopping = True
             for proc, *_ in running.values():
                 proc.terminate()  # SIGTERM: the cell finishes its step, checkpoints and exits with EXIT_REQUEUE
-        for key, (proc, cell, log, devices, _) in list(running.items()):
+        for key, (proc, cell, devices, _) in list(running.items()):
             if proc.poll() is None:
                 continue
-            log.close()
+            launches.ended(proc)
             del running[key]
             beat = -HEARTBEAT_S  # a cell ended: say so at the top of the next pass
             for d in devices:
@@ -260,7 +382,7 @@ def _loop(
                 continue
             elif proc.returncode:  # the others go on (they would die with the driver); the run ends in error
                 failed.append(key)
-                print(f"FAILED {key} (exit {proc.returncode}); see {log_dir / key}.log", flush=True)
+                print(f"FAILED {key} (exit {proc.returncode}); see {launches.log_dir / key}.log", flush=True)
                 continue
             if not cell.is_trunk:
                 record(spec.out, cell, spec.flops_convention)
@@ -291,22 +413,10 @@ def _loop(
                 devices = []
             todo.remove(cell)
             cell.write_config()
-            port = free_port({r[4] for r in running.values()})
+            port = free_port({r[3] for r in running.values()})
             launched = time.time()
-            cell_env = {**env, "MASTER_PORT": str(port), "FUSION_LAUNCH_TIME": repr(launched)}
-            if slots:
-                cell_env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-            log = open(log_dir / f"{cell.key}.log", "a")  # noqa: SIM115 - closed when the process ends
-            proc = subprocess.Popen(
-                command(cell, nproc, port),
-                cwd=REPO,
-                env=cell_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_driver if sys.platform == "linux" else None,
-                start_new_session=True,  # a signal to the driver's group (`timeout`, Ctrl-C) is the driver's to pass on
-            )
-            running[cell.key] = (proc, cell, log, devices, port)
+            proc = launches.start(cell, nproc, port, devices, launched)
+            running[cell.key] = (proc, cell, devices, port)
             gate.started(cell, launched)
             beat = -HEARTBEAT_S
         time.sleep(0.5)

@@ -28,6 +28,9 @@ class Launcher:
     # local: a cell waits while another cell of its compiled shape is in its first steps, then loads that compile
     # from inductor's cache rather than building the same graphs beside it (scaling.local.CompileGate)
     stagger_compiles: bool = True
+    # local, one process a cell: warm workers, one a slot, train cell after cell in one process (scaling.worker), so
+    # a cell pays no interpreter start and no imports; false: a fresh `train.py` process a cell
+    warm_workers: bool = True
     max_micro_rows: int = 0  # micro-batch rows per rank at most (memory); 0: the whole per-rank batch at once
     max_concurrent: int = 8  # slurm: array tasks at once
     sbatch_args: list[str] = field(default_factory=list)

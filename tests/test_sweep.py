@@ -223,11 +223,12 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
     proc.wait()
     time.sleep(1)  # and the kernel kills that cell with it: none trains on unsupervised (to race a resumed sweep)
     assert not [p for p in Path("/proc").glob("[0-9]*") if str(out).encode() in _cmdline(p)]
-    done = {r["key"]: (out / "cells" / r["key"] / "summary.json").stat().st_mtime for r in rows(out)}
-    assert 1 <= len(done) < 4
     boxed = sweep("run", path, "--launch-for", 0)  # a time box already over: starts nothing, says what is left
     assert boxed.returncode == 0, boxed.stdout + boxed.stderr
-    assert f"{4 - len(done)} cell(s) not started; run again" in boxed.stdout and len(rows(out)) == len(done)
+    # (it records a cell that wrote its summary as the driver died, before the driver could)
+    done = {r["key"]: (out / "cells" / r["key"] / "summary.json").stat().st_mtime for r in rows(out)}
+    assert 1 <= len(done) < 4
+    assert f"{4 - len(done)} cell(s) not started; run again" in boxed.stdout
     result = sweep("run", path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{len(done)} of 4 cells already finished" in result.stdout
@@ -239,7 +240,7 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(spec, tmp_path):
         assert float(r["loss"]) > 0 and int(r["tokens"]) > 0
         # the whole cost: start-up (launch to first step) and training, each its own column
         assert float(r["wall_s"]) >= float(r["train_s"]) + float(r["startup_s"]) - 0.01
-        assert float(r["startup_s"]) > 0.5
+        assert float(r["startup_s"]) > 0  # a warm worker's second cell: milliseconds on this CPU
         # the budget was honoured: tokens trained = tokens per parameter x N (up to one step)
         target = float(r["budget"].split("=")[1]) * int(r["params"])
         assert target <= int(r["tokens"]) < target + int(r["tokens_per_step"])
@@ -366,6 +367,21 @@ def test_a_failing_cell_does_not_take_the_running_ones_down(spec, tmp_path):
     (row,) = rows(tmp_path / "sweep")
     assert row["recipe"] == "ok"
     assert not (bad.run_dir / "summary.json").exists()
+
+
+def test_warm_workers_train_cell_after_cell_as_fresh_processes_would(spec, tmp_path):
+    """One slot, four cells: on a warm worker they all train in one process, and each gives the losses (bitwise, on
+    the CPU) that it gives in a process of its own, as train.py launched cell by cell did."""
+    losses = {}
+    for warm in (True, False):
+        out = tmp_path / f"warm-{warm}"
+        path = spec(f"{warm}.yaml", out=str(out), launcher={"warm_workers": warm})
+        result = sweep("run", path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        pids = {json.loads((out / "cells" / r["key"] / "summary.json").read_text())["pid"] for r in rows(out)}
+        assert len(pids) == (1 if warm else 4)
+        losses[warm] = {r["key"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in rows(out)}
+    assert len(losses[True]) == 4 and losses[True] == losses[False]
 
 
 def test_lr_scales_train_multiples_of_the_rules_lr(spec):

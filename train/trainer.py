@@ -58,7 +58,9 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     # in-process store, since eight sweep cells starting at once on one host raced each other's compile workers for
     # the ports their drivers had found free (EADDRINUSE on an H200, docs/study/STUDY.md).
     backend = "nccl" if cuda else "gloo"
-    if os.environ["WORLD_SIZE"] == "1":
+    if dist.is_initialized():  # a warm worker's earlier cell made it (scaling.worker): the same one process
+        pass
+    elif os.environ["WORLD_SIZE"] == "1":
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     else:
         dist.init_process_group(backend=backend)
@@ -236,6 +238,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             "world_size": world,
             # where it ran, as the launcher gave it (a sweep's cells: which devices and rendezvous port)
             "launch": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "MASTER_PORT", "SLURM_JOB_ID")},
+            "pid": os.getpid(),  # a warm worker's cells share one (scaling.worker)
             "launched_at": launched,  # this segment's launch and end, epoch seconds
             "ended_at": time.time(),
         }
