@@ -5,8 +5,8 @@ cells start as devices free up, the costliest first, and `launcher.cells_per_gpu
 A cell whose compiled shape another cell is compiling waits for that compile and then reads it from the cache
 (`CompileGate`). A cell of one process runs on a warm worker that trains cell after cell (`Launches`,
 scaling/worker.py), so it pays no interpreter start and no imports.
-Cells (and workers) die with the driver (Linux's parent-death signal), so a killed sweep leaves no cell training on its own; a
-cell launched through torchrun (nproc > 1) loses its torchrun that way but not its workers.
+Cells (and workers) die with the driver (Linux's parent-death signal), so a killed sweep leaves no cell training on
+its own; a cell launched through torchrun (nproc > 1) loses its torchrun that way but not its workers.
 
 SIGTERM or SIGUSR1 to the driver (a time box's `timeout`, SLURM's warning signal) stops the sweep cleanly instead:
 no cell starts, each running cell gets SIGTERM, finishes its step and checkpoints (train/signals.py), and the
