@@ -11,8 +11,10 @@
                                      [--peak-tflops 989]
     python -m scaling calibrate SPEC [RESULTS.csv]  # the plan's throughput constants fitted to measured cells
     python -m scaling repeats FIRST.csv AGAIN.csv  # the same cells trained twice: how far their losses move
-    python -m scaling fit RUNS.csv --out DIR [--loss loss ...] [--recipe-col recipe] [--params-col params]
-                                     [--flops 6n+attn] [--bootstrap 1000] [--seed 0] [--target-flops 1e18]
+    python -m scaling fit RUNS.csv --out DIR [--loss loss ...] [--recipe-col recipe] [--baseline R]
+                                     [--params-col params] [--flops 6n+attn] [--bootstrap 1000] [--seed 0]
+                                     [--target-flops 1e18]
+    --out DIR with a spec (plan, run, fit, report): the sweep's directory instead of the spec's `out`
 
 `run` is idempotent and restartable: finished cells are skipped, interrupted ones resume from their checkpoints,
 and each finished cell appends one row to OUT/results.csv. Fitting a CSV imports no torch.
@@ -42,6 +44,7 @@ def _fit_csv(args) -> dict:
         args.target_flops,
         args.params_col or "params",
         args.flops,
+        baseline=args.baseline,
     )
 
 
@@ -62,6 +65,7 @@ def _fit_spec(spec, args) -> dict:
         args.target_flops,
         args.params_col or spec.params_convention,
         args.flops or spec.flops_convention,
+        baseline=args.baseline,
     )
 
 
@@ -80,9 +84,12 @@ def main(argv=None) -> int:
         default=[],
         help="run: another sweep's results.csv whose rows of this spec's cells (same key) count as finished",
     )
-    ap.add_argument("--out", help="fit a CSV: the directory for fit.json and the plots")
+    ap.add_argument(
+        "--out", help="fit a CSV: the directory for fit.json and the plots; with a spec: instead of its `out`"
+    )
     ap.add_argument("--loss", action="append", help="loss column(s) to fit, each separately")
     ap.add_argument("--recipe-col", help="fit a CSV: the column naming recipes; multipliers are against the first")
+    ap.add_argument("--baseline", help="fit: the recipe the others are compared with (default: the CSV's first)")
     ap.add_argument("--params-col", help="N: params (6N's), params_total, params_non_embedding or any column")
     ap.add_argument("--flops", help="C: 6n, 6n+attn, or a column (default: the spec's, or the CSV's 'flops')")
     ap.add_argument("--bootstrap", type=int, help="resamples for the intervals (default: the spec's, or 1000)")
@@ -171,6 +178,8 @@ def main(argv=None) -> int:
 
         try:
             spec = load_spec(args.target)
+            if args.out:  # the same design into another directory: a second run of it, say
+                spec.out = args.out
             cells = plan(spec)
             slots = {}
             if args.command == "run" and spec.launcher.kind == "local":

@@ -78,11 +78,19 @@ def fit_csv(
     params_col="params",
     flops=None,
     level=0.95,
+    baseline=None,
 ) -> dict:
+    """baseline: the recipe every other is compared with (compute multipliers, cell-by-cell differences); default
+    the first in the CSV, which is the order cells finished in."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = read_runs(path, list(loss_cols), recipe_col, params_col, flops)
     recipes = list(dict.fromkeys(data["recipe"].tolist())) if recipe_col else [None]
+    if baseline is not None:
+        if baseline not in recipes:
+            raise ValueError(f"baseline recipe '{baseline}' is not in {path}'s recipes: {recipes}")
+        recipes.remove(baseline)
+        recipes.insert(0, baseline)
     target = float(target_flops or data["flops"].max())
     report: dict = {
         "csv": str(path),

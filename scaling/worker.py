@@ -83,14 +83,20 @@ def main(argv=None) -> int:
     _redirect(own_log)
     import train.trainer  # noqa: F401 - the imports a cold cell pays for, paid once here
 
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        code = run_cell(json.loads(line), own_log)
-        answers.write(json.dumps({"code": code}) + "\n")
-        if code != 0:
-            return code
-    return 0
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            code = run_cell(json.loads(line), own_log)
+            answers.write(json.dumps({"code": code}) + "\n")
+            if code != 0:
+                return code
+        return 0
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # the cells' one process group, kept from cell to cell
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -145,6 +145,20 @@ def test_compute_multiplier_and_report(tmp_path):
     assert {"isoflop_loss.png", "recipes_loss.png", "residuals_loss.png"} <= set(report["plots"])
 
 
+def test_the_baseline_recipe_is_chosen_not_the_csvs_first(tmp_path):
+    """A CSV lists its recipes in the order its cells finished; `baseline` fixes which one the others are compared
+    with (the multiplier of 1/3x from the other side), and a recipe the CSV lacks is refused."""
+    path = write_csv(tmp_path / "runs.csv", {"base": runs(seed=0), "better": runs(seed=1, data_multiplier=3.0)})
+    report = fit_csv(path, tmp_path / "fit", ["loss"], "recipe", bootstrap=20, target_flops=1e19, baseline="better")
+    fits = report["losses"]["loss"]
+    assert "compute_multiplier_vs_base" not in fits["better"]
+    at_target = fits["base"]["compute_multiplier_vs_better"][0]
+    assert abs(at_target["multiplier"] - 1 / 3) < 0.05
+    assert fits["base"]["paired_vs_better"]["mean"] > 0  # the base recipe's loss is the higher in each cell
+    with pytest.raises(ValueError, match="baseline recipe 'other' is not in"):
+        fit_csv(path, tmp_path / "fit2", ["loss"], "recipe", bootstrap=2, baseline="other")
+
+
 def test_a_multiplier_that_never_reaches_the_target_keeps_every_resample():
     """The other recipe's floor E lies above the base's frontier at the target: no finite multiplier. Resamples
     that never get there count in the interval's lower tail instead of being dropped."""

@@ -374,14 +374,15 @@ def test_warm_workers_train_cell_after_cell_as_fresh_processes_would(spec, tmp_p
     the CPU) that it gives in a process of its own, as train.py launched cell by cell did."""
     losses = {}
     for warm in (True, False):
-        out = tmp_path / f"warm-{warm}"
-        path = spec(f"{warm}.yaml", out=str(out), launcher={"warm_workers": warm})
-        result = sweep("run", path)
+        out = tmp_path / f"warm-{warm}"  # `--out`: the spec's design into a directory other than its `out`
+        path = spec(f"{warm}.yaml", launcher={"warm_workers": warm})
+        result = sweep("run", path, "--out", out)
         assert result.returncode == 0, result.stdout + result.stderr
         pids = {json.loads((out / "cells" / r["key"] / "summary.json").read_text())["pid"] for r in rows(out)}
         assert len(pids) == (1 if warm else 4)
         losses[warm] = {r["key"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in rows(out)}
     assert len(losses[True]) == 4 and losses[True] == losses[False]
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_lr_scales_train_multiples_of_the_rules_lr(spec):
