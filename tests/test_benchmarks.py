@@ -119,3 +119,13 @@ def test_the_decode_table_in_the_docs_is_the_committed_json():
     assert f"{100 * sum(t['share'] for t in attention):.1f}% of the kernel time" in flat
     assert f"{prof['tokens_per_s']:,.0f} tokens/s ({100 * prof['of_bound']:.2f}% of the bound)" in flat
     assert f"a step of {1e3 * 256 / prof['tokens_per_s']:.3f} ms" in flat
+    # the greedy step (one compiled call a token), measured since
+    greedy = json.loads((REPO / "docs" / "perf" / "decode_greedy_h200.json").read_text())
+    for r in greedy:
+        line = f"| 20m | compiled, greedy step | {r['batch']} | {r['tokens_per_s']:,.0f} | {100 * r['of_bound']:.2f}% |"
+        assert line in text, line
+    top = next(r for r in greedy if r["batch"] == 256)
+    assert top["of_bound"] < 0.25
+    assert f"**{1e3 * 256 / top['tokens_per_s']:.3f} ms a step, {100 * top['of_bound']:.2f}% of the bound**" in flat
+    one = next(r for r in greedy if r["batch"] == 1)
+    assert f"Greedy tokens at batch 1 as the single-row loop's: {100 * one['greedy_match']:.0f}%" in flat

@@ -346,3 +346,154 @@ def test_the_compile_gate_figures_are_its_run():
     assert f"five slots waited {sorted(launched)[3]:.1f} s for the first compiles" in said()
     t = gpu_time(GATE, peak_tflops=989)
     assert f"Start-up is now a median {t['startup_median_s']:.1f} s a cell" in said()
+
+
+AGAIN = STUDY / "study5-again"
+
+
+def test_the_second_run_is_the_same_cells_in_less_gpu_time():
+    from scaling.gputime import gpu_time, markdown
+    from scaling.repeats import repeats
+
+    first, again = {r["key"]: r for r in rows()}, {r["key"]: r for r in rows(AGAIN / "results.csv")}
+    assert set(again) == set(first) and len(again) == 40
+    for k, r in again.items():  # the same cells: same steps, tokens, seed and LR
+        assert tuple(r[c] for c in ("steps", "tokens", "seed", "lr")) == tuple(
+            first[k][c] for c in ("steps", "tokens", "seed", "lr")
+        )
+    t, t1 = gpu_time(AGAIN, peak_tflops=989), gpu_time(RUN, peak_tflops=989)
+    assert (t["runs"], t["runs_without_end"], t["cells"], t["cells_untimed"]) == (3, 0, 40, 0)
+    assert markdown(t).split("\n\n")[0] in DOC.read_text()
+    assert t["train_share"] >= 0.8
+    assert (
+        f"**The whole study took {t['wall_s'] / 60:.1f} minutes of driver wall time, and "
+        f"{100 * t['train_share']:.1f}% of the GPU's cell slots went to training steps**, against "
+        f"{t1['wall_s'] / 60:.1f} minutes and at most {100 * t1['train_share']:.1f}%" in said()
+    )
+    assert f"{t['tokens']:.3g} tokens, {t['tokens_per_s'] / 1e6:.2f}M tokens/s of wall time" in said()
+    assert f"**aggregate MFU {100 * t['mfu']:.2f}%** (the first run: {100 * t1['mfu']:.2f}%)" in said()
+    assert f"steps themselves took {t['steps_s']:.0f} s where the first run's took {t1['steps_s']:.0f} s" in said()
+    busy, load, samples = studydoc.util_medians(AGAIN)
+    assert f"busy a median {busy:.0f}% of {samples} five-second samples, load average a median {load:.1f}" in said()
+    # start-up: on a warm worker a cell skips the interpreter and the imports; a fresh worker's first cell pays them
+    cells = list(again.values())
+    warm = [r for r in cells if float(r["startup_launch_s"]) < 1]
+    cold = [r for r in cells if float(r["startup_launch_s"]) >= 1]
+    assert min(float(r["startup_launch_s"]) for r in cold) > 10 * max(float(r["startup_launch_s"]) for r in warm)
+
+    def span(rs, col, fmt):
+        return f"{min(float(r[col]) for r in rs):{fmt}}-{max(float(r[col]) for r in rs):{fmt}}"
+
+    assert (
+        f"The {len(warm)} cells that started on a warm worker began training {span(warm, 'startup_s', '.2f')} s after "
+        f"the driver handed them over** (launch {span(warm, 'startup_launch_s', '.2f')} s; the engine "
+        f"{span(warm, 'startup_engine_s', '.2f')} s); the {len(cold)} that started a fresh worker" in said()
+    )
+    assert f"took {span(cold, 'startup_s', '.1f')} s, {span(cold, 'startup_launch_s', '.1f')} s of it" in said()
+    assert f"The median over all forty, {statistics.median(float(r['startup_s']) for r in cells):.1f} s" in said()
+    assert f"(a cell on one starts training {span(warm, 'startup_s', '.2f')} s after it is handed over)" in said()
+    cold_s = [float(r["startup_s"]) for r in cold]
+    assert f"still pays {min(cold_s):.0f}-{max(cold_s):.0f} s" in said()
+    # one compile per shape: the eight first compiles are the eight (size, micro-batch) shapes, all bidirectional
+    slow = [r for r in cells if float(r["warmup_s"]) > 40]
+    assert len(slow) == 8 and len({(r["size"], r["micro_rows"]) for r in slow}) == 8
+    assert {r["recipe"] for r in slow} == {"bidirectional"}
+    assert f"**the eight first compiles ({span(slow, 'warmup_s', '.1f')} s) were the eight shapes**" in said()
+    rest = [r for r in cells if float(r["warmup_s"]) <= 40]
+    assert f"the other 32 cells took {span(rest, 'warmup_s', '.1f')} s of first steps" in said()
+    found = repeats(RUN / "results.csv", AGAIN / "results.csv")
+    w = found["warmup_s"]
+    assert f"First steps {w['again']['sum']:.1f} s in all against {w['first']['sum']:.1f} s" in said()
+    d = found["losses"]
+    assert (
+        f"the overall validation loss moved by a median {d['loss']['median_abs']:.4f} (at most "
+        f"{d['loss']['max_abs']:.4f}, causal size 1 at 3e14), the caption loss by a median "
+        f"{d['loss_caption']['median_abs']:.4f} (at most {d['loss_caption']['max_abs']:.4f}), the text loss by a "
+        f"median {d['loss_text']['median_abs']:.4f} (at most {d['loss_text']['max_abs']:.4f})" in said()
+    )
+
+
+def test_the_second_runs_laws_and_verdict_are_its_fit(tmp_path):
+    committed = {run: studydoc.committed_fit(STUDY / run) for run in ("study5", "study5-again")}
+    refitted = studydoc.refit(AGAIN, tmp_path, ("loss",))
+    for recipe in RECIPES:  # the committed fit is the CSV's
+        for name in ("E", "A", "B", "alpha", "beta"):
+            assert refitted["loss"][recipe]["approach3"][name] == pytest.approx(
+                committed["study5-again"]["loss"][recipe]["approach3"][name], rel=6e-4
+            )
+    labels = {f"{col}, {recipe}" for col in REFIT for recipe in RECIPES}
+    table = table_rows(DOC, labels, 9)
+    assert len(table) == 12
+    for (label, run), cells in table.items():
+        col, recipe = label.split(", ")
+        fit = committed["study5" if run == "first" else "study5-again"][col][recipe]
+        f3, interval = fit["approach3"], fit["approach3"]["interval"]
+        optimal = next(v for k, v in fit["compute_optimal"].items() if k.startswith("3.2e+15"))
+        assert cells == [
+            *(f"{f3[k]:.3g} [{interval[k][0]:.3g}, {interval[k][1]:.3g}]" for k in ("E", "alpha", "beta")),
+            "yes" if f3["converged"] else "no",
+            f"{100 * fit['held_out']['mean_rel_error']:.1f}%",
+            f"{optimal['N']:.3g}",
+            f"{optimal['tokens_per_param']:.0f}",
+        ], (label, run)
+    for run in committed.values():
+        assert all(run["loss"][r]["approach3"]["converged"] for r in RECIPES)
+    m = committed["study5-again"]["loss"]["bidirectional"]["compute_multiplier_vs_causal"]
+    assert m[0]["from_converged_fits"] and m[0]["interval"][0] < 1 < m[0]["interval"][1]  # the tie, again
+    assert (
+        f"bidirectional needs **{m[0]['multiplier']:.3g}x** less compute than causal for causal's loss at 3.2e15, "
+        f"that is about twice as much (95% interval: at most {m[0]['interval'][1]:.3g}x; "
+        f"{100 * m[0]['share_never']:.0f}% of resamples never reach it)" in said()
+    )
+    assert 1.8 < 1 / m[0]["multiplier"] < 2.2
+    assert f"(bidirectional {m[0]['multiplier']:.3g}x, at most {m[0]['interval'][1]:.3g}x)" in said()  # the status
+    far = f"at most {m[1]['interval'][1]:.3g}x, {100 * m[1]['share_never']:.0f}% never"
+    assert m[1]["multiplier"] == 0 and far in said()
+    data = read_runs(AGAIN / "results.csv", ["loss"], "recipe", flops="6n+attn")
+    p = paired_difference(data, "loss", "bidirectional", "causal", bootstrap=300, seed=0, level=0.95)
+    lo, hi = p["interval"]
+    top = p["largest_budget"]
+    assert lo < 0 < hi and abs(p["mean"]) < 0.0164
+    assert (
+        f"**{p['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]** over the 20 shared cells (causal lower in {p['lower_in']}), "
+        f"{top['mean']:+.4f} at 3.2e15 (causal lower in {top['lower_in']} of 5)" in said()
+    )
+
+
+def test_the_rules_size_one_cell_twice_and_the_step_table():
+    import json
+
+    from scaling.lrcheck import lr_check, read_rows
+
+    again = read_rows(AGAIN / "results.csv")
+    rule = next(r for r in again if (r["recipe"], r["size"], r["budget"]) == ("bidirectional", "1", "flops=1e+14"))
+    before = next(r for r in rows() if r["key"] == rule["key"])
+    assert (
+        f"loss {float(rule['loss']):.4f} and caption loss {float(rule['loss_caption']):.3f}, against "
+        f"{float(before['loss']):.4f} and {float(before['loss_caption']):.3f} the first time" in said()
+    )
+    checks = lr_check(read_rows(LR / "results.csv") + read_rows(GATE / "results.csv") + again)
+    assert all(c["rule_within"] for c in checks) and len(checks) == 6
+    one = checks[0]
+    assert one["size"] == 1 and set(one["runs"].values()) == {2}  # every 1e14 factor run twice now
+    assert f"at size 1 the best x{one['best_scale']:g} and the rule {one['rule_excess']:.4f} behind" in said()
+    repeats = [r for r in read_rows(GATE / "results.csv") if not r["reused_from"]] + again
+    alone = lr_check(repeats)[0]
+    assert (alone["best_scale"], alone["rule_within"]) == (4.0, False)
+    assert f"size 1's best at x4 (the rule {alone['rule_excess']:.4f} behind, outside 2x)" in said()
+    assert all(c["rule_within"] for c in lr_check(repeats, "loss_text"))
+    steps = json.loads((REPO / "docs" / "perf" / "study_step3_h200.json").read_text())
+    ratios = []
+    for depth in (1, 3, 5, 8):
+        ours = next(s for s in steps if s["depth"] == depth and s["variant"] != "reference")
+        ref = next(s for s in steps if s["depth"] == depth and s["variant"] == "reference")
+        assert ours["data"] == "loader" and ours["torchengine"] and ours["rows"] == ref["rows"]
+        ratios.append(ours["tokens_per_s"] / ref["tokens_per_s"])
+        assert row(DOC, f"{depth}, {ours['rows']}") == [
+            f"{ours['step_ms']:.1f}",
+            f"{ours['tokens_per_s']:,.0f}",
+            f"{ref['tokens_per_s']:,.0f}",
+            f"{ratios[-1]:.2f}x",
+        ]
+    assert max(ratios) < 1 and f"steps at {min(ratios):.2f}-{max(ratios):.2f}x the plain compiled GPT" in said()
+    assert f"a study cell alone steps at {min(ratios):.2f}-{max(ratios):.2f}x a plain compiled GPT" in said()
