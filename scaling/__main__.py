@@ -11,7 +11,7 @@
                                      [--peak-tflops 989]
     python -m scaling calibrate SPEC [RESULTS.csv]  # the plan's throughput constants fitted to measured cells
     python -m scaling repeats FIRST.csv AGAIN.csv  # the same cells trained twice: how far their losses move
-    python -m scaling fit RUNS.csv --out DIR [--loss loss ...] [--recipe-col recipe] [--baseline R]
+    python -m scaling fit RUNS.csv [MORE.csv ...] --out DIR [--loss loss ...] [--recipe-col recipe] [--baseline R]
                                      [--params-col params] [--flops 6n+attn] [--bootstrap 1000] [--seed 0]
                                      [--target-flops 1e18]
     --out DIR with a spec (plan, run, fit, report): the sweep's directory instead of the spec's `out`
@@ -35,7 +35,7 @@ def _fit_csv(args) -> dict:
     if not args.out:
         raise SystemExit("error: fitting a CSV needs --out DIR")
     return fit_csv(
-        args.target,
+        [args.target, *args.more] if args.more else args.target,
         args.out,
         args.loss or ["loss"],
         args.recipe_col,
@@ -103,12 +103,19 @@ def main(argv=None) -> int:
     ap.add_argument("--target-flops", type=float, help="compute for the allocations and multipliers (default: max)")
     ap.add_argument("--peak-tflops", type=float, help="time: one device's peak, for the aggregate MFU (H200 bf16: 989)")
     args = ap.parse_args(argv)
+    joins_csvs = args.command == "fit" and args.target.endswith(".csv")  # several runs' CSVs fitted as one set
     if (
         args.more
         and args.command not in ("lrcheck", "calibrate", "repeats")
+        and not joins_csvs
         or (args.command in ("calibrate", "repeats") and len(args.more) > 1)
     ):
-        ap.error(f"`{args.command}` takes one target; more CSVs only join an lrcheck (or name calibrate's results)")
+        ap.error(
+            f"`{args.command}` takes one target; more CSVs only join an lrcheck or a fit of CSVs (or name calibrate's "
+            "results)"
+        )
+    if joins_csvs and not all(m.endswith(".csv") for m in args.more):
+        ap.error("fit: every further target is a CSV to read with the first")
     if args.command == "repeats":
         from scaling.repeats import describe, repeats
 
@@ -170,7 +177,8 @@ def main(argv=None) -> int:
                 raise SystemExit(f"error: `{args.command}` takes a sweep spec; a CSV can only be fitted")
             report = _fit_csv(args)
             summarize(report)
-            print(f"wrote {write_markdown(report, Path(args.out) / 'report.md', f'Fit of {args.target}')}")
+            title = "Fit of " + " + ".join([args.target, *args.more])
+            print(f"wrote {write_markdown(report, Path(args.out) / 'report.md', title)}")
             return 0
         from scaling.plan import plan, print_plan
         from scaling.spec import load_spec

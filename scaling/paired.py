@@ -1,6 +1,7 @@
 """Two recipes compared cell by cell, with no law: the loss difference over cells both trained at the same N and
-D (same size, budget and seed), with a bootstrap interval over those cells. A sweep whose fit does not determine
-its law still says which recipe reached the lower loss where both were run, and by how much."""
+D (same size and budget; a cell's seeds or repeated runs at their mean), with a bootstrap interval over those
+cells. A sweep whose fit does not determine its law still says which recipe reached the lower loss where both were
+run, and by how much."""
 
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ from scaling.fit import interval
 
 def paired_difference(data: dict, col: str, base: str, other: str, bootstrap: int, seed: int, level: float):
     """`other` minus `base` in `col` over their shared (N, D) cells, overall and at the largest shared budget;
-    None when they share no cell."""
-    recipe = data["recipe"]
-    at = {(data["params"][i], data["tokens"][i]): i for i in np.flatnonzero(recipe == base)}
-    pairs = [(at[k], i) for i in np.flatnonzero(recipe == other) if (k := (data["params"][i], data["tokens"][i])) in at]
-    if not pairs:
+    None when they share no cell. A cell trained more than once (seeds, or two runs' CSVs read together) counts
+    once, at the mean of its runs."""
+    base_cells, other_cells = _cells(data, col, base), _cells(data, col, other)
+    shared = [k for k in other_cells if k in base_cells]
+    if not shared:
         return None
-    b, o = np.array(pairs).T
-    diff = data[col][o] - data[col][b]
-    flops = data["flops"][o]
+    diff = np.array([other_cells[k][0] - base_cells[k][0] for k in shared])
+    flops = np.array([other_cells[k][1] for k in shared])
     top = flops >= flops.max() * 0.95  # the largest budget (budgets are planned to a few percent)
     rng = np.random.default_rng(seed)
     result = {"cells": len(diff), "mean": float(diff.mean()), "lower_in": int((diff < 0).sum())}
@@ -33,6 +33,14 @@ def paired_difference(data: dict, col: str, base: str, other: str, bootstrap: in
         "lower_in": int((diff[top] < 0).sum()),
     }
     return result
+
+
+def _cells(data: dict, col: str, recipe: str) -> dict:
+    """(N, D) -> (mean loss over the cell's runs, its FLOPs) for one recipe."""
+    runs: dict = {}
+    for i in np.flatnonzero(data["recipe"] == recipe):
+        runs.setdefault((data["params"][i], data["tokens"][i]), []).append(i)
+    return {k: (float(np.mean(data[col][idx])), float(data["flops"][idx[0]])) for k, idx in runs.items()}
 
 
 def describe_paired(p: dict, base: str) -> str:

@@ -93,7 +93,7 @@ def fit_csv(
         recipes.insert(0, baseline)
     target = float(target_flops or data["flops"].max())
     report: dict = {
-        "csv": str(path),
+        "csv": str(path) if isinstance(path, str | Path) else [str(p) for p in path],
         "runs": len(data["params"]),
         "conventions": data["conventions"],
         "target_flops": target,

@@ -20,6 +20,7 @@ from scaling.fit import fit_approach3
 from scaling.isoflop import fit_approach2
 from scaling.law import Law
 from scaling.multiplier import compute_multiplier
+from scaling.paired import paired_difference
 from scaling.report import fit_csv
 from scaling.runs import FitError, read_runs
 
@@ -159,6 +160,50 @@ def test_the_baseline_recipe_is_chosen_not_the_csvs_first(tmp_path):
         fit_csv(path, tmp_path / "fit2", ["loss"], "recipe", bootstrap=2, baseline="other")
 
 
+def test_two_runs_of_a_sweep_fit_as_one_set_and_pair_each_cell_once(tmp_path):
+    """The same cells in two CSVs (a design run twice): the fit reads every row, and the cell-by-cell difference
+    counts each cell once at the mean of its runs, so a second run shifted by a constant moves it by half that."""
+    first = write_csv(tmp_path / "a.csv", {"base": runs(seed=0), "better": runs(seed=1, data_multiplier=3.0)})
+    with open(first, newline="") as f:
+        rows = list(csv.DictReader(f))
+    shifted = [{**r, "loss": f"{float(r['loss']) + (0.02 if r['recipe'] == 'better' else 0.0)}"} for r in rows]
+    again = tmp_path / "b.csv"
+    with open(again, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(shifted)
+    one = read_runs(first, ["loss"], "recipe")
+    both = read_runs([first, again], ["loss"], "recipe")
+    assert len(both["loss"]) == 2 * len(one["loss"])
+    p1 = paired_difference(one, "loss", "base", "better", 0, 0, 0.95)
+    p2 = paired_difference(both, "loss", "base", "better", 0, 0, 0.95)
+    assert p2["cells"] == p1["cells"] and p2["mean"] == pytest.approx(p1["mean"] + 0.01)
+    out = tmp_path / "fit"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scaling",
+            "fit",
+            str(first),
+            str(again),
+            "--out",
+            str(out),
+            "--recipe-col",
+            "recipe",
+            "--bootstrap",
+            "5",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "fit.json").read_text())
+    assert report["runs"] == len(both["loss"]) and report["csv"] == [str(first), str(again)]
+
+
 def test_a_multiplier_that_never_reaches_the_target_keeps_every_resample():
     """The other recipe's floor E lies above the base's frontier at the target: no finite multiplier. Resamples
     that never get there count in the interval's lower tail instead of being dropped."""
@@ -194,8 +239,11 @@ def test_bad_csvs_are_refused_clearly(tmp_path):
     with pytest.raises(FitError, match=r"lacks the column\(s\) \['tokens'\]"):
         read_runs(tmp_path / "a.csv", ["loss"])
     (tmp_path / "b.csv").write_text("params,tokens,loss\n1e6,1e7,3.0\n1e6,-5,2.9\n")
-    with pytest.raises(FitError, match="'tokens' must be positive and finite; row 3 holds -5"):
+    with pytest.raises(FitError, match="'tokens' must be positive and finite; .*b.csv row 3 holds -5"):
         read_runs(tmp_path / "b.csv", ["loss"])
+    (tmp_path / "c.csv").write_text("params,tokens,loss\n1e6,1e7,3.0\n")
+    with pytest.raises(FitError, match="b.csv row 3 holds -5"):  # several CSVs: the one at fault is named
+        read_runs([tmp_path / "c.csv", tmp_path / "b.csv"], ["loss"])
     N, D, L = np.array([1e6, 2e6, 1e6, 2e6]), np.array([1e7, 1e7, 2e7, 2e7]), np.array([3.0, 2.9, 2.8, 2.7])
     with pytest.raises(FitError, match="at least 6 runs over at least 3 distinct sizes"):
         fit_approach3(N, D, L, bootstrap=0)
