@@ -49,6 +49,13 @@ def refit(run: Path, out: Path, columns) -> dict:
     return fit_csv(run / "results.csv", out, columns, "recipe", bootstrap=10, seed=0, flops="6n+attn")["losses"]
 
 
+def refit_csvs(paths, out: Path, columns) -> dict:
+    """Several runs' CSVs fitted again as one set (point estimates, 10 resamples)."""
+    from scaling.report import fit_csv
+
+    return fit_csv(list(paths), out, columns, "recipe", bootstrap=10, seed=0, flops="6n+attn")["losses"]
+
+
 def check_law_cells(table: dict, committed: dict, refitted: dict) -> None:
     """Each row's E, A, B, alpha, beta cells are the committed fit's point and 95% interval, and, for a column fitted
     again, the refit's point."""

@@ -422,7 +422,7 @@ def test_the_second_runs_laws_and_verdict_are_its_fit(tmp_path):
                 committed["study5-again"]["loss"][recipe]["approach3"][name], rel=6e-4
             )
     labels = {f"{col}, {recipe}" for col in REFIT for recipe in RECIPES}
-    table = table_rows(DOC, labels, 9)
+    table = {k: v for k, v in table_rows(DOC, labels, 9).items() if k[1] in ("first", "again")}
     assert len(table) == 12
     for (label, run), cells in table.items():
         col, recipe = label.split(", ")
@@ -497,3 +497,57 @@ def test_the_rules_size_one_cell_twice_and_the_step_table():
         ]
     assert max(ratios) < 1 and f"steps at {min(ratios):.2f}-{max(ratios):.2f}x the plain compiled GPT" in said()
     assert f"a study cell alone steps at {min(ratios):.2f}-{max(ratios):.2f}x a plain compiled GPT" in said()
+
+
+def test_both_runs_fitted_together_are_their_fit(tmp_path):
+    """The pooled fit reads both CSVs; its table, verdict and cell-by-cell difference (each cell at the mean of its
+    two runs) are what the committed fit.json and the CSVs give."""
+    import json
+
+    both = studydoc.committed_fit(STUDY / "study5-both")
+    fit = json.loads((STUDY / "study5-both" / "fit" / "fit.json").read_text())
+    assert fit["runs"] == 80 and fit["csv"] == [
+        str(RUN / "results.csv").removeprefix(str(REPO) + "/"),
+        str(AGAIN / "results.csv").removeprefix(str(REPO) + "/"),
+    ]
+    labels = {f"{col}, {r}" for col in LOSSES for r in RECIPES}
+    table = {k: v for k, v in table_rows(DOC, labels, 9).items() if "[" in k[1]}  # the pooled table: E second
+    assert len(table) == 10
+    for (label, e_cell), cells in table.items():
+        col, recipe = label.split(", ")
+        x = both[col][recipe]
+        f3, interval = x["approach3"], x["approach3"]["interval"]
+        optimal = next(v for k, v in x["compute_optimal"].items() if k.startswith("3.2e+15"))
+        a2 = x["approach2"]
+        assert [e_cell, *cells] == [
+            *(f"{f3[k]:.3g} [{interval[k][0]:.3g}, {interval[k][1]:.3g}]" for k in ("E", "alpha", "beta")),
+            "yes" if f3["converged"] else "no",
+            f"{100 * x['held_out']['mean_rel_error']:.1f}%",
+            f"{optimal['N']:.3g}",
+            f"{optimal['tokens_per_param']:.0f}",
+            f"{a2['N_exponent']:.3g} [{a2['interval']['N_exponent'][0]:.3g}, {a2['interval']['N_exponent'][1]:.3g}]",
+        ], label
+        assert f3["converged"]
+    assert "**Every law converged**, all ten" in said()
+    m = both["loss"]["bidirectional"]["compute_multiplier_vs_causal"]
+    lo, hi = m[0]["interval"]
+    assert lo < 1 < hi
+    assert (
+        f"**bidirectional needs {m[0]['multiplier']:.3g}x less compute than causal for causal's loss at 3.2e15** "
+        f"(95% interval [{lo:.3g}, {hi:.3g}], {100 * m[0]['share_never']:.0f}% of resamples never reach it)" in said()
+    )
+    assert f"causal is at most {1 / lo:.1f}x cheaper and bidirectional at most {hi:.2f}x cheaper" in said()
+    data = read_runs([RUN / "results.csv", AGAIN / "results.csv"], ["loss"], "recipe", flops="6n+attn")
+    p = paired_difference(data, "loss", "bidirectional", "causal", bootstrap=300, seed=0, level=0.95)
+    assert p["cells"] == 20
+    text = f"{p['mean']:+.4f} [{p['interval'][0]:+.4f}, {p['interval'][1]:+.4f}]"
+    assert f"**{text}** over the 20 cells (causal lower in {p['lower_in']})" in said()
+    assert f"bidirectional 0.904x [0.249, 1.34] at 3.2e15, causal minus bidirectional {text}" in said()
+    assert f"{m[0]['multiplier']:.3g}" == "0.904" and f"[{lo:.3g}, {hi:.3g}]" == "[0.249, 1.34]"
+    # the refit reads both CSVs and gives the committed points
+    refitted = studydoc.refit_csvs([RUN / "results.csv", AGAIN / "results.csv"], tmp_path, ("loss",))
+    for recipe in RECIPES:
+        for name in ("E", "alpha", "beta"):
+            assert refitted["loss"][recipe]["approach3"][name] == pytest.approx(
+                both["loss"][recipe]["approach3"][name], rel=6e-4
+            )
