@@ -385,6 +385,30 @@ def test_warm_workers_train_cell_after_cell_as_fresh_processes_would(spec, tmp_p
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_warm_worker_killed_mid_cell_fails_that_cell_and_the_next_gets_a_fresh_one(spec, tmp_path):
+    """One slot, two cells: the worker is SIGKILLed in its first cell's third step. The driver reads the worker's
+    death as that cell's failure (exit -9), starts the other cell on a new worker, and ends in error naming the
+    killed cell, which stays unfinished for the next run."""
+    path = spec(sizes=[1, 2], tokens_per_param=[0.1], overrides={"logging": {"every": 1}})
+    out = tmp_path / "sweep"
+    proc = sweep("run", path, wait=False)
+    logs, deadline = out / "logs", time.time() + 300
+    while time.time() < deadline and not any("step 3/" in p.read_text() for p in logs.glob("*.log")):
+        time.sleep(0.2)
+    (victim,) = [p for p in logs.glob("*.log") if "step 3/" in p.read_text()]
+    workers = [p for p in Path("/proc").glob("[0-9]*") if b"scaling.worker" in _cmdline(p)]
+    workers = [p for p in workers if str(out).encode() in _cmdline(p)]
+    assert len(workers) == 1
+    os.kill(int(workers[0].name), signal.SIGKILL)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stdout
+    assert f"FAILED {victim.stem} (exit -9)" in stdout and f"1 cell(s) failed: {victim.stem}" in stdout, stdout
+    (row,) = rows(out)
+    assert row["key"] != victim.stem
+    pids = {json.loads((out / "cells" / row["key"] / "summary.json").read_text())["pid"]}
+    assert pids != {int(workers[0].name)}  # the surviving cell ran on a fresh worker
+
+
 def test_lr_scales_train_multiples_of_the_rules_lr(spec):
     """An LR check: each (size, budget) at the rule's LR times each factor, as recipes that no fit mixes; the cell at
     factor 1 is the very cell of the plain sweep (same key: same weights)."""
