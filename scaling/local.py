@@ -266,16 +266,19 @@ class Launches:
         elif handle.idle:
             self.idle.append(handle)
 
-    def close(self) -> None:
-        """End of input to every worker; an idle one exits at once, one still in a cell is past waiting for."""
+    def close(self, grace_s: float = 30.0) -> None:
+        """End of input to every worker: an idle one exits at once; one still in a cell (the driver stopped on an
+        error) is killed after grace_s, all of them together."""
         for w in self.workers:
             with contextlib.suppress(OSError):
                 w.proc.stdin.close()
+        deadline = time.monotonic() + grace_s
         for w in self.workers:
             try:
-                w.proc.wait(timeout=30)
+                w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 w.proc.kill()
+                w.proc.wait()
 
 
 def _die_with_driver() -> None:

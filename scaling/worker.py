@@ -42,16 +42,19 @@ def run_cell(task: dict, own_log: int) -> int:
     fd = os.open(task["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     _redirect(fd)
     os.close(fd)
-    os.environ.update(task.get("env", {}))
+    env = task.get("env", {})
+    os.environ.update(env)
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):  # as in a new process, until the trainer's own
         signal.signal(sig, signal.SIG_DFL)
     try:
         cfg = load_config(task["config"])
-        train(cfg, launched_at=float(task["env"].get("FUSION_LAUNCH_TIME", time.time())))
-        code = 0
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:  # as train.py reports it
         print(f"config error: {e}", file=sys.stderr, flush=True)
-        code = 2
+        _redirect(own_log)
+        return 2
+    try:
+        train(cfg, launched_at=float(env.get("FUSION_LAUNCH_TIME", time.time())))
+        code = 0
     except SystemExit as e:  # the trainer's stop on a signal (EXIT_REQUEUE), or another exit
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
