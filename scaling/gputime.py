@@ -76,9 +76,21 @@ def gpu_time(out: str | Path, peak_tflops: float | None = None) -> dict:
         "flops": flops,
         "mfu": flops / (device_s * peak_tflops * 1e12) if peak_tflops and device_s else None,
         "startup_phases": startup_phases(rows),
+        "startup_by_start": startup_by_start(rows),
         "cells_reused": len(reused),
     }
     return out_
+
+
+def startup_by_start(rows: list[dict]) -> dict[str, dict]:
+    """Start-up of the cells whose last process was a warm worker's next cell, and of those that started a process
+    (results.csv's `warm_start`; {} for a CSV without it): count and median seconds of each."""
+    out = {}
+    for name, flag in (("warm", "1"), ("fresh", "0")):
+        values = [float(r["startup_s"]) for r in rows if r.get("warm_start") == flag]
+        if values:
+            out[name] = {"cells": len(values), "median_s": statistics.median(values)}
+    return out
 
 
 def startup_phases(rows: list[dict]) -> dict[str, float]:
@@ -126,6 +138,16 @@ def markdown(t: dict) -> str:
             "start-up, median seconds a cell by stage: "
             + ", ".join(f"{name} {seconds:.1f}" for name, seconds in t["startup_phases"].items())
             + " (launch: spawn and imports; engine: model, compile wrappers, optimizer; objective: the data loader)"
+        )
+    if t.get("startup_by_start"):
+        by = t["startup_by_start"]
+        lines.append(
+            "start-up, median seconds a cell: "
+            + "; ".join(
+                f"{by[k]['median_s']:.1f} over the {by[k]['cells']} cell(s) {what}"
+                for k, what in (("warm", "on a warm worker"), ("fresh", "that started a process"))
+                if k in by
+            )
         )
     if t.get("cells_reused"):
         lines.append(

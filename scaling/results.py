@@ -45,6 +45,7 @@ RESULT_FIELDS = [
     "startup_resume_s",
     "startup_objective_s",
     "startup_rest_s",
+    "warm_start",  # 1: the cell's last process had trained other cells before (scaling.worker), 0: a fresh one
 ]
 
 
@@ -125,6 +126,8 @@ def record(out: str | Path, cell: Cell, flops_convention: str) -> bool:
         row["epochs_" + name] = round(epochs, 4)
     for name, seconds in summary.get("startup_phases", {}).items():  # the last process's start-up, stage by stage
         row[f"startup_{name}_s"] = seconds
+    if "warm_start" in summary:
+        row["warm_start"] = int(summary["warm_start"])
     return append_rows(path, [row]) == 1
 
 

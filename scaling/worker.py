@@ -87,9 +87,8 @@ def main(argv=None) -> int:
     import train.trainer  # noqa: F401 - the imports a cold cell pays for, paid once here
 
     try:
-        for line in sys.stdin:
-            if not line.strip():
-                continue
+        for done, line in enumerate(line for line in sys.stdin if line.strip()):
+            os.environ["FUSION_WORKER_CELLS"] = str(done)  # cells this process trained before (summary `warm_start`)
             code = run_cell(json.loads(line), own_log)
             answers.write(json.dumps({"code": code}) + "\n")
             if code != 0:

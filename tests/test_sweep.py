@@ -380,6 +380,12 @@ def test_warm_workers_train_cell_after_cell_as_fresh_processes_would(spec, tmp_p
         assert result.returncode == 0, result.stdout + result.stderr
         pids = {json.loads((out / "cells" / r["key"] / "summary.json").read_text())["pid"] for r in rows(out)}
         assert len(pids) == (1 if warm else 4)
+        # the first cell a process trains starts it; the others start warm, and `scaling time` tells them apart
+        assert sorted(r["warm_start"] for r in rows(out)) == (["0", "1", "1", "1"] if warm else ["0"] * 4)
+        shown = sweep("time", out)
+        assert shown.returncode == 0, shown.stderr
+        fresh = "over the 1 cell(s) that started a process" if warm else "over the 4 cell(s) that started a process"
+        assert fresh in shown.stdout and ("over the 3 cell(s) on a warm worker" in shown.stdout) == warm
         losses[warm] = {r["key"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in rows(out)}
     assert len(losses[True]) == 4 and losses[True] == losses[False]
     assert not (tmp_path / "sweep").exists()

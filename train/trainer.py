@@ -239,6 +239,8 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
             # where it ran, as the launcher gave it (a sweep's cells: which devices and rendezvous port)
             "launch": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "MASTER_PORT", "SLURM_JOB_ID")},
             "pid": os.getpid(),  # a warm worker's cells share one (scaling.worker)
+            # this process trained other cells before (a warm worker's): no interpreter start, no imports
+            "warm_start": int(os.environ.get("FUSION_WORKER_CELLS", "0")) > 0,
             "launched_at": launched,  # this segment's launch and end, epoch seconds
             "ended_at": time.time(),
         }
