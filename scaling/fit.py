@@ -6,9 +6,11 @@ Chinchilla's 4,500-point grid of starts, screened by objective value (the best `
 runs all), with tolerances tight enough not to stop early (Besiroglu et al. 2024 showed that the default ones
 stop at the wrong answer).
 
-The bootstrap resamples runs. Every resample is refitted from every distinct optimum that the main fit's screened
-starts reached (not only the best one), so a resample may settle in another basin; every resample is kept, and
-those that end near a bound or fail to converge are counted, not dropped.
+The bootstrap resamples cells, a cell's runs together (`cell_resample`: its seeds, or the same design run twice and
+read as one set, are not independent draws of its (N, D); with one run a cell this is resampling runs). Every
+resample is refitted from every distinct optimum that the main fit's screened starts reached (not only the best
+one), so a resample may settle in another basin; every resample is kept, and those that end near a bound or fail to
+converge are counted, not dropped.
 
 A fit is reported as not converged when the optimizer did not converge, when a parameter ends within 2% of the
 search box's width from a bound, or when its 95% interval spans more than half of the box: on such data the law is
@@ -117,6 +119,20 @@ def _basins(results, limit: int) -> list[np.ndarray]:
     return kept
 
 
+def cell_indices(*keys) -> list[np.ndarray]:
+    """The runs of each distinct cell (the same value in every key array), cells in the order first seen."""
+    cells: dict = {}
+    for i, key in enumerate(zip(*keys)):
+        cells.setdefault(key, []).append(i)
+    return [np.array(v) for v in cells.values()]
+
+
+def cell_resample(cells: list[np.ndarray], rng) -> np.ndarray:
+    """A bootstrap resample of runs drawn cell by cell: as many cells as there are, with replacement, each with all
+    its runs. With one run a cell it draws exactly what resampling runs would (the same indices from the same rng)."""
+    return np.concatenate([cells[c] for c in rng.integers(0, len(cells), len(cells))])
+
+
 def fit_approach3(
     N,
     D,
@@ -143,7 +159,8 @@ def fit_approach3(
     law = _law(best.x)
 
     rng = np.random.default_rng(seed)
-    resamples = [rng.integers(0, len(N), len(N)) for _ in range(bootstrap)]  # drawn here: repeatable under a seed
+    cells = cell_indices(N, D)
+    resamples = [cell_resample(cells, rng) for _ in range(bootstrap)]  # drawn here: repeatable under a seed
     thetas, status = [], {"converged": 0, "near_bound": 0, "not_converged": 0}
     for res in (_best_of(basins, logN, logD, logL, idx) for idx in resamples):  # every resample kept
         thetas.append(res.x)

@@ -1,9 +1,9 @@
 """Approach 2 (Hoffmann et al. 2022): one parabola in log N per FLOP budget, power laws through the minima.
 
 A budget whose minimum lies at the edge of its size grid, or whose parabola opens downward, is rejected and
-reported. Intervals come from a bootstrap that resamples runs within each budget; in a resample where a budget's
-parabola has no interior minimum, that budget's best observed size stands in for it (counted as a fallback), so
-that every resample yields exponents and none is dropped.
+reported. Intervals come from a bootstrap that resamples runs within each budget (a size's runs together); in a
+resample where a budget's parabola has no interior minimum, that budget's best observed size stands in for it
+(counted as a fallback), so that every resample yields exponents and none is dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 
 from scaling.conventions import CostModel
-from scaling.fit import interval
+from scaling.fit import cell_indices, cell_resample, interval
 from scaling.runs import budgets
 
 
@@ -87,7 +87,7 @@ def _bootstrap(groups, cost, bootstrap, seed, target, level) -> dict:
     for _ in range(bootstrap):
         points = []
         for C, x, loss in groups:
-            idx = rng.integers(0, len(x), len(x))
+            idx = cell_resample(cell_indices(x), rng)  # a size's runs together (seeds, repeats)
             x_star = _minimum(x[idx], loss[idx])[0] if len(set(x[idx])) >= 3 else None
             if x_star is None:
                 fallbacks += 1

@@ -204,6 +204,24 @@ def test_two_runs_of_a_sweep_fit_as_one_set_and_pair_each_cell_once(tmp_path):
     assert report["runs"] == len(both["loss"]) and report["csv"] == [str(first), str(again)]
 
 
+def test_the_bootstrap_draws_cells_with_all_their_runs():
+    """With one run a cell, a resample is what drawing runs gave (so fits of such CSVs keep their intervals); with a
+    cell run twice, its two runs come and go together."""
+    from scaling.fit import cell_indices, cell_resample
+
+    N, D = np.array([1.0, 2.0, 3.0, 4.0]), np.array([5.0, 6.0, 7.0, 8.0])
+    cells = cell_indices(N, D)
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(20):
+        assert list(cell_resample(cells, a)) == list(b.integers(0, 4, 4))
+    twice = cell_indices(np.concatenate([N, N]), np.concatenate([D, D]))
+    assert [list(c) for c in twice] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        drawn = list(cell_resample(twice, rng))
+        assert len(drawn) == 8 and all(drawn.count(i) == drawn.count(i + 4) for i in range(4))
+
+
 def test_a_multiplier_that_never_reaches_the_target_keeps_every_resample():
     """The other recipe's floor E lies above the base's frontier at the target: no finite multiplier. Resamples
     that never get there count in the interval's lower tail instead of being dropped."""
