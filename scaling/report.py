@@ -88,7 +88,7 @@ def fit_csv(
     recipes = list(dict.fromkeys(data["recipe"].tolist())) if recipe_col else [None]
     if baseline is not None:
         if baseline not in recipes:
-            raise ValueError(f"baseline recipe '{baseline}' is not in {path}'s recipes: {recipes}")
+            raise FitError(f"baseline recipe '{baseline}' is not in {path}'s recipes: {recipes}")
         recipes.remove(baseline)
         recipes.insert(0, baseline)
     target = float(target_flops or data["flops"].max())
