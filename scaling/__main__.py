@@ -76,7 +76,10 @@ def main(argv=None) -> int:
     ap.add_argument("command", choices=["plan", "run", "fit", "report", "lrcheck", "time", "calibrate", "repeats"])
     ap.add_argument("target", help="a sweep spec (YAML), or for `fit` a CSV of runs")
     ap.add_argument(
-        "more", nargs="*", help="lrcheck: more results CSVs whose cells join the target's; calibrate: the results CSV"
+        "more",
+        nargs="*",
+        help="lrcheck and fit: more results CSVs read with the target's; calibrate: the results CSV; repeats: the "
+        "second run's CSV",
     )
     ap.add_argument(
         "--reuse",

@@ -253,7 +253,8 @@ class Launches:
             return ColdCell(cell, nproc, port, {**self.env, **cell_env}, log)
         worker = next((w for w in self.idle if w.devices == tuple(devices)), None)
         if worker is None:
-            worker = WarmWorker(tuple(devices), {**self.env, **cell_env}, self.log_dir)
+            bound = {"CUDA_VISIBLE_DEVICES": cell_env["CUDA_VISIBLE_DEVICES"]} if devices else {}
+            worker = WarmWorker(tuple(devices), {**self.env, **bound}, self.log_dir)  # the rest comes per cell
             self.workers.append(worker)
         else:
             self.idle.remove(worker)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scaling.fit import interval
+from scaling.fit import cell_indices, interval
 
 
 def paired_difference(data: dict, col: str, base: str, other: str, bootstrap: int, seed: int, level: float):
@@ -37,10 +37,12 @@ def paired_difference(data: dict, col: str, base: str, other: str, bootstrap: in
 
 def _cells(data: dict, col: str, recipe: str) -> dict:
     """(N, D) -> (mean loss over the cell's runs, its FLOPs) for one recipe."""
-    runs: dict = {}
-    for i in np.flatnonzero(data["recipe"] == recipe):
-        runs.setdefault((data["params"][i], data["tokens"][i]), []).append(i)
-    return {k: (float(np.mean(data[col][idx])), float(data["flops"][idx[0]])) for k, idx in runs.items()}
+    rows = np.flatnonzero(data["recipe"] == recipe)
+    N, D = data["params"][rows], data["tokens"][rows]
+    return {
+        (N[c[0]], D[c[0]]): (float(np.mean(data[col][rows[c]])), float(data["flops"][rows[c[0]]]))
+        for c in cell_indices(N, D)
+    }
 
 
 def describe_paired(p: dict, base: str) -> str:

@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import sys
-import time
 import traceback
 
 
@@ -42,8 +41,7 @@ def run_cell(task: dict, own_log: int) -> int:
     fd = os.open(task["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     _redirect(fd)
     os.close(fd)
-    env = task.get("env", {})
-    os.environ.update(env)
+    os.environ.update(task.get("env", {}))
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):  # as in a new process, until the trainer's own
         signal.signal(sig, signal.SIG_DFL)
     try:
@@ -53,7 +51,7 @@ def run_cell(task: dict, own_log: int) -> int:
         _redirect(own_log)
         return 2
     try:
-        train(cfg, launched_at=float(env.get("FUSION_LAUNCH_TIME", time.time())))
+        train(cfg)  # start-up counted from the driver's FUSION_LAUNCH_TIME, set above (train.trainer.launch_time)
         code = 0
     except SystemExit as e:  # the trainer's stop on a signal (EXIT_REQUEUE), or another exit
         code = e.code if isinstance(e.code, int) else 1

@@ -373,6 +373,11 @@ def test_the_second_run_is_the_same_cells_in_less_gpu_time():
     assert f"{t['tokens']:.3g} tokens, {t['tokens_per_s'] / 1e6:.2f}M tokens/s of wall time" in said()
     assert f"**aggregate MFU {100 * t['mfu']:.2f}%** (the first run: {100 * t1['mfu']:.2f}%)" in said()
     assert f"steps themselves took {t['steps_s']:.0f} s where the first run's took {t1['steps_s']:.0f} s" in said()
+    log = (AGAIN / "data.log").read_text()
+    built = log.split("training samples in ")[1].split(" s")[0], log.split("prepared in ")[1].split(" s")[0]
+    minutes, seconds = log.split("Elapsed (wall clock) time (h:mm:ss or m:ss): ")[1].split()[0].split(":")
+    assert f"1.8M training samples in {built[0]} s, the prepared copy in {built[1]} s, " in said()
+    assert f"{60 * int(minutes) + float(seconds):.0f} s in all with the tokenizer" in said()
     busy, load, samples = studydoc.util_medians(AGAIN)
     assert f"busy a median {busy:.0f}% of {samples} five-second samples, load average a median {load:.1f}" in said()
     # start-up: on a warm worker a cell skips the interpreter and the imports; a fresh worker's first cell pays them
