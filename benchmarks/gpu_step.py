@@ -14,6 +14,8 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
              over --data, pinned and copied asynchronously; cached: its first 8 batches kept on the GPU;
              fd: workers pass tensors by file descriptor, torch's default, not named shared memory as the loader does)
   plain      our model with fused AdamW and autocast but no DeepSpeed (to measure the engine's own cost)
+  graph      the step captured once as a CUDA graph and replayed (deepspeed.cuda_graph, train.graphed_step; implies
+             torchengine): batches of one shape, the output head at the target index's room (index_room)
   torchengine  the trainer's own one-process engine (train.engine.TorchEngine: what `deepspeed.engine=auto` runs
              on one GPU) with train.step, instead of DeepSpeed's
   whole      compile the whole model as one graph instead of block by block
@@ -43,8 +45,9 @@ Per config and row count, a plain reference GPT of the same width, depth, heads 
 causal SDPA, compiled, fused AdamW, bf16 autocast, no DeepSpeed) on the same number of tokens, so every figure has
 a ratio next to it. Loader variants add the host's time per step in next(loader) and in the copies to the GPU
 (`loader_wait_ms`, `copy_ms`): a loader that costs tokens/s with neither is slowing the trainer's host, not
-starving it. --profile adds, per variant, the GPU's busy share of the step and the top kernels; --syncs, the
-call sites where one step makes the host wait for the GPU.
+starving it. --profile adds, per variant and reference, the GPU's busy share of the step, the kernels a step
+launches, the top kernels and host ops, and the Python functions the host spends its time in (--trace DIR: Chrome
+traces); --syncs, the call sites where one step makes the host wait for the GPU.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def tiles(m: int, n: int, backward: tuple[int, int, int, int] | None = None, **e
 def parse_variant(text: str) -> dict:
     v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
     v.update(fd=False, plain=False, whole=False, waits=False, allpositions=False, torchloss=False, rows=None)
-    v.update(torchmlp=False, quackmlp=False, mlptuned=False, torchengine=False, losskernel=False)
+    v.update(torchmlp=False, quackmlp=False, mlptuned=False, torchengine=False, losskernel=False, graph=False)
     v.update(name=text, overrides=[])
     v["tiles"], v["mask_block"] = FLEX_DEFAULTS
     v["loss_launch"] = LOSS_LAUNCH
@@ -120,6 +123,9 @@ def parse_variant(text: str) -> dict:
             v["fd"] = True
         elif word in ("synthetic", "loader", "cached"):
             v["data"] = word
+        elif word == "graph":  # the step captured as a CUDA graph (train.graphed_step): the torch engine's
+            v["torchengine"] = v["graph"] = True
+            v["overrides"] += ["deepspeed.cuda_graph=true", "logging.telemetry_every=0"]
         elif word.startswith("rows="):
             v["rows"] = int(word[5:])
         elif word == "amp":  # fp32 weights under torch.autocast in the DeepSpeed engine, instead of bf16 weights
@@ -253,10 +259,13 @@ def mlp_kernels(model: nn.Module) -> str:
     return "quack" if all(m.runs_fused(m.w_gate_up.weight.dtype) for m in blocks) else "torch"
 
 
-def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str, profile: bool, sync_sites: bool):
+def bench_variant(
+    cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str, profile: bool, sync_sites: bool, trace: str | None
+):
     from train import engine as engine_module
     from train import zero_waits
     from train.engine import apply_activation_checkpointing, apply_compile, build_engine, param_groups, step_clip
+    from train.graphed_step import GraphedStep
     from train.step import TrainStep
 
     overrides = [
@@ -314,7 +323,8 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
             model.compile(dynamic=False)
         if v["losskernel"]:  # model.cross_entropy's kernel also where compile_scope=model turns it off
             model.loss_kernel = True
-        run_step = TrainStep(engine, optimizer, dev, clip=step_clip(cfg, getattr(engine, "kind", "deepspeed")))
+        step_kind = GraphedStep if cfg.deepspeed.cuda_graph else TrainStep
+        run_step = step_kind(engine, optimizer, dev, clip=step_clip(cfg, getattr(engine, "kind", "deepspeed")))
         counter = itertools.count()
 
         def step():
@@ -327,7 +337,11 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
         waited = np.array(waits[-steps:]).reshape(-1, 2)  # the timed steps' batches
         # of those, when the loader streams them; else of the batches made, which cycle, each equally often
         head_share = float(np.mean(heads[-steps:] if waits else heads))
-        report = profile_steps(step) if profile else None
+        if v["graph"]:  # the captured index's room, padding included (train.graphed_step.index_room)
+            head_share = run_step.head_rows([]) / (rows * T)
+        report = profile_steps(step, trace=trace) if profile else None
+        if profile:
+            host_profile(step)
         syncs = find_syncs(step) if sync_sites else None
     tps = steps * rows * T / dt
     flops = flops_per_token(cfg.model, T)
@@ -352,8 +366,9 @@ def bench_variant(cfg_path: str, v: dict, steps: int, vocab: int, data_dir: str,
     return result, cfg
 
 
-def profile_steps(step, n: int = 3) -> dict:
-    """GPU kernel time per step and its share of the profiled steps, and the top kernels (host waits: find_syncs)."""
+def profile_steps(step, n: int = 3, trace: str | None = None) -> dict:
+    """GPU kernel time per step and its share of the profiled steps, the kernels launched per step, and the top
+    kernels and host ops (host waits: find_syncs). `trace`: also write the profiled steps as a Chrome trace there."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -370,13 +385,33 @@ def profile_steps(step, n: int = 3) -> dict:
     for s, e in kernels:
         busy += max(0, e - max(s, end))
         end = max(end, e)
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
-    print(table)
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90))
+    if trace:
+        prof.export_chrome_trace(trace)
     return {
+        "kernels_per_step": len(kernels) / n,
         "wall_ms_per_step": 1000 * wall / n,
         "gpu_busy_ms_per_step": busy / 1000 / n,
         "gpu_busy_share": busy / 1e6 / wall,
     }
+
+
+def host_profile(step, n: int = 20, top: int = 40) -> None:
+    """Print the Python functions the host spends a step's time in (cProfile over `n` steps, by own time): for a
+    host-bound step, where its milliseconds go between the kernel launches."""
+    import cProfile
+    import pstats
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
 def find_syncs(step) -> dict:
@@ -429,7 +464,7 @@ def find_syncs(step) -> dict:
     return sites
 
 
-def bench_reference(cfg, rows: int, steps: int, vocab: int) -> dict:
+def bench_reference(cfg, rows: int, steps: int, vocab: int, profile: bool = False, trace: str | None = None) -> dict:
     mc, T = cfg.model, cfg.data.seq_len
     model = torch.compile(RefGPT(vocab, mc.d_model, mc.n_layers, mc.n_heads).cuda())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -446,7 +481,11 @@ def bench_reference(cfg, rows: int, steps: int, vocab: int) -> dict:
     n = sum(p.numel() for p in model.parameters()) - vocab * mc.d_model
     tps = steps * rows * T / dt
     mfu = (6 * n + 12 * mc.n_layers * mc.d_model * T) * tps / peak_flops(torch.device("cuda"), True)
-    return {"tokens_per_s": tps, "mfu": mfu, "params": n, "rows": rows, "step_ms": 1000 * dt / steps}
+    result = {"tokens_per_s": tps, "mfu": mfu, "params": n, "rows": rows, "step_ms": 1000 * dt / steps}
+    if profile:
+        report = profile_steps(step, trace=trace)
+        result["profile"] = {**report, "gpu_busy_of_step": report["gpu_busy_ms_per_step"] / result["step_ms"]}
+    return result
 
 
 def main(argv=None):
@@ -460,6 +499,7 @@ def main(argv=None):
     ap.add_argument("--set", default="", help="config overrides for every variant and the reference, comma-separated")
     ap.add_argument("--json")
     ap.add_argument("--profile", action="store_true", help="GPU busy share and top kernels per variant")
+    ap.add_argument("--trace", help="with --profile: a directory for each variant's Chrome trace")
     ap.add_argument("--syncs", action="store_true", help="the call sites that make one step wait for the GPU")
     args = ap.parse_args(argv)
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
@@ -486,7 +526,8 @@ def main(argv=None):
         for text in args.variants.split(","):
             v = parse_variant(text)
             v["overrides"] = [o for o in args.set.split(",") if o] + v["overrides"]
-            r, cfg = bench_variant(CONFIGS[name], v, args.steps, args.vocab, args.data, args.profile, args.syncs)
+            trace = f"{args.trace}/{name}-{len(results)}.json" if args.trace else None
+            r, cfg = bench_variant(CONFIGS[name], v, args.steps, args.vocab, args.data, args.profile, args.syncs, trace)
             torch._dynamo.reset()
             gc.collect()  # DeepSpeed engines hold reference cycles: free the last one before the next peak
             torch.cuda.empty_cache()
@@ -498,7 +539,14 @@ def main(argv=None):
                     "config": name,
                     "variant": "reference",
                     "world": 1,
-                    **bench_reference(cfg, rows, args.steps, args.vocab),
+                    **bench_reference(
+                        cfg,
+                        rows,
+                        args.steps,
+                        args.vocab,
+                        args.profile,
+                        f"{args.trace}/{name}-reference-{rows}.json" if args.trace else None,
+                    ),
                 }
             )
     if rank:

@@ -3,7 +3,8 @@
 A batch is a dict of tensors laid out by the data layer (see README, "Batch format"):
   tokens     (B, T) long   token ids; at patch positions any valid id (ignored)
   patches    (P, C*p*p)    uint8 pixel patches (mapped to [-1, 1] here), or floats already normalised, in the order
-                           their positions appear in the batch
+                           their positions appear in the batch; or padded to one row per position (P = B*T), the
+                           patches first and the rest ignored: a batch of fixed shape (train.graphed_step)
   patch_mask (B, T) bool   True where a patch embedding replaces the token embedding
   positions  (B, T, 3)     (t, h, w) rotary ids, restarting per document; (B, T) for 1-D RoPE
   doc_ids    (B, T)        document of each position, one contiguous run each; attention never crosses documents
@@ -64,8 +65,10 @@ class ModelOutput:
 def _patch_index(patch_mask: torch.Tensor, n_patches: int) -> torch.Tensor:
     """Flat positions of the patches. The count comes from the patch tensor's shape, so this never waits for the
     GPU, where `x[patch_mask]` or `masked_scatter`'s backward would (a data-dependent size, read back to the host
-    once per use): +16% tokens/s for a mixed 125M step on an H100 (docs/PERFORMANCE.md)."""
-    return torch.nonzero_static(patch_mask.flatten(), size=n_patches).squeeze(-1)
+    once per use): +16% tokens/s for a mixed 125M step on an H100 (docs/PERFORMANCE.md). Patches padded to one a
+    position get B*T, one past the last position, for their padding rows."""
+    flat = patch_mask.flatten()
+    return torch.nonzero_static(flat, size=n_patches, fill_value=flat.numel()).squeeze(-1)
 
 
 def pick_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -212,8 +215,11 @@ class FusionTransformer(nn.Module):
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
         n_patches = 0 if patches is None else patches.shape[0]
-        if n_patch_pos != n_patches:
-            raise InputError(f"patch_mask marks {n_patch_pos} positions but {n_patches} patches were given")
+        if n_patch_pos != n_patches and not (n_patches == B * T and n_patch_pos < n_patches):  # or padded
+            raise InputError(
+                f"patch_mask marks {n_patch_pos} positions but {n_patches} patches were given (give one patch per "
+                f"marked position, or pad them to one per position: {B * T})"
+            )
         if most > cfg.max_image_patches:
             raise InputError(f"an image has {most} patches, more than max_image_patches={cfg.max_image_patches}")
 
@@ -224,7 +230,11 @@ class FusionTransformer(nn.Module):
             return x + _zero_touch(self.patch_emb)
         # .to(x.dtype): under autocast the projection comes out in bf16 while the table lookup stays fp32
         projected = self.patch_emb(unit_pixels(patches).to(x.dtype)).to(x.dtype)
-        return x.flatten(0, 1).index_copy(0, patch_index, projected).view_as(x)
+        flat = x.flatten(0, 1)
+        if len(patch_index) == len(flat):  # padded to one a position: the padding rows land on a row dropped after
+            padded = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
+            return padded.index_copy(0, patch_index, projected)[:-1].view_as(x)
+        return flat.index_copy(0, patch_index, projected).view_as(x)
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
@@ -309,9 +319,11 @@ class FusionTransformer(nn.Module):
         """AIMv2-style: each patch's output regresses the next patch of the same image (per-patch normalised)."""
         T = h.shape[1]
         rows = torch.arange(h.shape[0], device=h.device)[:, None] * (T + 1)
-        key = (rows + image_ids).flatten()[patch_index]
-        same_image = (key[1:] == key[:-1]).float()
-        pred = self.patch_head(h.flatten(0, 1)[patch_index[:-1]]).float()
+        real = patch_index < h.shape[0] * T  # not a padding row (patches padded to one a position)
+        index = patch_index.clamp(max=h.shape[0] * T - 1)
+        key = (rows + image_ids).flatten()[index]
+        same_image = ((key[1:] == key[:-1]) & real[1:]).float()
+        pred = self.patch_head(h.flatten(0, 1)[index[:-1]]).float()
         target = unit_pixels(patches[1:]).float()
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
         err = (pred - target).square().mean(-1)

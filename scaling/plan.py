@@ -54,6 +54,7 @@ ADDED_SINCE_KEYED = {
     ("rl",): dataclasses.asdict(RLConfig()),  # objective rl's section (train/rl.py)
     ("deepspeed", "compile_scope"): "blocks",
     ("model", "mrope_interleaved"): False,
+    ("deepspeed", "cuda_graph"): False,
 }
 
 

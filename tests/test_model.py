@@ -311,6 +311,33 @@ def test_output_head_at_target_positions_only_changes_nothing_but_work(tiny_cfg)
     assert all(g.abs().sum() > 0 for g in grads)
 
 
+def test_inputs_padded_to_a_fixed_shape_change_nothing(tiny_cfg):
+    """A captured step (train.graphed_step) feeds batches of one shape: the patches padded to one row a position
+    (the padding rows are junk, ignored) and target_index padded with -1. The losses, the next-patch loss included,
+    and every gradient equal those of the batch as packed; any other patch count is refused."""
+    batch = packed_batch(seed=6)
+    B, T = batch["tokens"].shape
+    P, K = len(batch["patches"]), len(batch["target_index"])
+    assert 0 < P < B * T and K < B * T
+    padded = dict(batch)
+    padded["patches"] = torch.cat([batch["patches"], torch.randn(B * T - P, batch["patches"].shape[1])])
+    padded["target_index"] = torch.cat([batch["target_index"], torch.full((B * T - K,), -1)])
+    model = build_model(with_(tiny_cfg, image_mask="causal", image_loss_weight=0.5))
+    results = []
+    for b in (batch, padded):
+        model.zero_grad()
+        out = model(**b)
+        out.loss.backward()
+        results.append(([out.loss, out.image_loss], [p.grad.clone() for p in model.parameters()]))
+    (losses, grads), (padded_losses, padded_grads) = results
+    assert losses[1] > 0
+    torch.testing.assert_close(padded_losses, losses)
+    torch.testing.assert_close(padded_grads, grads)
+    short = {**batch, "patches": padded["patches"][: B * T - 1]}
+    with pytest.raises(InputError, match=f"pad them to one per position: {B * T}"):
+        model(**short)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="model.cross_entropy's Triton kernel needs a CUDA device")
 def test_loss_kernel_equals_autograd_on_cuda(tiny_cfg):
     """model.cross_entropy (the logits' gradient made in place in the forward): losses and gradients equal

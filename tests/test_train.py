@@ -197,11 +197,24 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(micro_config, tmp_path):
     assert not (run / "PREEMPTED").exists()
 
 
+def logged_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
 def test_nan_guard_skips_and_then_stops(micro_config, tmp_path):
-    run = tmp_path / "nan"
-    result = launch(micro_config, run, "steps=6", "nan.inject_steps=[2]", "eval.every=0", nproc=1)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert json.loads((run / "summary.json").read_text())["skipped_steps"] == 1
+    """Also through the captured step's code (deepspeed.cuda_graph, uncaptured on a CPU: fixed-shape batches, LR and
+    target weights as tensors): the same losses, the same skip."""
+    args = ("steps=6", "nan.inject_steps=[2]", "eval.every=0", "deepspeed.grad_accum=2", "logging.telemetry_every=0")
+    losses = []
+    for graph in ("false", "true"):
+        run = tmp_path / f"nan-{graph}"
+        result = launch(micro_config, run, *args, f"deepspeed.cuda_graph={graph}", nproc=1)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert json.loads((run / "summary.json").read_text())["skipped_steps"] == 1
+        losses.append(logged_losses(run))
+    assert len(losses[0]) == 6 and losses[0][2] is None and losses[1][2] is None  # a skipped step logs no loss
+    del losses[0][2], losses[1][2]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=0), losses
     result = launch(
         micro_config, tmp_path / "nan2", "steps=8", "nan.inject_steps=[2,3,4]", "nan.max_consecutive=3", nproc=1
     )
@@ -615,3 +628,73 @@ def test_target_weights_count_every_rank(tmp_path):
     mp.spawn(_weights_on_rank, args=(f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2)
     assert json.loads((tmp_path / "0.json").read_text()) == [2.5, 0.5]
     assert json.loads((tmp_path / "1.json").read_text()) == [1.0, 0.0]
+
+
+def test_the_captured_index_grows_when_a_batch_outgrows_it(micro_config, monkeypatch):
+    """The captured step's target index has room for the counts seen so far (train.graphed_step.index_room); a batch
+    with more targets gets larger buffers (and, on a GPU, a new capture) instead of losing targets: the losses stay
+    the eager step's. Uncaptured on a CPU, the same buffers and the same growth."""
+    from data.handoff import to_device
+    from data.pipeline import StreamingLoader
+    from train import graphed_step
+    from train.engine import build_engine
+    from train.graphed_step import GraphedStep
+    from train.step import TrainStep
+
+    monkeypatch.setattr(graphed_step, "HEADROOM", 1.0)
+    monkeypatch.setattr(graphed_step, "ROUND", 1)  # room for exactly the first batch's targets
+    cfg = load_config(micro_config, ["logging.telemetry_every=0"])
+    runs, rooms = [], []
+    for kind in (TrainStep, GraphedStep):
+        torch.manual_seed(0)
+        engine, opt, model = build_engine(cfg, torch.device("cpu"), 1)
+        step = kind(engine, opt, torch.device("cpu"))
+        loader = StreamingLoader(cfg.data, 0, 1)
+        losses = []
+        for i in range(8):
+            batch = to_device(next(loader), torch.device("cpu"))
+            losses.append(float(step([batch], i).text_loss))
+            rooms.append(step.head_rows([batch]))
+        runs.append(losses)
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+    counts, room = rooms[:8], rooms[8:]
+    assert room[0] == counts[0] and room == sorted(room) and room[-1] >= max(counts) and len(set(room)) > 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a CUDA device")
+def test_a_captured_step_trains_as_the_eager_one(micro_config):
+    """On a GPU the step is captured after its warm-up and replayed: the LR the schedule fills in, the target
+    weights of two micro-batches and a NaN step reach the replays (a float captured once would not change), and the
+    losses and the weights follow the eager step's."""
+    from data.handoff import to_device
+    from data.pipeline import StreamingLoader
+    from model import IGNORE
+    from train.engine import build_engine, step_clip
+    from train.graphed_step import GraphedStep, set_lr
+    from train.step import TrainStep, target_weights
+
+    overrides = ["deepspeed.grad_accum=2", "deepspeed.compile=true", "deepspeed.compile_scope=model"]
+    cfg = load_config(micro_config, overrides + ["logging.telemetry_every=0"])
+    dev = torch.device("cuda")
+    runs = []
+    for kind in (TrainStep, GraphedStep):
+        torch.manual_seed(0)
+        engine, opt, model = build_engine(cfg, dev, 1)
+        step = kind(engine, opt, dev, clip=step_clip(cfg, "torch"))
+        loader = StreamingLoader(cfg.data, 0, 1)
+        losses = []
+        for i in range(10):
+            set_lr(opt, 3e-3 * (1 + i % 3))
+            batches = [next(loader) for _ in range(2)]
+            weights = target_weights([int((b["targets"] != IGNORE).sum()) for b in batches])
+            out = step([to_device(b, dev) for b in batches], i, inject_nan=i == 6, weights=weights)
+            losses.append(float(out.text_loss))
+            model.check_inputs = False
+        runs.append((losses, step.take(), [p.detach().clone() for p in model.parameters()]))
+        torch._dynamo.reset()
+    (eager, eager_window, eager_params), (graphed, window, params) = runs
+    assert isinstance(step.graph, torch.cuda.CUDAGraph)  # captured, and replayed for the last steps
+    assert graphed == pytest.approx(eager, rel=2e-3)
+    assert (window["skipped"], window["last_bad"]) == (eager_window["skipped"], eager_window["last_bad"]) == (1, 6)
+    for p, q in zip(params, eager_params, strict=True):
+        torch.testing.assert_close(p, q, atol=2e-3, rtol=2e-2)

@@ -67,6 +67,9 @@ class DeepSpeedConfig:
     # the default) | model (the whole forward, the attention mask's build and the embeddings included, as one graph
     # with automatic dynamic shapes: the launch-bound steps of tiny sweep cells; docs/study/STUDY.md, GPU time)
     compile_scope: str = "blocks"
+    # Capture the training step once as a CUDA graph and replay it (train.graphed_step): one process, the torch
+    # engine, a CUDA device; the output head then runs at every position. For tiny steps bound by the host.
+    cuda_graph: bool = False
     extra: dict = field(default_factory=dict)  # merged into the DeepSpeed JSON config as is
 
     def __post_init__(self):
@@ -220,6 +223,11 @@ class TrainConfig:
             raise ConfigError("objective=rl starts from an export: give init_weights (an export or a run directory)")
         if self.objective == "rl" and self.deepspeed.zero_stage == 3:
             raise ConfigError("objective=rl generates with the model's own weights: ZeRO-3's partitions cannot")
+        if self.deepspeed.cuda_graph and (self.objective == "rl" or self.logging.telemetry_every):
+            raise ConfigError(
+                "deepspeed.cuda_graph replays one captured step: objective=rl (rollouts) and logging.telemetry_every "
+                "(a forward that differs on its steps) need the eager step"
+            )
         if self.objective == "sft":
             self.data.kinds = self.data.kinds or ["chat"]
             if self.data.kinds != ["chat"]:

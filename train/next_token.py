@@ -17,6 +17,7 @@ from data.pipeline import StreamingLoader, source_samples
 from model import IGNORE, flops_per_token, param_count
 from train.engine import engine_kind, step_clip
 from train.evaluate import validate
+from train.graphed_step import GraphedStep
 from train.metrics import memory_gb, peak_flops
 from train.objective import Log, Objective
 from train.profile import StepProfiler
@@ -49,7 +50,8 @@ class NextToken(Objective):
         self.inject, self.inject_ranks = set(cfg.nan.inject_steps), set(cfg.nan.inject_ranks or range(world))
         self.sample_log = open(run / f"samples_rank{rank}.jsonl", "a") if cfg.logging.sample_log else None  # noqa: SIM115
         self.task_eval = TaskEval(cfg, rank, world)
-        self.run_step = TrainStep(engine, optimizer, device, clip=step_clip(cfg, engine_kind(cfg, world)))
+        step_kind = GraphedStep if cfg.deepspeed.cuda_graph else TrainStep
+        self.run_step = step_kind(engine, optimizer, device, clip=step_clip(cfg, engine_kind(cfg, world)))
         self.profiler = StepProfiler(cfg.logging.profile, run, device, rank)
         self.window_steps, self.window_t0, self.head_rows = 0, time.perf_counter(), 0
         self.last_loss = None  # the latest logged training loss, for the summary
@@ -79,7 +81,6 @@ class NextToken(Objective):
             cpu_batch = next(self.loader)
             counts.append(int((cpu_batch["targets"] != IGNORE).sum()))  # on the host: no wait for the GPU
             batches.append(to_device(cpu_batch, self.device))  # one copy (data.handoff)
-            self.head_rows += len(batches[-1]["target_index"]) if "target_index" in batches[-1] else self.B * self.T
             if self.sample_log:  # flushed per line: the log must survive the crash it may be needed to explain
                 self.sample_log.write(json.dumps({"step": step, "micro": micro, "rows": self.loader.last_pieces}))
                 self.sample_log.write("\n")
@@ -87,6 +88,7 @@ class NextToken(Objective):
         weights = target_weights(counts, self.group)
         inject = step in self.inject and self.rank in self.inject_ranks
         first = self.run_step(batches, step, inject_nan=inject, weights=weights)
+        self.head_rows += self.run_step.head_rows(batches)
         model.track_attention_logits(False)
         model.check_inputs = False  # the first step proved the data fits the model; spare a sync per forward
         state["tokens"] += self.tokens_per_step

@@ -63,7 +63,7 @@ def _close(found_inf, step_sums, n: int, step: int, sums, counts, streak, last_b
     streak.mul_(bad).add_(bad)
     counts.add_(torch.stack([1 - bad, bad, torch.zeros_like(bad)]))
     counts[2] = torch.maximum(counts[2], streak)
-    last_bad.copy_(torch.where(bad > 0, torch.full_like(last_bad, step), last_bad))
+    last_bad.copy_(torch.where(bad > 0, step, last_bad))  # step: a number, or a device tensor (train.graphed_step)
 
 
 class TrainStep:
@@ -115,6 +115,11 @@ class TrainStep:
         window = (self.sums, self.counts, self.streak, self.last_bad)
         self._close(self.found_inf, step_sums, len(micro_batches), step, *window)
         return first
+
+    def head_rows(self, micro_batches: Sequence[dict]) -> int:
+        """The rows the output head ran at for these micro-batches: their target index's length, padding included,
+        or every position without one (for "MFU run", which counts the head where it ran)."""
+        return sum(len(b["target_index"]) if "target_index" in b else b["tokens"].numel() for b in micro_batches)
 
     def grad_norm(self):
         """The last step's gradient norm before clipping, from whichever side clipped (a host sync when read)."""

@@ -22,6 +22,7 @@ from train.config import TrainConfig, to_dict
 from train.engine import build_engine, engine_kind, quiet_host_threads
 from train.export import at_end as export_at_end
 from train.fingerprint import fingerprint
+from train.graphed_step import set_lr
 from train.metrics import MetricsWriter
 from train.objective import Objective
 from train.rundir import FIRST_STEPS_FILE, RunLock, ensure_run_dir
@@ -192,8 +193,7 @@ def train(cfg: TrainConfig, launched_at: float | None = None) -> dict:
     try:
         while state["step"] < cfg.steps:
             lr = lr_at(state["step"], cfg.steps, cfg.optim.lr, cfg.schedule)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(optimizer, lr)
             t_step = time.perf_counter()
             objective.step(state, lr, log)
             if timed < FIRST_STEPS:
