@@ -38,6 +38,23 @@ def unpack(buffer: torch.Tensor, layout: tuple) -> dict[str, torch.Tensor]:
     return out
 
 
+class Handed:
+    """What a loader worker yields: the batch's buffer and layout, and its stream's bookkeeping (`meta`). One object
+    with a `pin_memory` method, so the DataLoader's pinning thread pins it in one call. As a dict it walked and
+    copied every entry of the bookkeeping, the rows' pieces included (about 1,700 Python objects a 64-row study
+    batch: 8 ms of a thread that holds the trainer's GIL, under cProfile on an H200), which capped a trainer at
+    about 12,500 rows a second however many workers fed it (docs/study/STUDY.md)."""
+
+    __slots__ = ("buffer", "layout", "meta")
+
+    def __init__(self, buffer: torch.Tensor, layout: tuple, meta: dict):
+        self.buffer, self.layout, self.meta = buffer, layout, meta
+
+    def pin_memory(self, device=None) -> Handed:
+        self.buffer = self.buffer.pin_memory()
+        return self
+
+
 class HandedBatch(dict):
     """A batch as the trainer receives it: a dict of host tensors (views of one buffer) that moves to a device in
     one copy."""

@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from data.handoff import HandedBatch, pack
+from data.handoff import Handed, HandedBatch, pack
 from data.images import ImageSpec
 from data.layout import layout_document
 from data.packing import ImageTooLong, Packer, Row, collate
@@ -405,7 +405,7 @@ class PackedDataset(IterableDataset):
         for batch in worker.batches(logical):  # one buffer a batch for the trainer's process (data.handoff)
             meta = batch.pop("_meta")
             buffer, layout = pack(batch)
-            yield {"_buffer": buffer, "_layout": layout, "_meta": meta}
+            yield Handed(buffer, layout, meta)
 
 
 def _as_made(batch: dict) -> dict:
@@ -474,12 +474,12 @@ class StreamingLoader:
         if self._it is None:
             self._it = iter(self.loader)
         handed = next(self._it)
-        meta = handed["_meta"]
+        meta = handed.meta
         self.streams[meta["worker"]] = meta["state"]
         self._worker_counts[meta["worker"]] = meta["counts"]
         self.consumed += 1
         self.last_pieces = meta["pieces"]
-        return HandedBatch(handed["_buffer"], handed["_layout"])
+        return HandedBatch(handed.buffer, handed.layout)
 
     def skip_counts(self) -> dict:
         """Counters summed over this rank's workers: samples read, kinds, skips by reason, bad shards."""

@@ -367,6 +367,30 @@ def test_a_handed_batch_is_the_workers_batch_in_one_buffer(embedded):
         assert all(torch.equal(moved[k], expected[k]) for k in expected)
 
 
+def test_the_pinning_thread_pins_a_handed_batch_in_one_call(embedded, monkeypatch):
+    """The DataLoader's pinning thread pins what a worker yields (data.handoff.Handed) with one call, its buffer
+    pinned and its bookkeeping passed through untouched; as a dict, the same batch made it walk and copy hundreds
+    of objects (the bookkeeping's every entry), Python that held the trainer's GIL."""
+    from torch.utils.data._utils import pin_memory as pinning
+
+    from data.handoff import Handed
+    from data.pipeline import PackedDataset
+
+    calls = []
+    walk = pinning.pin_memory
+    monkeypatch.setattr(pinning, "pin_memory", lambda data, device=None: calls.append(data) or walk(data, device))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: t.clone())  # no GPU to pin for here
+    handed = next(iter(PackedDataset(mixture(embedded, workers=0, batch_size=8))))
+    assert isinstance(handed, Handed)
+    buffer, meta = handed.buffer, handed.meta
+    pinned = pinning.pin_memory(handed)
+    assert len(calls) == 1 and pinned.meta is meta and pinned.buffer is not buffer
+    assert torch.equal(pinned.buffer, buffer)
+    calls.clear()
+    pinning.pin_memory({"_buffer": buffer, "_layout": handed.layout, "_meta": meta})
+    assert len(calls) > 100
+
+
 def test_seed_changes_the_order(embedded):
     a, _ = run_loader(mixture(embedded, workers=0), 0, 1, 3)
     b, _ = run_loader(mixture(embedded, workers=0, seed=1), 0, 1, 3)
