@@ -504,6 +504,70 @@ def test_the_rules_size_one_cell_twice_and_the_step_table():
     assert f"a study cell alone steps at {min(ratios):.2f}-{max(ratios):.2f}x a plain compiled GPT" in said()
 
 
+def test_the_captured_step_table_and_the_trainer_runs():
+    """The CUDA-graph section: each ratio is its variant's tokens/s over the plain GPT's of the same process
+    (docs/perf/study_step4_h200.json), the claims follow from them, and the trainer figures are its logs'."""
+    import json
+
+    steps = json.loads((REPO / "docs" / "perf" / "study_step4_h200.json").read_text())
+    kinds = ["torchengine:loader", "graph:loader", "graph:loader:@data.workers=6", "graph:cached"]
+    ratios = {}
+    for depth in (1, 3, 5, 8):
+        mine = [s for s in steps if s["depth"] == depth]
+        ref = next(s for s in mine if s["variant"] == "reference")
+        got = []
+        for kind in kinds:
+            r = next(s for s in mine if s["variant"].removeprefix("flex:").startswith(kind + ":rows"))
+            assert r["rows"] == ref["rows"] and r["graph"] == kind.startswith("graph")
+            got.append(r["tokens_per_s"] / ref["tokens_per_s"])
+        ratios[depth] = got
+        cells = [f"{x:.2f}x" for x in got] + [f"{ref['tokens_per_s']:,.0f}"]
+        line = f"| {depth}, {ref['rows']} | " + " | ".join(cells) + " |"
+        assert line in DOC.read_text().splitlines(), line
+    eager = next(s for s in steps if s["depth"] == 8 and not s.get("graph") and s["variant"] != "reference")["profile"]
+    assert (
+        f"launches {eager['kernels_per_step']:.0f} kernels, and the GPU is busy {eager['gpu_busy_ms_per_step']:.1f} ms "
+        f"of a profiled step of {eager['wall_ms_per_step']:.1f} ms" in said()
+    )
+    waiting = [s for s in steps if s["depth"] in (1, 3) and s.get("graph") and s.get("data") == "loader"]
+    fed = [round(s["tokens_per_s"] / 512, -2) for s in waiting]  # rows of 512 a second, to the hundred
+    waits = [s["loader_wait_ms"] for s in waiting]
+    assert f"waits {min(waits):.1f}-{max(waits):.1f} ms a step" in said()
+    assert f"the loader delivers {min(fed):,.0f}-{max(fed):,.0f} rows of 512 a second" in said()
+    assert all(ratios[d][3] > 1 for d in (1, 3, 5)) and ratios[8][3] < 1  # cached: the step itself
+    cached = sorted(ratios[d][3] for d in (1, 3, 5))
+    for doc in ("docs/PERFORMANCE.md", "README.md"):
+        assert f"{cached[0]:.2f}-{cached[-1]:.2f}x the plain GPT" in studydoc.flat(REPO / doc), doc
+    assert f"and {ratios[8][3]:.2f}x at depth 8" in studydoc.flat(REPO / "docs" / "PERFORMANCE.md")
+    assert f"the loader's {min(fed) / 1000:.1f}-{max(fed) / 1000:.1f}k rows a second" in studydoc.flat(
+        REPO / "docs" / "PERFORMANCE.md"
+    )
+    assert ratios[5][2] > 1 > max(ratios[1][2], ratios[3][2], ratios[8][2])  # with the loader: depth 5 only
+    assert f"reaches {ratios[5][2]:.2f}x at depth 5" in said()
+    bounds = f"to {ratios[1][2]:.2f}-{ratios[3][2]:.2f}x and the attention kernel depth 8 to {ratios[8][2]:.2f}x"
+    assert bounds in said()
+    tiles = json.loads((REPO / "docs" / "perf" / "study_step4_tiles_h200.json").read_text())
+    ref = next(t for t in tiles if t["variant"] == "reference")["tokens_per_s"]
+    default, *others = [t["tokens_per_s"] / ref for t in tiles if t["variant"] != "reference"]
+    assert len(others) == 6 and max(others) < default
+    tried = f"({min(others):.2f}-{max(others):.2f}x against torch's defaults' {default:.2f}x"
+    assert f"slower, all six tried {tried}" in said()
+    runs = REPO / "docs" / "perf" / "graph_trainer_h200"
+    logged = {}
+    for g in ("false", "true"):
+        records = [json.loads(x) for x in (runs / f"g{g}-metrics.jsonl").read_text().splitlines()]
+        last = [r for r in records if "loss" in r][-1]
+        summary = json.loads((runs / f"g{g}-summary.json").read_text())
+        logged[g] = (last["step"], last["loss"], last["tokens_per_s"] / 1e6, summary["first_steps_s"])
+    assert logged["true"][0] == logged["false"][0] == 300
+    assert abs(logged["true"][1] - logged["false"][1]) < 0.0164  # within the study's run-to-run median
+    t, f = logged["true"], logged["false"]
+    assert (
+        f"final loss {t[1]:.4f} captured against {f[1]:.4f} eager, {t[2]:.2f}M against {f[2]:.2f}M tokens/s "
+        f"in the last logging window, the first five steps {t[3]:.1f} s against {f[3]:.1f} s" in said()
+    )
+
+
 def test_both_runs_fitted_together_are_their_fit(tmp_path):
     """The pooled fit reads both CSVs; its table, verdict and cell-by-cell difference (each cell at the mean of its
     two runs) are what the committed fit.json and the CSVs give."""
