@@ -62,7 +62,7 @@ class GraphedStep(TrainStep):
             raise ConfigError("deepspeed.cuda_graph: the torch engine only (one process, engine auto or torch)")
         super().__init__(engine, optimizer, device, clip)
         self.device = device
-        self.lr = tensor_lr(torch_optimizer(optimizer), device)
+        tensor_lr(torch_optimizer(optimizer), device)
         self.warmup, self.graph, self.static, self.first = warmup, None, None, None
         self.side_stream = None  # warm-up and capture run on one stream of their own (created on a GPU only)
         self.step_t = torch.zeros((), device=device)  # the step's number, for the skip counter's `last_bad`
@@ -125,26 +125,10 @@ class GraphedStep(TrainStep):
                 now[i] = new
 
     def _body(self):
-        """The step as captured: TrainStep's, with the varying numbers read from device tensors."""
-        self.found_inf.zero_()
-        step_sums = torch.zeros_like(self.sums)
-        first = None
-        for i, batch in enumerate(self.static):
-            out = self.engine(**batch)
-            loss = out.loss * self.nan_t[i] + (self.weights_t[i] - 1.0) * (out.text_loss + out.z_loss)
-            self._tally(self.found_inf, step_sums, loss.detach(), out.text_loss, out.image_loss, out.z_loss)
-            self.engine.backward(loss)
-            if i == len(self.static) - 1 and self.clip:
-                params = [p for p in self.engine.module.parameters() if p.grad is not None]
-                self._norm = torch.nn.utils.clip_grad_norm_(params, self.clip, foreach=True)
-            self.engine.step()
-            first = out if first is None else first
-        self._close(self.found_inf, step_sums, len(self.static), self.step_t, *self.window())
+        """The step as captured: TrainStep's, with the numbers that change read from device tensors."""
+        first = self._run(self.static, self.step_t, self.nan_t, self.weights_t)
         self.step_t.add_(1)
         return first
-
-    def window(self):
-        return self.sums, self.counts, self.streak, self.last_bad
 
     def __call__(
         self, micro_batches: Sequence[dict], step: int, inject_nan: bool = False, weights: Sequence[float] = ()

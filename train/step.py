@@ -66,6 +66,11 @@ def _close(found_inf, step_sums, n: int, step: int, sums, counts, streak, last_b
     last_bad.copy_(torch.where(bad > 0, step, last_bad))  # step: a number, or a device tensor (train.graphed_step)
 
 
+def _one(x) -> bool:
+    """A plain number 1 (a device tensor never is: its value is the device's)."""
+    return not isinstance(x, torch.Tensor) and x == 1.0
+
+
 class TrainStep:
     """Call once per optimizer step with that step's micro-batches; `take()` returns and resets the window's
     counters (one collective and one host sync, for the logging steps). Every rank skips the same steps: the flag
@@ -94,13 +99,20 @@ class TrainStep:
         micro-batches and ranks is the step's objective (every target weighed once); `text_loss` and the other terms
         stay per-micro-batch means."""
         torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs (compile_mode reduce-overhead): a new step
+        scales = [float("nan") if inject_nan and i == 0 else 1.0 for i in range(len(micro_batches))]
+        return self._run(micro_batches, step, scales, list(weights) or [1.0] * len(micro_batches))
+
+    def _run(self, micro_batches: Sequence[dict], step, scales: Sequence, weights: Sequence):
+        """The step. `step`, each micro-batch's loss scale (1, or NaN where a test injects one) and its target
+        weight are numbers here and device tensors in a captured step (train.graphed_step), which must not bake
+        them in; a number 1.0 skips its kernel."""
         self.found_inf.zero_()
         step_sums = torch.zeros_like(self.sums)
         first = None
         for i, batch in enumerate(micro_batches):
             out = self.engine(**batch)
-            loss = out.loss * float("nan") if inject_nan and i == 0 else out.loss
-            if weights and weights[i] != 1.0:
+            loss = out.loss if _one(scales[i]) else out.loss * scales[i]
+            if not _one(weights[i]):
                 loss = loss + (weights[i] - 1.0) * (out.text_loss + out.z_loss)  # text terms weighed per target
             self._tally(self.found_inf, step_sums, loss.detach(), out.text_loss, out.image_loss, out.z_loss)
             self.engine.backward(loss)
