@@ -30,7 +30,7 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
   rows=N     packed rows per micro-batch                          [the config's data.batch_size]
   amp        fp32 weights under torch.autocast (DeepSpeed's torch_autocast) instead of bf16 weights
   tiles=MxN[/M1xN1xM2xN2]  flex kernel tiles for the config's head dim, forward [and backward] (tiles=torch:
-                           torch's defaults);
+                           torch's defaults; with heads of 16 give mask=128 too: tiles may not exceed the mask's);
                                                                   mask=N: block-mask granularity
                                                                   [model.attention's]
   loss=BxW   model.cross_entropy's kernel launch: vocabulary block B, W warps      [its MAX_BLOCK x NUM_WARPS]
@@ -78,7 +78,8 @@ SPECIAL = SpecialIds(pad=0, bos=2, eos=3, img_start=4, img_end=5, row_sep=6, pat
 CONFIGS = {"20m": "configs/gpu-20m.yaml", "125m": "configs/gpu-125m.yaml", "study": "configs/study.yaml"}
 ATTENTION = {"flex", "sdpa", "sdpa-cudnn", "sdpa-efficient", "flash"}
 AMP = ["deepspeed.autocast=true"]
-FLEX_DEFAULTS = (attention.FLEX_KERNEL_OPTIONS, attention.FLEX_BLOCK_SIZE)  # each variant starts from these
+FLEX_DEFAULTS = (attention.FLEX_KERNEL_OPTIONS, None)  # each variant starts from these (None: the model's granularity)
+MASK_DEFAULTS = (attention.FLEX_BLOCK_SIZE, dict(attention.FLEX_BLOCK_SIZE_BY_HEAD))
 LOSS_LAUNCH = (cross_entropy.MAX_BLOCK, cross_entropy.NUM_WARPS)  # and the loss kernel's launch
 MLP_MIN_WIDTH = mlp.MIN_WIDTH
 
@@ -283,7 +284,11 @@ def bench_variant(
     mlp.FUSED, mlp.TUNED = not v["torchmlp"], v["mlptuned"]
     mlp.MIN_WIDTH = 0 if v["quackmlp"] else MLP_MIN_WIDTH
     cross_entropy.MAX_BLOCK, cross_entropy.NUM_WARPS = v["loss_launch"]
-    attention.FLEX_BLOCK_SIZE = v["mask_block"]
+    if v["mask_block"] is None:  # the model's own granularity per head dim
+        attention.FLEX_BLOCK_SIZE, attention.FLEX_BLOCK_SIZE_BY_HEAD = MASK_DEFAULTS
+    else:
+        attention.FLEX_BLOCK_SIZE, attention.FLEX_BLOCK_SIZE_BY_HEAD = v["mask_block"], {}
+    v["mask_block"] = attention.flex_block_size(cfg.model.head_dim)  # as run, in the JSON
     attention.FLEX_KERNEL_OPTIONS = v["tiles"] if v["tiles"] is FLEX_DEFAULTS[0] else {cfg.model.head_dim: v["tiles"]}
     rows, T = cfg.data.batch_size, cfg.data.seq_len
     torch.manual_seed(0)

@@ -30,11 +30,21 @@ if HAS_FLASH_ATTN:  # in a try: transformers' remote-code check (train.hf) takes
         from flash_attn import flash_attn_varlen_func
     except ImportError:  # installed but unusable here: the backend check says so when it is asked for
         HAS_FLASH_ATTN = False
-# flex tiles: the block mask's granularity, and the forward kernel's tiles per head dim. With heads of 64, 64 x 64
+# flex tiles: the block mask's granularity, and the kernels' tiles per head dim. With heads of 64, 64 x 64 forward
 # tiles waste less work on the partial blocks of short packed documents than torch's defaults (+8% tokens/s for a
-# 125M step on an H100); with heads of 128 torch's defaults are best (benchmarks/attention.py; PERFORMANCE.md).
+# 125M step on an H100); with heads of 128 torch's defaults are best (benchmarks/attention.py; PERFORMANCE.md). With
+# heads of 16 (the study's family) a granularity of 64, which needs tiles of at most 64 in both passes: +10% for a
+# depth-8 study cell's captured step on an H200, whose documents of 40-130 positions leave most 128-blocks partial
+# (docs/study/STUDY.md); other tiles at 128 were slower.
 FLEX_BLOCK_SIZE = 128
-FLEX_KERNEL_OPTIONS: dict[int, dict | None] = {64: {"BLOCK_M": 64, "BLOCK_N": 64}}  # head dims not listed: torch's
+FLEX_BLOCK_SIZE_BY_HEAD: dict[int, int] = {16: 64}  # head dims not listed: FLEX_BLOCK_SIZE
+_TILES_64 = {f"BLOCK_{k}": 64 for k in ("M", "N", "M1", "N1", "M2", "N2")}
+FLEX_KERNEL_OPTIONS: dict[int, dict | None] = {64: {"BLOCK_M": 64, "BLOCK_N": 64}, 16: _TILES_64}  # others: torch's
+
+
+def flex_block_size(head_dim: int | None) -> int:
+    """The block mask's granularity for heads of `head_dim` (None: the default)."""
+    return FLEX_BLOCK_SIZE_BY_HEAD.get(head_dim, FLEX_BLOCK_SIZE)
 
 
 def resolve_backend(cfg: ModelConfig, device: torch.device) -> str:
@@ -102,14 +112,18 @@ class AttentionMask:
     max_seqlen: int = 0
 
     @classmethod
-    def build(cls, backend: str, doc_ids, image_ids, bidirectional_images: bool | torch.Tensor) -> AttentionMask:
+    def build(
+        cls, backend: str, doc_ids, image_ids, bidirectional_images: bool | torch.Tensor, head_dim: int | None = None
+    ) -> AttentionMask:
+        """head_dim: the heads' (flex picks its block granularity by it, `flex_block_size`)."""
         mask = cls(backend, *attention_spans(doc_ids, image_ids, bidirectional_images))
         if backend == "sdpa":
             mask.dense_mask()
         elif backend == "flex":
             flags = _compiled(_tile_flags) if doc_ids.is_cuda else _tile_flags
-            tiles = flags(mask.lo, mask.hi, FLEX_BLOCK_SIZE)
-            mask.block = _block_mask(mask.rule(), *tiles, doc_ids.shape[1])
+            size = flex_block_size(head_dim)
+            tiles = flags(mask.lo, mask.hi, size)
+            mask.block = _block_mask(mask.rule(), *tiles, doc_ids.shape[1], size)
         elif backend == "flash":
             flat = doc_ids.reshape(-1)
             T = doc_ids.shape[1]
@@ -176,7 +190,7 @@ def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, torch.empty_like(columns).scatter_(-1, position, columns)
 
 
-def _block_mask(rule, any_allowed: torch.Tensor, all_allowed: torch.Tensor, T: int):
+def _block_mask(rule, any_allowed: torch.Tensor, all_allowed: torch.Tensor, T: int, size: int):
     """A flex BlockMask from tile flags, built from fixed-shape tensor ops only, so it never waits for the GPU;
     torch's `create_block_mask` (which orders tiles with an argsort) waited once per batch (gpu_step.py --syncs)."""
     from torch.nn.attention.flex_attention import BlockMask
@@ -196,7 +210,7 @@ def _block_mask(rule, any_allowed: torch.Tensor, all_allowed: torch.Tensor, T: i
         q_indices=q_idx,
         full_q_num_blocks=full_q_num,
         full_q_indices=full_q_idx,
-        BLOCK_SIZE=(FLEX_BLOCK_SIZE, FLEX_BLOCK_SIZE),
+        BLOCK_SIZE=(size, size),
         mask_mod=rule,
     )
 

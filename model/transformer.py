@@ -269,7 +269,9 @@ class FusionTransformer(nn.Module):
         mask = (
             None
             if decoding
-            else AttentionMask.build(self.attention_backend(dev), doc_ids, image_ids, self.bidirectional_images)
+            else AttentionMask.build(
+                self.attention_backend(dev), doc_ids, image_ids, self.bidirectional_images, self.cfg.head_dim
+            )
         )
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)

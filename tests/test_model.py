@@ -143,6 +143,25 @@ def test_flex_block_mask_matches_torchs_create_block_mask(bidirectional, T, monk
     assert mask.block.kv_indices.dtype == torch.int32 and int(mask.block.full_kv_num_blocks.sum()) > 0
 
 
+def test_heads_of_16_get_a_finer_flex_mask_and_the_same_attention(monkeypatch):
+    """The block mask's granularity goes by head dim (64 for heads of 16, whose tiles fit it; 128 otherwise), and
+    attention through a mask of either granularity is the same function."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from model import attention
+
+    shipped = dict(attention.FLEX_BLOCK_SIZE_BY_HEAD)
+    assert shipped == {16: 64} and max(attention.FLEX_KERNEL_OPTIONS[16].values()) <= 64  # the tiles fit the mask
+    monkeypatch.setattr(attention, "FLEX_BLOCK_SIZE_BY_HEAD", {16: 8})  # rows of 48: 8 plays 64's part
+    monkeypatch.setattr(attention, "FLEX_BLOCK_SIZE", 16)
+    batch = packed_batch(seed=2)
+    doc, img = batch["doc_ids"], batch["image_ids"]
+    fine, coarse = (attention.AttentionMask.build("flex", doc, img, True, head_dim=d).block for d in (16, 32))
+    assert fine.BLOCK_SIZE == (8, 8) and coarse.BLOCK_SIZE == (16, 16)
+    q, k, v = torch.randn(3, doc.shape[0], 2, doc.shape[1], 16).unbind(0)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=fine), flex_attention(q, k, v, block_mask=coarse))
+
+
 def test_flex_block_mask_keeps_a_key_tile_with_padding_partial(monkeypatch):
     """The corner the tile flags must get right: queries of a whole tile attend every real key of the last,
     padded key tile (one image filling the row, T = 14 in tiles of 8), which is still not a full tile."""

@@ -552,6 +552,14 @@ def test_the_captured_step_table_and_the_trainer_runs():
     assert len(others) == 6 and max(others) < default
     tried = f"({min(others):.2f}-{max(others):.2f}x against torch's defaults' {default:.2f}x"
     assert f"slower, all six tried {tried}" in said()
+    masks = json.loads((REPO / "docs" / "perf" / "study_step4_mask_h200.json").read_text())
+    ref = next(t for t in masks if t["variant"] == "reference")["tokens_per_s"]
+    coarse, same_tiles, fine = [
+        (t["mask_block"], t["tokens_per_s"] / ref) for t in masks if t["variant"] != "reference"
+    ]
+    assert coarse[0] == same_tiles[0] == 128 and fine[0] == 64 and fine[1] > max(coarse[1], same_tiles[1])
+    assert f"ran at **{fine[1]:.2f}x** where the same tiles at 128 ran at {same_tiles[1]:.2f}x" in said()
+    assert "(0.93x on cached batches with the finer mask)" in said() and f"{fine[1]:.2f}" == "0.93"
     runs = REPO / "docs" / "perf" / "graph_trainer_h200"
     logged = {}
     for g in ("false", "true"):
