@@ -41,9 +41,10 @@ def unpack(buffer: torch.Tensor, layout: tuple) -> dict[str, torch.Tensor]:
 class Handed:
     """What a loader worker yields: the batch's buffer and layout, and its stream's bookkeeping (`meta`). One object
     with a `pin_memory` method, so the DataLoader's pinning thread pins it in one call. As a dict it walked and
-    copied every entry of the bookkeeping, the rows' pieces included (about 1,700 Python objects a 64-row study
-    batch: 8 ms of a thread that holds the trainer's GIL, under cProfile on an H200), which capped a trainer at
-    about 12,500 rows a second however many workers fed it (docs/study/STUDY.md)."""
+    copied every entry of the bookkeeping, the rows' pieces included: about 1,700 Python objects a 64-row study
+    batch, 8 ms of a thread that takes the trainer's GIL from the thread launching the GPU's work (cProfile on an
+    H200). The loader's ceiling on that host, about 12,500 rows a second, holds without pinning too, so this was
+    not what set it (docs/study/STUDY.md)."""
 
     __slots__ = ("buffer", "layout", "meta")
 

@@ -670,7 +670,8 @@ def test_a_captured_step_trains_as_the_eager_one(micro_config):
     from data.pipeline import StreamingLoader
     from model import IGNORE
     from train.engine import build_engine, step_clip
-    from train.graphed_step import GraphedStep, set_lr
+    from train.graphed_step import GraphedStep
+    from train.schedule import set_lr
     from train.step import TrainStep, target_weights
 
     overrides = ["deepspeed.grad_accum=2", "deepspeed.compile=true", "deepspeed.compile_scope=model"]

@@ -68,7 +68,8 @@ class DeepSpeedConfig:
     # with automatic dynamic shapes: the launch-bound steps of tiny sweep cells; docs/study/STUDY.md, GPU time)
     compile_scope: str = "blocks"
     # Capture the training step once as a CUDA graph and replay it (train.graphed_step): one process, the torch
-    # engine, a CUDA device; the output head then runs at every position. For tiny steps bound by the host.
+    # engine; batches padded to one shape (the output head runs at the target index's padded room). For tiny steps
+    # bound by the host; on a CPU the same fixed-shape step runs uncaptured.
     cuda_graph: bool = False
     extra: dict = field(default_factory=dict)  # merged into the DeepSpeed JSON config as is
 

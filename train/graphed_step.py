@@ -40,18 +40,6 @@ def tensor_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.T
     return lr
 
 
-def set_lr(optimizer, lr: float) -> None:
-    """Set every param group's LR: in place where it is a tensor (a captured step reads it), else as a float."""
-    filled = set()
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            if id(group["lr"]) not in filled:
-                group["lr"].fill_(lr)
-                filled.add(id(group["lr"]))
-        else:
-            group["lr"] = lr
-
-
 class GraphedStep(TrainStep):
     """TrainStep's step, run eagerly for `warmup` steps on a side stream (compiles, the optimizer's state, cuBLAS
     workspaces), then captured and replayed. One process, the torch engine; every step the same number of

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from train.config import ScheduleConfig
 
 
@@ -36,3 +38,15 @@ def lr_at(step: int, total_steps: int, base_lr: float, cfg: ScheduleConfig) -> f
         "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
     }[cfg.cooldown_shape]
     return floor + (base_lr - floor) * shape
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set every param group's LR: in place where it is a tensor (a captured step reads it), else as a float."""
+    filled = set()
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            if id(group["lr"]) not in filled:
+                group["lr"].fill_(lr)
+                filled.add(id(group["lr"]))
+        else:
+            group["lr"] = lr

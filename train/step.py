@@ -56,7 +56,7 @@ def _tally(found_inf, step_sums, loss, text_loss, image_loss, z_loss) -> None:
     step_sums.add_(torch.where(finite, terms, 0.0))
 
 
-def _close(found_inf, step_sums, n: int, step: int, sums, counts, streak, last_bad) -> None:
+def _close(found_inf, step_sums, n: int, step: int | torch.Tensor, sums, counts, streak, last_bad) -> None:
     """At the step's end: a good step's mean terms join the window; skip counters and the last skipped step."""
     bad = found_inf
     sums.add_(step_sums / n * (1 - bad))

@@ -22,11 +22,10 @@ from train.config import TrainConfig, to_dict
 from train.engine import build_engine, engine_kind, quiet_host_threads
 from train.export import at_end as export_at_end
 from train.fingerprint import fingerprint
-from train.graphed_step import set_lr
 from train.metrics import MetricsWriter
 from train.objective import Objective
 from train.rundir import FIRST_STEPS_FILE, RunLock, ensure_run_dir
-from train.schedule import lr_at
+from train.schedule import lr_at, set_lr
 from train.signals import EXIT_REQUEUE, SignalFlags
 
 # A process's first steps are timed apart (summary: first_steps_s): they hold its compile, which on a tiny sweep
