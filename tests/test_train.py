@@ -272,6 +272,10 @@ def test_config_errors_stop_before_any_work(micro_config):
     for other in ("deepspeed.zero_stage=3", "deepspeed.activation_checkpointing=true"):
         with pytest.raises(ConfigError, match="compile_scope=model is not built for ZeRO-3"):
             load_config(micro_config, ["deepspeed.compile_scope=model", other])
+    with pytest.raises(ConfigError, match="deepspeed.cuda_graph captures the whole step itself"):
+        load_config(micro_config, ["deepspeed.cuda_graph=true", "deepspeed.compile_mode=reduce-overhead"])
+    with pytest.raises(ConfigError, match="logging.telemetry_every .a forward that differs on its steps"):
+        load_config(micro_config, ["deepspeed.cuda_graph=true", "logging.telemetry_every=4"])
     assert load_config(micro_config, ['steps="8"']).steps == 8  # a whole number as a string, like "3e-3" for floats
     two = launch(micro_config, Path("/tmp/unused-run"), "optim.lrr=1")  # two ranks: the error is printed once
     assert two.returncode != 0 and (two.stdout + two.stderr).count("config error: unknown config key") == 1

@@ -85,6 +85,11 @@ class DeepSpeedConfig:
             raise ConfigError(f"deepspeed.compile_mode='{self.compile_mode}' is not one of {', '.join(modes)}")
         if self.compile_scope not in ("blocks", "model"):
             raise ConfigError(f"deepspeed.compile_scope='{self.compile_scope}' is not blocks or model")
+        if self.cuda_graph and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(
+                f"deepspeed.cuda_graph captures the whole step itself; compile_mode={self.compile_mode} captures CUDA "
+                "graphs of its own inside it (use default or max-autotune-no-cudagraphs)"
+            )
         if self.compile_scope == "model" and (self.zero_stage == 3 or self.activation_checkpointing):
             raise ConfigError(
                 "deepspeed.compile_scope=model is not built for ZeRO-3's parameter hooks or activation checkpointing "
