@@ -507,6 +507,8 @@ def main(argv=None):
     ap.add_argument("--trace", help="with --profile: a directory for each variant's Chrome trace")
     ap.add_argument("--syncs", action="store_true", help="the call sites that make one step wait for the GPU")
     args = ap.parse_args(argv)
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("MASTER_PORT", "29555")
