@@ -43,8 +43,8 @@ class Handed:
     with a `pin_memory` method, so the DataLoader's pinning thread pins it in one call. As a dict it walked and
     copied every entry of the bookkeeping, the rows' pieces included: about 1,700 Python objects a 64-row study
     batch, 8 ms of a thread that takes the trainer's GIL from the thread launching the GPU's work (cProfile on an
-    H200). The loader's ceiling on that host, about 12,500 rows a second, holds without pinning too, so this was
-    not what set it (docs/study/STUDY.md)."""
+    H200, docs/perf/study_step_profile_d1_h200.txt). The loader's ceiling on that host, about 12,500 rows a second,
+    holds without pinning too (docs/perf/loader_scaling_study_h200.txt), so this was not what set it."""
 
     __slots__ = ("buffer", "layout", "meta")
 

@@ -539,6 +539,21 @@ def test_the_captured_step_table_and_the_trainer_runs():
     for doc in ("docs/PERFORMANCE.md", "README.md"):
         assert f"{cached[0]:.2f}-{cached[-1]:.2f}x the plain GPT" in studydoc.flat(REPO / doc), doc
     assert f"and {ratios[8][3]:.2f}x at depth 8" in studydoc.flat(REPO / "docs" / "PERFORMANCE.md")
+    eager_loader = sorted(ratios[d][0] for d in (1, 3, 5, 8))
+    assert f"(eager, with the loader, {eager_loader[0]:.2f}-{eager_loader[-1]:.2f}x in the same runs)" in (
+        studydoc.flat(REPO / "README.md")
+    )
+    # the pinning thread's walk, from the profile of the captured depth-1 step with the loader (its second cProfile)
+    profile = (REPO / "docs" / "perf" / "study_step_profile_d1_h200.txt").read_text().split("function calls")[2]
+    walk = next(line.split() for line in profile.splitlines() if "pin_memory.py:55(pin_memory)" in line)
+    pinned = int(next(line.split()[0] for line in profile.splitlines() if "(do_one_step)" in line))
+    calls, seconds = int(walk[0].split("/")[0]), float(walk[3])
+    assert f"{calls:,} calls and {seconds:.3f} s over the {pinned} batches it pinned" in said()
+    per_batch = f"{round(calls / pinned, -2):,.0f} Python objects a 64-row batch, {1000 * seconds / pinned:.0f} ms"
+    assert f"about {per_batch} a batch under cProfile" in said()
+    scaling = (REPO / "docs" / "perf" / "loader_scaling_study_h200.txt").read_text().splitlines()
+    per_count = [f"{float(line.split()[2]):,.0f}" for line in scaling if "workers:" in line]
+    assert f"gave {', '.join(per_count[:-1])} and {per_count[-1]} rows a second" in said()
     assert f"the loader's {min(fed) / 1000:.1f}-{max(fed) / 1000:.1f}k rows a second" in studydoc.flat(
         REPO / "docs" / "PERFORMANCE.md"
     )

@@ -12,12 +12,13 @@ Semantics are TrainStep's: the same losses, skips and counters, checked against 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 
 import torch
 
 from train.config import ConfigError
-from train.step import TrainStep, torch_optimizer
+from train.step import TrainStep, per_micro_batch, torch_optimizer
 
 PADDED = {"patches": 0, "target_index": -1}  # the inputs whose length varies, and what pads them (patches: any)
 HEADROOM, ROUND = 1.25, 256  # the target index's room: the largest count seen x HEADROOM, rounded up to ROUND
@@ -108,7 +109,7 @@ class GraphedStep(TrainStep):
     def _set(self, tensor: torch.Tensor, now: list[float], values: list[float]) -> None:
         """Fill a per-micro-batch tensor where its values changed (a launch each, so not every step)."""
         for i, (old, new) in enumerate(zip(now, values, strict=True)):
-            if old != new and not (old != old and new != new):  # NaN == NaN here
+            if old != new and not (math.isnan(old) and math.isnan(new)):
                 tensor[i].fill_(new)
                 now[i] = new
 
@@ -136,8 +137,9 @@ class GraphedStep(TrainStep):
         self._fit(micro_batches)
         for s, b in zip(self.static, micro_batches, strict=True):
             self._fill(s, b)
-        self._set(self.weights_t, self.weights_now, list(weights) or [1.0] * G)
-        self._set(self.nan_t, self.nan_now, [float("nan") if inject_nan and i == 0 else 1.0 for i in range(G)])
+        scales, weights = per_micro_batch(G, inject_nan, weights)
+        self._set(self.nan_t, self.nan_now, scales)
+        self._set(self.weights_t, self.weights_now, weights)
         if self.next_step != step:
             self.step_t.fill_(step)
         self.next_step = step + 1

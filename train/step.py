@@ -66,6 +66,12 @@ def _close(found_inf, step_sums, n: int, step: int | torch.Tensor, sums, counts,
     last_bad.copy_(torch.where(bad > 0, step, last_bad))  # step: a number, or a device tensor (train.graphed_step)
 
 
+def per_micro_batch(G: int, inject_nan: bool, weights: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Each micro-batch's loss scale (NaN for the first where a test injects one, else 1) and target weight (1
+    where none are given)."""
+    return [float("nan") if inject_nan and i == 0 else 1.0 for i in range(G)], list(weights) or [1.0] * G
+
+
 def _one(x) -> bool:
     """A plain number 1 (a device tensor never is: its value is the device's)."""
     return not isinstance(x, torch.Tensor) and x == 1.0
@@ -99,8 +105,7 @@ class TrainStep:
         micro-batches and ranks is the step's objective (every target weighed once); `text_loss` and the other terms
         stay per-micro-batch means."""
         torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs (compile_mode reduce-overhead): a new step
-        scales = [float("nan") if inject_nan and i == 0 else 1.0 for i in range(len(micro_batches))]
-        return self._run(micro_batches, step, scales, list(weights) or [1.0] * len(micro_batches))
+        return self._run(micro_batches, step, *per_micro_batch(len(micro_batches), inject_nan, weights))
 
     def _run(self, micro_batches: Sequence[dict], step, scales: Sequence, weights: Sequence):
         """The step. `step`, each micro-batch's loss scale (1, or NaN where a test injects one) and its target
