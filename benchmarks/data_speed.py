@@ -12,6 +12,10 @@ mixture in DIR, raw or prepared (`python -m data.prepared`), in batches of 32 ro
 in --workers, the trainer side only taking batches (no GPU); 0 workers is one StreamWorker in this process. DIR a
 study build (`python -m data.study`, raw or --prepared): its mixture as configs/study.yaml reads it, 64 rows of 512.
 
+--independent DIR runs, for each count in --workers, that many separate processes each making batches on its own
+stream (a StreamWorker, no DataLoader, nothing handed anywhere) and sums their rows/s: what the host's cores give
+when nothing is shared. Beside --scaling it tells a loader held back by its handoff from a host out of cores.
+
 --layout DIR times one piece of a worker's work on a study build: a document's layout from its shape's cached
 skeleton (what the loader does) against laying it out whole.
 
@@ -121,6 +125,27 @@ def handoff(data_dir: str, strategy: str, batches: int = 200) -> dict:
     }
 
 
+def _alone(args: tuple) -> float:
+    """One process's rows/s, making batches on stream `i` of `n` for `seconds` after its first batch."""
+    data_dir, i, n, seconds = args
+    cfg = _mixture(data_dir, 0)
+    batches = StreamWorker(cfg, Tokenizer(cfg.tokenizer), i, n, None).batches(0)
+    next(batches)
+    rows, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        rows += len(next(batches)["tokens"])
+    return rows / (time.perf_counter() - t0)
+
+
+def independent(data_dir: str, n: int, seconds: float) -> dict:
+    """Rows/s of `n` StreamWorkers in `n` processes of their own, summed."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(n) as pool:
+        each = pool.map(_alone, [(data_dir, i, n, seconds) for i in range(n)])
+    return {"processes": n, "rows_per_s": round(sum(each), 1), "per_process": round(sum(each) / n, 1)}
+
+
 def _mixture(data_dir: str, workers: int) -> DataConfig:
     if not (Path(data_dir) / "digits").is_dir():  # no MNIST digits: a study build, not the embedded one
         return _study_mixture(data_dir, workers)
@@ -217,7 +242,8 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--handoff", metavar="DIR", help="time the trainer's side of a batch handoff instead")
     ap.add_argument("--scaling", metavar="DIR", help="rows/s of the real loader per worker count instead")
-    ap.add_argument("--workers", default="0,1,2,4,8", help="worker counts for --scaling")
+    ap.add_argument("--workers", default="0,1,2,4,8", help="worker counts for --scaling and --independent")
+    ap.add_argument("--independent", metavar="DIR", help="rows/s of that many separate processes instead")
     ap.add_argument("--layout", metavar="DIR", help="a document's layout time, skeleton vs whole, on a study build")
     args = ap.parse_args(argv)
     if args.layout:
@@ -226,6 +252,13 @@ def main(argv=None):
             f"layout of {r['documents']} documents ({r['shapes']} shapes): {r['us_whole']} us a document laid out "
             f"whole, {r['us_skeleton']} us from the shape's skeleton"
         )
+        return
+    if args.independent:
+        results = [independent(args.independent, int(n), args.seconds) for n in args.workers.split(",")]
+        for r in results:
+            print(f"{r['processes']:>3} processes: {r['rows_per_s']:>7} rows/s ({r['per_process']} each)", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
         return
     if args.scaling:
         results = [scaling(args.scaling, int(n), args.seconds) for n in args.workers.split(",")]

@@ -33,9 +33,26 @@ class Rotary(torch.nn.Module):
         the heads of (B, T, H, D) queries and keys."""
         if positions.dim() == 2:
             positions = positions.unsqueeze(-1).expand(*positions.shape, 3)
-        pos = positions.index_select(-1, self.component).float()  # (B, T, pairs)
-        angles = pos * self.inv_freq
-        return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+        cos, sin = rotary_tables(positions, self.inv_freq, self.component)
+        return cos.unsqueeze(2), sin.unsqueeze(2)
+
+
+@torch.library.custom_op("fusion::rotary_tables", mutates_args=())
+def rotary_tables(
+    positions: torch.Tensor, inv_freq: torch.Tensor, component: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles, (B, T, pairs) each, computed once a forward. An op inductor cannot see into, on
+    purpose: written inline, a compiled forward recomputed the gather, the multiply and the cos and sin inside every
+    layer's query and key kernels, forwards and backwards (cheap pointwise work, by inductor's rule), which at the
+    study's heads of 16 made those kernels among the step's largest (docs/perf/study_step4_profile_d8_h200.txt)."""
+    angles = positions.index_select(-1, component).float() * inv_freq
+    return angles.cos(), angles.sin()
+
+
+@rotary_tables.register_fake
+def _(positions, inv_freq, component):
+    shape = (*positions.shape[:-1], inv_freq.shape[0])
+    return positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

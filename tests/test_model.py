@@ -293,6 +293,27 @@ def test_interleaved_mrope_gives_every_image_axis_high_frequencies(tiny_cfg):
             with_(tiny_cfg, mrope_interleaved=True, **bad).validate()
 
 
+def test_a_compiled_forward_computes_the_rotary_tables_once(tiny_cfg):
+    """The angles' cos and sin are one op a forward (`model.rope.rotary_tables`), not recomputed by inductor inside
+    each layer's query and key kernels and again in the backward, as they were when written inline: the generated
+    code calls the op once and takes no sine anywhere."""
+    from torch._inductor.utils import run_and_get_code
+
+    from train.engine import apply_compile
+
+    model = build_model(with_(tiny_cfg, n_layers=2, attention_backend="sdpa", image_mask="causal"))
+    apply_compile(model, "default", "model")
+    batch = packed_batch(seed=5)
+
+    def step():
+        model(**batch).loss.backward()
+
+    _, code = run_and_get_code(step)
+    code = "\n".join(code)
+    assert code.count("torch.ops.fusion.rotary_tables.default(") == 1
+    assert "sin(" not in code and "sin()" not in code
+
+
 # ------------------------------------------------------------------------------------------------- losses
 def test_loss_is_text_cross_entropy_plus_z_loss(tiny_cfg):
     batch = packed_batch(seed=6)
