@@ -125,25 +125,39 @@ def handoff(data_dir: str, strategy: str, batches: int = 200) -> dict:
     }
 
 
-def _alone(args: tuple) -> float:
-    """One process's rows/s, making batches on stream `i` of `n` for `seconds` after its first batch."""
+def _alone(args: tuple) -> dict:
+    """One process's rows/s, making batches on stream `i` of `n` for `seconds` after its first batch, and the CPU
+    time a row took it (user and system: a process that gets its core but slows has more of both a row; one that
+    waits for a core, or for a lock it sleeps on, does not)."""
+    import resource
+
     data_dir, i, n, seconds = args
     cfg = _mixture(data_dir, 0)
     batches = StreamWorker(cfg, Tokenizer(cfg.tokenizer), i, n, None).batches(0)
     next(batches)
-    rows, t0 = 0, time.perf_counter()
+    rows, t0, r0 = 0, time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     while time.perf_counter() - t0 < seconds:
         rows += len(next(batches)["tokens"])
-    return rows / (time.perf_counter() - t0)
+    dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "rows_per_s": rows / dt,
+        "user_ms_per_row": 1000 * (r1.ru_utime - r0.ru_utime) / rows,
+        "sys_ms_per_row": 1000 * (r1.ru_stime - r0.ru_stime) / rows,
+        "minor_faults_per_row": (r1.ru_minflt - r0.ru_minflt) / rows,
+    }
 
 
 def independent(data_dir: str, n: int, seconds: float) -> dict:
-    """Rows/s of `n` StreamWorkers in `n` processes of their own, summed."""
+    """Rows/s of `n` StreamWorkers in `n` processes of their own, summed; the CPU time a row, averaged."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(n) as pool:
         each = pool.map(_alone, [(data_dir, i, n, seconds) for i in range(n)])
-    return {"processes": n, "rows_per_s": round(sum(each), 1), "per_process": round(sum(each) / n, 1)}
+    total = sum(e["rows_per_s"] for e in each)
+    out = {"processes": n, "rows_per_s": round(total, 1), "per_process": round(total / n, 1)}
+    for k in ("user_ms_per_row", "sys_ms_per_row", "minor_faults_per_row"):
+        out[k] = round(sum(e[k] for e in each) / n, 4)
+    return out
 
 
 def _mixture(data_dir: str, workers: int) -> DataConfig:
@@ -256,7 +270,12 @@ def main(argv=None):
     if args.independent:
         results = [independent(args.independent, int(n), args.seconds) for n in args.workers.split(",")]
         for r in results:
-            print(f"{r['processes']:>3} processes: {r['rows_per_s']:>7} rows/s ({r['per_process']} each)", flush=True)
+            print(
+                f"{r['processes']:>3} processes: {r['rows_per_s']:>7} rows/s ({r['per_process']} each); a row "
+                f"{r['user_ms_per_row']:.3f} ms user + {r['sys_ms_per_row']:.3f} ms system CPU, "
+                f"{r['minor_faults_per_row']:.1f} page faults",
+                flush=True,
+            )
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
         return

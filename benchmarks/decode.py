@@ -6,7 +6,9 @@ the bound set by HBM bandwidth (each step reads every weight and every row's KV 
                                 [--set model.depth=2,...] [--json out.json] [--profile]
 
 Engines: `engine` (the growing cache), `static` (StaticCache: every step one shape), `compiled` (the static step
-compiled with CUDA graphs, torch.compile's reduce-overhead mode; meant for a GPU).
+compiled with CUDA graphs, torch.compile's reduce-overhead mode; meant for a GPU), and the same attending to the
+cache with other kernels (`model.attention.CACHED_KERNEL`): `compiled-flex` (flex_attention's decoding kernel, on a
+GPU) and `compiled-math` (two matmuls and a softmax).
 
 --profile runs each measured call once more under torch.profiler and adds what a decode step is made of: the device
 kernels a new token costs (CPU operators on a CPU) and the few that take most of the time, with their share: where
@@ -28,7 +30,7 @@ import time
 import torch
 
 from infer.engine import Engine, SamplingParams
-from model import build_model
+from model import attention, build_model
 from model.generate import generate
 from train.config import load_config
 
@@ -64,6 +66,8 @@ ENGINES = {  # Engine options per variant: the growing cache, the static one, th
     "engine": {},
     "static": {"static": True},
     "compiled": {"compile": True},
+    "compiled-flex": {"compile": True},  # the compiled step attending to the cache with flex_attention's decoding
+    "compiled-math": {"compile": True},  # ... with two matmuls and a softmax (model.attention.CACHED_KERNEL)
 }
 
 
@@ -126,6 +130,7 @@ def bench(
     results = []
     for name in engines:
         try:  # one engine that fails (a compile error on a new GPU stack) leaves the others' numbers standing
+            attention.CACHED_KERNEL = name.split("-")[1] if name.startswith("compiled-") else "sdpa"
             engine = Engine(model, check_every=1 << 30, **ENGINES[name])
             g.manual_seed(0)  # the same prompts for every engine
             for b in batches:
@@ -144,6 +149,7 @@ def bench(
         except Exception as e:  # noqa: BLE001
             results.append({"config": config, "engine": name, "error": f"{type(e).__name__}: {e}"[:500]})
             emit and emit(results[-1])
+    attention.CACHED_KERNEL = "sdpa"
     return results
 
 

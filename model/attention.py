@@ -243,6 +243,37 @@ def attend(q, k, v, mask: AttentionMask | None) -> torch.Tensor:
     return rearrange(out, "(b t) h d -> b h t d", b=B).to(q.dtype)
 
 
+# A cached step's attention kernel (benchmarks/decode.py's engines compare them on a GPU): "sdpa" (SDPA with a mask),
+# "flex" (flex_attention's decoding kernel, compiled CUDA steps only), "math" (two matmuls and a softmax, which
+# inductor is free to fuse).
+CACHED_KERNEL = "sdpa"
+
+
+def attend_cached(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
+    """A cached step's attention: q (B, H, Tq, D) to the cache's keys, `allowed` (B, 1, 1, Tk) saying which are
+    real. SDPA with the mask takes cuDNN's kernel on an H200, whose 16-query tiles serve one query a row: 42% of a
+    20M decode step's kernel time. flex_attention's decoding kernel (splitting the keys across the GPU) was slower
+    at 20M and 125M (docs/PERFORMANCE.md); "math" is the other form tried."""
+    gqa = q.shape[1] != k.shape[1]
+    if CACHED_KERNEL == "math":
+        B, H, T, D = q.shape
+        KV = k.shape[1]
+        grouped = q.reshape(B, KV, (H // KV) * T, D)  # head h reads kv head h // (H // KV), as enable_gqa does
+        scores = (grouped @ k.transpose(-1, -2)).float() * D**-0.5
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+        return (weights @ v).reshape(B, H, T, D)
+    if not (CACHED_KERNEL == "flex" and torch.compiler.is_compiling() and q.is_cuda):  # CPU flex: no kernel
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    keep = allowed.view(allowed.shape[0], allowed.shape[-1])
+
+    def real_keys(score, b, h, q_idx, kv_idx):
+        return torch.where(keep[b, kv_idx], score, -float("inf"))
+
+    return flex_attention(q, k, v, score_mod=real_keys, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -268,8 +299,7 @@ class Attention(nn.Module):
         if self.track_max_logit and mask is not None:
             self.max_logit = self._max_logit(q, k, mask)
         if mask is None and cache is not None:  # a cached step: the cache says which of its keys are real
-            allowed = cache.key_mask(k.shape[2], T)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
+            out = attend_cached(q, k, v, cache.key_mask(k.shape[2], T))
         else:
             out = attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))

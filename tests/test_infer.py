@@ -120,6 +120,26 @@ def test_compiled_greedy_step_gives_the_row_by_row_tokens(model):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("kernel", ["flex", "math"])
+def test_the_cached_step_kernels_give_sdpas_tokens(model, kernel, monkeypatch):
+    """Each kernel a cached step may attend with (`model.attention.CACHED_KERNEL`, compared by benchmarks/decode.py)
+    gives the tokens SDPA with a mask gives, for prompts of different lengths (left padding masked out) over more
+    steps than one view of the cache holds: compiled on a GPU where there is one (flex's decoding kernel runs
+    only there), on this CPU eagerly and compiled (flex falling back to SDPA)."""
+    from model import attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = model.to(device)
+    params = SamplingParams(max_new_tokens=80)
+    expected = Engine(net, static=True).generate(prompts(), params)
+    assert [len(r) for r in expected] == [80] * 4
+    monkeypatch.setattr(attention, "CACHED_KERNEL", kernel)
+    if device == "cpu":
+        assert Engine(net, static=True).generate(prompts(), params) == expected
+    assert Engine(net, compile=True).generate(prompts(), params) == expected
+    model.to("cpu")
+
+
 def test_cli_captions_and_completes_in_one_batch(random_export, tmp_path):
     """`python -m infer caption|complete` on an export (weights, config, tokenizer) reached through its run
     directory: one line per input, decoded with the export's tokenizer."""

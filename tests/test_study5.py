@@ -635,6 +635,28 @@ def test_the_rotary_step_table_and_the_hosts_cores():
         in (said())
     )
     assert f"give {sums[-1]} rows a second on that 16-core machine, 4 give {sums[2]}" in perf and counts[2] == "4"
+    # the second look: the CPU time a row by process count, the allocator variant, and pure arithmetic
+    again = json.loads((REPO / "docs" / "perf" / "host_cores2_h200.json").read_text())
+    rows = again["default"]
+    assert [r["processes"] for r in rows] == [1, 4, 8, 16]
+    assert "gave " + ", ".join(
+        f"{r['rows_per_s']:,.0f}" for r in rows[:-1]
+    ) + f" and {rows[-1]['rows_per_s']:,.0f}" in (said())
+    user = [f"{r['user_ms_per_row']:.3f}" for r in rows[1:]]
+    assert f"**{user[0]} ms of user CPU a row with 4 processes, {user[1]} with 8 and {user[2]} with 16**" in said()
+    assert rows[1]["user_ms_per_row"] * 2 < rows[3]["user_ms_per_row"]  # two to three times
+    system = sorted(r["sys_ms_per_row"] for r in rows)
+    faults = sorted(r["minor_faults_per_row"] for r in rows)
+    assert f"(system time {system[0]:.3f}-{system[-1]:.3f} ms, {faults[0]:.1f}-{faults[-1]:.1f} page faults a row)" in (
+        said()
+    )
+    tuned = again["malloc_env"]["rows"]
+    tuned_faults = sorted(r["minor_faults_per_row"] for r in tuned)
+    assert f"cut the page faults to {tuned_faults[0]:.1f}-{tuned_faults[-1]:.1f} a row" in said()
+    assert f"did not help ({tuned[-1]['rows_per_s']:,.0f} rows a second at 16)" in said()
+    assert tuned[-1]["rows_per_s"] < rows[-1]["rows_per_s"]
+    spin = {int(x.split()[0]): float(x.split()[2].replace(",", "")) for x in again["spin"]["lines"]}
+    assert f"ran {spin[16] / spin[1]:.1f}x one process's rate" in said()
 
 
 def test_both_runs_fitted_together_are_their_fit(tmp_path):
