@@ -252,8 +252,8 @@ CACHED_KERNEL = "sdpa"
 def attend_cached(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
     """A cached step's attention: q (B, H, Tq, D) to the cache's keys, `allowed` (B, 1, 1, Tk) saying which are
     real. SDPA with the mask takes cuDNN's kernel on an H200, whose 16-query tiles serve one query a row: 42% of a
-    20M decode step's kernel time. flex_attention's decoding kernel (splitting the keys across the GPU) was slower
-    at 20M and 125M (docs/PERFORMANCE.md); "math" is the other form tried."""
+    20M decode step's kernel time. flex_attention's decoding kernel (splitting the keys across the GPU) and the plain
+    matmuls were no faster at 20M or 125M (docs/PERFORMANCE.md), so SDPA stays the default."""
     gqa = q.shape[1] != k.shape[1]
     if CACHED_KERNEL == "math":
         B, H, T, D = q.shape

@@ -45,7 +45,7 @@ def rotary_tables(
     purpose: written inline, a compiled forward recomputed the gather, the multiply and the cos and sin inside every
     layer's query and key kernels, forwards and backwards (cheap pointwise work, by inductor's rule), which at the
     study's heads of 16 made those kernels among the step's largest (docs/perf/study_step4_profile_d8_h200.txt)."""
-    angles = positions.index_select(-1, component).float() * inv_freq
+    angles = positions.index_select(-1, component).float() * inv_freq.float()  # float32, as the fake says
     return angles.cos(), angles.sin()
 
 

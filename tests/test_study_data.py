@@ -126,3 +126,16 @@ def test_the_layout_benchmark_runs_on_a_study_build(study):
 
     r = layout(str(study.parent / "prepared"), documents=300, reps=1)
     assert r["us_whole"] > 0 and r["us_skeleton"] > 0 and 1 <= r["shapes"] < 300 / 3
+
+
+def test_the_independent_processes_benchmark_runs_on_a_study_build(study):
+    """`benchmarks/data_speed.py --independent`, the source of the host's figures in docs/study/STUDY.md: separate
+    processes each make batches on a stream of their own, and the CPU time a row is each one's, averaged."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from data_speed import independent
+
+    r = independent(str(study.parent / "prepared"), 2, 0.5)
+    assert r["processes"] == 2 and r["rows_per_s"] > 0 and r["per_process"] == pytest.approx(r["rows_per_s"] / 2, 0.01)
+    assert r["user_ms_per_row"] > 0 and r["sys_ms_per_row"] >= 0 and r["minor_faults_per_row"] >= 0
