@@ -130,14 +130,16 @@ def test_the_cached_step_kernels_give_sdpas_tokens(model, kernel, monkeypatch):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net = model.to(device)
-    params = SamplingParams(max_new_tokens=80)
-    expected = Engine(net, static=True).generate(prompts(), params)
-    assert [len(r) for r in expected] == [80] * 4
-    monkeypatch.setattr(attention, "CACHED_KERNEL", kernel)
-    if device == "cpu":
-        assert Engine(net, static=True).generate(prompts(), params) == expected
-    assert Engine(net, compile=True).generate(prompts(), params) == expected
-    model.to("cpu")
+    try:  # the module's model goes back to the CPU for the tests after, whatever happens here
+        params = SamplingParams(max_new_tokens=80)
+        expected = Engine(net, static=True).generate(prompts(), params)
+        assert [len(r) for r in expected] == [80] * 4
+        monkeypatch.setattr(attention, "CACHED_KERNEL", kernel)
+        if device == "cpu":
+            assert Engine(net, static=True).generate(prompts(), params) == expected
+        assert Engine(net, compile=True).generate(prompts(), params) == expected
+    finally:
+        model.to("cpu")
 
 
 def test_cli_captions_and_completes_in_one_batch(random_export, tmp_path):
