@@ -15,6 +15,8 @@ study build (`python -m data.study`, raw or --prepared): its mixture as configs/
 --independent DIR runs, for each count in --workers, that many separate processes each making batches on its own
 stream (a StreamWorker, no DataLoader, nothing handed anywhere) and sums their rows/s: what the host's cores give
 when nothing is shared. Beside --scaling it tells a loader held back by its handoff from a host out of cores.
+--spin does the same with a pure-Python arithmetic loop (loops of 10,000 a second), the control: cores that scale
+on work with no memory traffic.
 
 --layout DIR times one piece of a worker's work on a study build: a document's layout from its shape's cached
 skeleton (what the loader does) against laying it out whole.
@@ -147,6 +149,26 @@ def _alone(args: tuple) -> dict:
     }
 
 
+def _spin(seconds: float) -> float:
+    """Loops a second of a Python loop that touches no memory beyond a few integers."""
+    t0, loops, n = time.perf_counter(), 0, 0
+    while time.perf_counter() - t0 < seconds:
+        for i in range(10000):
+            n += i * i
+        loops += 1
+    return loops / (time.perf_counter() - t0)
+
+
+def spin(n: int, seconds: float) -> dict:
+    """The same loop in `n` processes at once, summed: how the host's cores scale on work with no memory traffic,
+    the control for --independent."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(n) as pool:
+        each = pool.map(_spin, [seconds] * n)
+    return {"processes": n, "loops_per_s": round(sum(each), 1), "per_process": round(sum(each) / n, 1)}
+
+
 def independent(data_dir: str, n: int, seconds: float) -> dict:
     """Rows/s of `n` StreamWorkers in `n` processes of their own, summed; the CPU time a row, averaged."""
     import multiprocessing
@@ -258,6 +280,7 @@ def main(argv=None):
     ap.add_argument("--scaling", metavar="DIR", help="rows/s of the real loader per worker count instead")
     ap.add_argument("--workers", default="0,1,2,4,8", help="worker counts for --scaling and --independent")
     ap.add_argument("--independent", metavar="DIR", help="rows/s of that many separate processes instead")
+    ap.add_argument("--spin", action="store_true", help="an arithmetic loop in that many processes instead")
     ap.add_argument("--layout", metavar="DIR", help="a document's layout time, skeleton vs whole, on a study build")
     args = ap.parse_args(argv)
     if args.layout:
@@ -266,6 +289,13 @@ def main(argv=None):
             f"layout of {r['documents']} documents ({r['shapes']} shapes): {r['us_whole']} us a document laid out "
             f"whole, {r['us_skeleton']} us from the shape's skeleton"
         )
+        return
+    if args.spin:
+        results = [spin(int(n), args.seconds) for n in args.workers.split(",")]
+        for r in results:
+            print(f"{r['processes']:>3} processes: {r['loops_per_s']:>9} loops/s ({r['per_process']} each)", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
         return
     if args.independent:
         results = [independent(args.independent, int(n), args.seconds) for n in args.workers.split(",")]

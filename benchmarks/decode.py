@@ -67,8 +67,9 @@ ENGINES = {  # Engine options per variant: the growing cache, the static one, th
     "static": {"static": True},
     "compiled": {"compile": True},
     "compiled-flex": {"compile": True},  # the compiled step attending to the cache with flex_attention's decoding
-    "compiled-math": {"compile": True},  # ... with two matmuls and a softmax (model.attention.CACHED_KERNEL)
+    "compiled-math": {"compile": True},  # ... with two matmuls and a softmax
 }
+CACHED_KERNEL = {"compiled-flex": "flex", "compiled-math": "math"}  # model.attention.CACHED_KERNEL; others: sdpa
 
 
 def profile_call(fn, device, steps: int, top: int = 8) -> dict:
@@ -130,7 +131,7 @@ def bench(
     results = []
     for name in engines:
         try:  # one engine that fails (a compile error on a new GPU stack) leaves the others' numbers standing
-            attention.CACHED_KERNEL = name.split("-")[1] if name.startswith("compiled-") else "sdpa"
+            attention.CACHED_KERNEL = CACHED_KERNEL.get(name, "sdpa")
             engine = Engine(model, check_every=1 << 30, **ENGINES[name])
             g.manual_seed(0)  # the same prompts for every engine
             for b in batches:

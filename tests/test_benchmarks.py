@@ -175,3 +175,19 @@ def test_the_cached_attention_kernels_table_is_the_committed_json():
     assert max(shares) < 0.25 and f"stays **missed** at {100 * min(shares):.0f}-{100 * max(shares):.0f}%" in flat
     big = [r["of_bound"] for k in ("sdpa", "flex", "math") for r in kernels[("125m", 256)][k]]
     assert min(big) >= 0.25 and f"met in every run ({100 * min(big):.1f}-{100 * max(big):.1f}%)" in flat
+
+
+def test_the_spin_control_counts_loops_in_every_process():
+    """`benchmarks/data_speed.py --spin`, the control beside --independent in docs/study/STUDY.md: every process
+    runs the loop, and the sum is theirs."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from data_speed import spin
+
+    r = spin(2, 0.3)
+    assert (
+        r["processes"] == 2 and r["loops_per_s"] > 0 and r["per_process"] == pytest.approx(r["loops_per_s"] / 2, 0.01)
+    )
