@@ -11,6 +11,7 @@ and tokens/s (sequence positions, patches included). Target: 500 images/s per wo
 mixture in DIR, raw or prepared (`python -m data.prepared`), in batches of 32 rows of 2048, for each worker count
 in --workers, the trainer side only taking batches (no GPU); 0 workers is one StreamWorker in this process. DIR a
 study build (`python -m data.study`, raw or --prepared): its mixture as configs/study.yaml reads it, 64 rows of 512.
+With --store ROWS the loader gathers the same mixture's rows from a row store made by `python -m data.rows`.
 
 --independent DIR runs, for each count in --workers, that many separate processes each making batches on its own
 stream (a StreamWorker, no DataLoader, nothing handed anywhere) and sums their rows/s: what the host's cores give
@@ -29,6 +30,7 @@ between processes. That time is taken from the process that launches the GPU wor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import tempfile
@@ -211,20 +213,24 @@ def _study_mixture(data_dir: str, workers: int) -> DataConfig:
     return dataclasses.replace(data, sources=sources, workers=workers)
 
 
-def scaling(data_dir: str, workers: int, seconds: float) -> dict:
-    """Packed rows/s the loader delivers with `workers` processes (after each has made its first batch)."""
-    from data.pipeline import StreamingLoader
+def scaling(data_dir: str, workers: int, seconds: float, store: str | None = None) -> dict:
+    """Packed rows/s the loader delivers with `workers` processes (after each has made its first batch); with a
+    row store (`python -m data.rows`, made from the same mixture) the rows are gathered from it instead."""
+    from data.rows import open_loader
 
-    cfg = _mixture(data_dir, workers)
-    loader = StreamingLoader(cfg)
+    cfg = dataclasses.replace(_mixture(data_dir, workers), rows=store or "")
+    loader = open_loader(cfg)
     for _ in range(max(1, workers)):
         next(loader)
-    batches, rows, pieces, nbytes, t0, cpu0 = 0, 0, 0, 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - t0 < seconds:
+    left = loader.capacity() - max(1, workers) if store else float("inf")  # a store's rows end: stop before
+    batches, rows, pieces, piece_rows, nbytes = 0, 0, 0, 0, 0
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds and batches < left:
         batch = next(loader)
         batches += 1
         rows += len(batch["tokens"])
-        pieces += sum(len(row) for row in loader.last_pieces)
+        if batches <= 20:  # documents a row from the first batches: a store builds the pieces' keys on request
+            pieces, piece_rows = pieces + sum(len(row) for row in loader.last_pieces), piece_rows + len(batch["tokens"])
         nbytes += sum(t.nbytes for t in batch.values())
     dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     del loader
@@ -235,7 +241,7 @@ def scaling(data_dir: str, workers: int, seconds: float) -> dict:
         # 0 workers: the work is this process's, so its CPU time is the work's (steadier than wall time on a busy host)
         "rows_per_cpu_s": round(rows / cpu, 1) if workers == 0 else None,
         "row_positions": cfg.seq_len,
-        "documents_per_row": round(pieces / rows, 1),  # pieces: a document cut across rows counts in each
+        "documents_per_row": round(pieces / piece_rows, 1),  # pieces: a document cut across rows counts in each
         "mb_per_batch": round(nbytes / 1e6 / batches, 2),
     }
 
@@ -279,6 +285,7 @@ def main(argv=None):
     ap.add_argument("--handoff", metavar="DIR", help="time the trainer's side of a batch handoff instead")
     ap.add_argument("--scaling", metavar="DIR", help="rows/s of the real loader per worker count instead")
     ap.add_argument("--workers", default="0,1,2,4,8", help="worker counts for --scaling and --independent")
+    ap.add_argument("--store", metavar="ROWS", help="--scaling reads this row store (`python -m data.rows`)")
     ap.add_argument("--independent", metavar="DIR", help="rows/s of that many separate processes instead")
     ap.add_argument("--spin", action="store_true", help="an arithmetic loop in that many processes instead")
     ap.add_argument("--layout", metavar="DIR", help="a document's layout time, skeleton vs whole, on a study build")
@@ -310,7 +317,7 @@ def main(argv=None):
             Path(args.json).write_text(json.dumps(results, indent=1))
         return
     if args.scaling:
-        results = [scaling(args.scaling, int(n), args.seconds) for n in args.workers.split(",")]
+        results = [scaling(args.scaling, int(n), args.seconds, args.store) for n in args.workers.split(",")]
         for r in results:
             print(
                 f"{r['workers']:>3} workers: {r['rows_per_s']:>7} rows/s ({r['per_worker']} per worker"

@@ -11,7 +11,8 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
   ZeRO       z0 | z1 | z2 | z3                                    [z1]
   ac         activation checkpointing on                          [off]
   data       synthetic | loader | cached                          [synthetic] (loader: the real StreamingLoader
-             over --data, pinned and copied asynchronously; cached: its first 8 batches kept on the GPU;
+             over --data, pinned and copied asynchronously, or with @data.rows=DIR the rows gathered from that row
+             store, `python -m data.rows`; cached: its first 8 batches kept on the GPU;
              fd: workers pass tensors by file descriptor, torch's default, not named shared memory as the loader does)
   plain      our model with fused AdamW and autocast but no DeepSpeed (to measure the engine's own cost)
   graph      the step captured once as a CUDA graph and replayed (deepspeed.cuda_graph, train.graphed_step; implies
@@ -232,12 +233,16 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[
         ]
         return itertools.cycle([to_device(b) for b in cached])
     from data.pipeline import StreamingLoader
+    from data.rows import open_loader
 
     # The config's own mixture (caption / interleaved / text), read from data_dir.
     moved = [replace(s, shards=s.shards.replace("artifacts/data", data_dir)) for s in cfg.data.sources]
     data_cfg = replace(cfg.data, sources=moved, tokenizer=cfg.data.tokenizer.replace("artifacts/data", data_dir))
     sharing = "file_descriptor" if v["fd"] else "file_system"
-    loader = StreamingLoader(data_cfg, dist.get_rank(), dist.get_world_size(), pin_memory=True, sharing=sharing)
+    if data_cfg.rows:  # a row store (`@data.rows=DIR`, `python -m data.rows`): rows gathered by threads
+        loader = open_loader(data_cfg, dist.get_rank(), dist.get_world_size(), pin_memory=True)
+    else:
+        loader = StreamingLoader(data_cfg, dist.get_rank(), dist.get_world_size(), pin_memory=True, sharing=sharing)
     if v["data"] == "cached":
         return itertools.cycle([to_device(next(loader)) for _ in range(8)])
 

@@ -15,14 +15,14 @@ import torch
 ALIGN = 64  # bytes: every tensor starts aligned (a view as int64 needs 8; compiled kernels assume 16)
 
 
-def pack(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple]:
-    """(buffer, layout): the tensors' bytes one after another in a uint8 buffer, and per tensor its (name, dtype,
-    shape, offset)."""
+def pack(batch: dict[str, torch.Tensor], pin_memory: bool = False) -> tuple[torch.Tensor, tuple]:
+    """(buffer, layout): the tensors' bytes one after another in a uint8 buffer (page-locked with pin_memory), and
+    per tensor its (name, dtype, shape, offset)."""
     layout, offset = [], 0
     for name, t in batch.items():
         layout.append((name, t.dtype, tuple(t.shape), offset))
         offset += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
-    buffer = torch.empty(offset, dtype=torch.uint8)
+    buffer = torch.empty(offset, dtype=torch.uint8, pin_memory=pin_memory)
     for (_, _, _, start), t in zip(layout, batch.values(), strict=True):
         n = t.numel() * t.element_size()
         buffer[start : start + n] = t.contiguous().view(-1).view(torch.uint8)

@@ -73,6 +73,7 @@ class DataConfig:
     max_skip_rate: float = 0.05  # skipped / read samples above this stops the run...
     skip_rate_min_samples: int = 200  # ...once a stream has read this many
     kinds: list[str] = field(default_factory=list)  # sample kinds read (text, caption, interleaved, chat); []: all
+    rows: str = ""  # a row store made from this section (`python -m data.rows`): training reads its rows
 
     def __post_init__(self):
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]

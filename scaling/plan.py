@@ -55,6 +55,7 @@ ADDED_SINCE_KEYED = {
     ("deepspeed", "compile_scope"): "blocks",
     ("model", "mrope_interleaved"): False,
     ("deepspeed", "cuda_graph"): False,
+    ("data", "rows"): "",
 }
 
 

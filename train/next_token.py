@@ -13,7 +13,8 @@ import json
 import time
 
 from data.handoff import to_device
-from data.pipeline import StreamingLoader, source_samples
+from data.pipeline import DataError, source_samples
+from data.rows import open_loader
 from model import IGNORE, flops_per_token, param_count
 from train.engine import engine_kind, step_clip
 from train.evaluate import validate
@@ -40,10 +41,14 @@ class NextToken(Objective):
 
     def __init__(self, cfg, run, engine, optimizer, model, device, rank, world, group, saved):
         super().__init__(cfg, run, engine, optimizer, model, device, rank, world, group, saved)
-        self.loader = StreamingLoader(
-            cfg.data, rank, world, (saved or {}).get("data"), pin_memory=device.type == "cuda"
-        )
+        self.loader = open_loader(cfg.data, rank, world, (saved or {}).get("data"), pin_memory=device.type == "cuda")
         mc, self.G, self.B, self.T = cfg.model, cfg.deepspeed.grad_accum, cfg.data.batch_size, cfg.data.seq_len
+        if cfg.data.rows and self.loader.capacity() < cfg.steps * self.G:  # before training, not at the run's end
+            raise DataError(
+                f"the row store {cfg.data.rows} holds {self.loader.capacity()} batches of {self.B} rows for rank "
+                f"{rank}; {cfg.steps} steps x {self.G} micro-batches need {cfg.steps * self.G}: build it with "
+                f"--rows {self._rows_needed(cfg, world)} or more"
+            )
         self.tokens_per_step = world * self.G * self.B * self.T
         self.fpt, self.fpt_6n = flops_per_token(mc, self.T), flops_per_token(mc, self.T, attention=False)
         self.peak = peak_flops(device, cfg.deepspeed.bf16 or cfg.deepspeed.autocast, cfg.logging.peak_tflops)
@@ -55,6 +60,11 @@ class NextToken(Objective):
         self.profiler = StepProfiler(cfg.logging.profile, run, device, rank)
         self.window_steps, self.window_t0, self.head_rows = 0, time.perf_counter(), 0
         self.last_loss = None  # the latest logged training loss, for the summary
+
+    def _rows_needed(self, cfg, world: int) -> int:
+        """Rows a stream of the store must hold for this run: its batches go round the store's streams."""
+        batches = cfg.steps * self.G * world
+        return -(-batches // self.loader.store.streams) * self.B
 
     def banner(self) -> str:
         cfg, mc = self.cfg, self.cfg.model
