@@ -289,5 +289,25 @@ def print_plan(spec: SweepSpec, p: Plan) -> None:
         "start-up); budgets in FLOPs as "
         f"{spec.flops_convention}" + (f"; up to {at_once} at once on SLURM" if at_once else "")
     )
+    need = store_rows(p, spec.launcher.nproc)
+    if need:
+        store, rows = need
+        print(
+            f"row store {store}: each of its {STORE_STREAMS} streams must hold {rows} rows (`python -m data.rows "
+            f"{spec.base} {store} --rows {rows}`)"
+        )
     for w in p.warnings:
         print(f"warning: {w}")
+
+
+STORE_STREAMS = 16  # `python -m data.rows`'s default --streams
+
+
+def store_rows(p: Plan, nproc: int, streams: int = STORE_STREAMS) -> tuple[str, int] | None:
+    """(store, rows a stream) that the plan's cells reading a row store (`data.rows`) need: a cell's batches go
+    round the store's streams, `micro_rows` rows each (data.rows.batch_rows); None when no cell reads one."""
+    cells = [c for c in p.cells if c.config.get("data", {}).get("rows")]
+    if not cells:
+        return None
+    need = max(-(-(c.steps * c.grad_accum * nproc) // streams) * c.micro_rows for c in cells)
+    return cells[0].config["data"]["rows"], need
