@@ -47,15 +47,23 @@ from data.pipeline import DataConfig, DataError, StreamingLoader, StreamWorker
 from data.tokenizer import Tokenizer
 
 FORMAT = 1
-# per position of a stream's documents: name -> (dtype, trailing shape)
-POSITION_FIELDS = {
-    "tokens": (np.int32, ()),
-    "patch_mask": (np.bool_, ()),
-    "positions": (np.int32, (3,)),
-    "targets": (np.int32, ()),
-    "image_index": (np.int32, ()),
-    "patch_no": (np.int32, ()),  # index into the stream's patches, -1 where the position is not a patch
-}
+# per position of a stream's documents: name -> trailing shape (the dtypes: `field_dtypes`)
+POSITION_FIELDS = {"tokens": (), "patch_mask": (), "positions": (3,), "targets": (), "image_index": (), "patch_no": ()}
+
+
+def field_dtypes(vocab_size: int) -> dict[str, str]:
+    """The narrowest types that hold each field: token ids and targets (IGNORE is -100) in 16 bits where the
+    vocabulary allows, image numbers in 16; `patch_no` indexes the stream's patches, -1 where no patch. A study
+    store is mostly its patches; these save about a fifth of the rest."""
+    ids = "int16" if vocab_size <= np.iinfo(np.int16).max else "int32"
+    return {
+        "tokens": ids,
+        "patch_mask": "bool",
+        "positions": "int32",
+        "targets": ids,
+        "image_index": "int16",
+        "patch_no": "int32",
+    }
 
 
 def recipe(cfg: DataConfig, tokenizer_bytes: bytes) -> dict:
@@ -108,6 +116,7 @@ def build_stream(cfg: DataConfig, stream: int, streams: int, rows: int, out: str
     worker = StreamWorker(cfg, tok, stream, streams, None)
     patch_dim = 3 * cfg.patch_size**2
     packer = _PiecePacker(cfg.seq_len, tok.special.pad, patch_dim)
+    dtypes = field_dtypes(tok.vocab_size)
     files = _Appender(root, [*POSITION_FIELDS, "patches", "doc_start", "pieces", "row_pieces", "counts"])
     names = [f"source/{s.name}" for s in cfg.sources]
     docs: dict[str, int] = {}
@@ -130,8 +139,8 @@ def build_stream(cfg: DataConfig, stream: int, streams: int, rows: int, out: str
                 "image_index": doc.image_index,
                 "patch_no": patch_no,
             }
-            for name, (dtype, _) in POSITION_FIELDS.items():
-                files.add(name, arrays[name].astype(dtype))
+            for name in POSITION_FIELDS:
+                files.add(name, arrays[name].astype(dtypes[name]))
             if n_patches:
                 files.add("patches", np.asarray(doc.patches, dtype=np.uint8).reshape(n_patches, patch_dim))
             files.add("doc_start", np.array([positions], dtype=np.int64))
@@ -196,6 +205,7 @@ def build(cfg: DataConfig, out: str, rows: int, streams: int = 16, workers: int 
         "rows_per_stream": rows,
         "patch_dim": 3 * cfg.patch_size**2,
         "pad_id": Tokenizer(cfg.tokenizer).special.pad,
+        "dtypes": field_dtypes(Tokenizer(cfg.tokenizer).vocab_size),
         "lengths": [d["lengths"] for d in done],
         "documents": [d["documents"] for d in done],
         "counts": [d["counts"] for d in done],
@@ -234,7 +244,7 @@ class RowStore:
     def _map(self, stream: int) -> dict:
         if stream not in self._maps:
             d, n = self.root / f"s{stream:03d}", self.meta["lengths"][stream]
-            shapes = {**{k: (dt, tail) for k, (dt, tail) in POSITION_FIELDS.items()}}
+            shapes = {k: (np.dtype(self.meta["dtypes"][k]), tail) for k, tail in POSITION_FIELDS.items()}
             shapes.update(
                 patches=(np.uint8, (self.patch_dim,)),
                 doc_start=(np.int64, ()),
