@@ -37,7 +37,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 
 from data.handoff import Handed, HandedBatch, pack
 from data.images import ImageSpec
-from data.layout import layout_document
+from data.layout import LaidOut, layout_document
 from data.packing import ImageTooLong, Packer, Row, collate
 from data.prepared import PreparedMismatch, fingerprint, unchunk
 from data.samples import Skip, to_segments
@@ -301,25 +301,32 @@ class StreamWorker:
                     return
             self.counts["samples"] += 1
             self.counts[f"source/{self.sources[i].name}"] += 1  # per source: how many epochs a run read (summary)
-            try:
-                kind, segments = to_segments(
-                    sample, self.tok.encode, self.cfg.image_spec, fingerprint=self.fingerprint, tok=self.tok
-                )
-                doc = layout_document(segments, self.tok.special, self.cfg.patch_size, self.cfg.position_scheme)
-            except Skip as e:
-                self._skip(e.reason)
+            doc = self.lay_out(sample, self.sources[i].name)
+            if doc is None:
                 continue
-            except PreparedMismatch as e:
-                raise DataError(f"source '{self.sources[i].name}': {e}") from e
-            except SAMPLE_ERRORS as e:  # a sample that does not decode is counted under its type, not fatal
-                self._skip(f"error_{type(e).__name__}")
-                continue
-            if self.cfg.kinds and kind not in self.cfg.kinds:  # counted against max_skip_rate: a wrong source stops
-                self._skip(f"kind_{kind}_not_in_data.kinds")
-                continue
-            self.counts[f"kind/{kind}"] += 1
             doc.meta = {"key": f"{self.sources[i].name}/{sample['__key__']}", "source": i, "before": before}
             yield doc
+
+    def lay_out(self, sample: dict, source: str) -> LaidOut | None:
+        """A sample as the document the packer takes, or None for a skip (counted against max_skip_rate)."""
+        try:
+            kind, segments = to_segments(
+                sample, self.tok.encode, self.cfg.image_spec, fingerprint=self.fingerprint, tok=self.tok
+            )
+            doc = layout_document(segments, self.tok.special, self.cfg.patch_size, self.cfg.position_scheme)
+        except Skip as e:
+            self._skip(e.reason)
+            return None
+        except PreparedMismatch as e:
+            raise DataError(f"source '{source}': {e}") from e
+        except SAMPLE_ERRORS as e:  # a sample that does not decode is counted under its type, not fatal
+            self._skip(f"error_{type(e).__name__}")
+            return None
+        if self.cfg.kinds and kind not in self.cfg.kinds:  # counted against max_skip_rate: a wrong source stops
+            self._skip(f"kind_{kind}_not_in_data.kinds")
+            return None
+        self.counts[f"kind/{kind}"] += 1
+        return doc
 
     def _skip(self, reason: str):
         self.counts[f"skip/{reason}"] += 1

@@ -27,6 +27,7 @@ Validation still reads `data.eval_sources` through the streaming pipeline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,7 +44,8 @@ import yaml
 from data.handoff import HandedBatch, pack
 from data.layout import IGNORE
 from data.packing import ImageTooLong, Packer, target_index
-from data.pipeline import DataConfig, DataError, StreamingLoader, StreamWorker
+from data.pipeline import DataConfig, DataError, SourceConfig, StreamingLoader, StreamWorker, read_shard
+from data.shards import resolve_shards
 from data.tokenizer import Tokenizer
 
 FORMAT = 1
@@ -51,7 +53,7 @@ FORMAT = 1
 POSITION_FIELDS = {"tokens": (), "patch_mask": (), "positions": (3,), "targets": (), "image_index": (), "patch_no": ()}
 
 
-def field_dtypes(vocab_size: int) -> dict[str, str]:
+def field_dtypes(vocab_size: int, patches: int) -> dict[str, str]:
     """The narrowest types that hold each field: token ids and targets (IGNORE is -100) in 16 bits where the
     vocabulary allows, image numbers in 16; `patch_no` indexes the stream's patches, -1 where no patch. A study
     store is mostly its patches; these save about a fifth of the rest."""
@@ -108,51 +110,86 @@ class _Appender:
         return self.counts
 
 
+def _documents(cfg: DataConfig, source: SourceConfig, path: str):
+    """(key, document) for each usable sample of one training shard, as the streaming pipeline lays it out."""
+    worker = StreamWorker(cfg, Tokenizer(cfg.tokenizer), 0, 1, None)
+    for sample in read_shard(path, worker.counts):
+        doc = worker.lay_out(sample, source.name)
+        if doc is not None:
+            yield f"{source.name}/{sample['__key__']}", doc
+
+
+def _measure_shard(cfg: DataConfig, source: SourceConfig, path: str) -> tuple[list, list, list]:
+    """The shard's document keys, positions and patches (a first pass: where each goes in the table)."""
+    keys, lengths, patches = [], [], []
+    for key, doc in _documents(cfg, source, path):
+        keys.append(key)
+        lengths.append(len(doc))
+        patches.append(int(doc.is_patch.sum()))
+    return keys, lengths, patches
+
+
+def _write_shard(cfg: DataConfig, source: SourceConfig, path: str, out: str, first: int, first_patch: int) -> int:
+    """The shard's documents into the table, from position `first` and patch `first_patch` on."""
+    meta = json.loads((Path(out) / "table.json").read_text())
+    table = _open_table(Path(out), meta, mode="r+")
+    dtypes, at, patch_at, n = meta["dtypes"], first, first_patch, 0
+    for _, doc in _documents(cfg, source, path):
+        k, p = len(doc), int(doc.is_patch.sum())
+        patch_no = np.full(k, -1, dtype=np.int64)
+        patch_no[doc.is_patch] = np.arange(patch_at, patch_at + p)
+        arrays = {
+            "tokens": doc.tokens,
+            "patch_mask": doc.is_patch,
+            "positions": doc.positions,
+            "targets": doc.targets,
+            "image_index": doc.image_index,
+            "patch_no": patch_no,
+        }
+        for name in POSITION_FIELDS:
+            table[name][at : at + k] = arrays[name].astype(dtypes[name])
+        if p:
+            table["patches"][patch_at : patch_at + p] = np.asarray(doc.patches, dtype=np.uint8).reshape(p, -1)
+        at, patch_at, n = at + k, patch_at + p, n + 1
+    for m in table.values():
+        m.flush()
+    return n
+
+
+def _open_table(root: Path, meta: dict, mode: str = "r") -> dict:
+    """The document table's memory maps: per position fields, patches, each document's first position."""
+    shapes = {k: (meta["dtypes"][k], (meta["positions"], *tail)) for k, tail in POSITION_FIELDS.items()}
+    shapes["patches"] = ("uint8", (meta["patches"], meta["patch_dim"]))
+    shapes["doc_start"] = ("int64", (meta["documents"] + 1,))
+    out = {}
+    for name, (dtype, shape) in shapes.items():
+        if 0 in shape:
+            out[name] = np.zeros(shape, dtype=dtype)
+        else:
+            out[name] = np.memmap(root / f"{name}.bin", dtype=dtype, mode=mode, shape=shape)
+    return out
+
+
 def build_stream(cfg: DataConfig, stream: int, streams: int, rows: int, out: str) -> dict:
-    """Stream `stream` of `streams`: its first `rows` packed rows, with each document they touch stored once."""
+    """Stream `stream` of `streams`: its first `rows` packed rows, as pieces (document, start, end) of the table."""
     root = Path(out) / f"s{stream:03d}"
     root.mkdir(parents=True)
     tok = Tokenizer(cfg.tokenizer)
+    ids = {k: i for i, k in enumerate(json.loads((Path(out) / "keys.json").read_text()))}
     worker = StreamWorker(cfg, tok, stream, streams, None)
-    patch_dim = 3 * cfg.patch_size**2
-    packer = _PiecePacker(cfg.seq_len, tok.special.pad, patch_dim)
-    dtypes = field_dtypes(tok.vocab_size)
-    files = _Appender(root, [*POSITION_FIELDS, "patches", "doc_start", "pieces", "row_pieces", "counts"])
+    packer = _PiecePacker(cfg.seq_len, tok.special.pad, 3 * cfg.patch_size**2)
+    files = _Appender(root, ["pieces", "row_pieces", "counts"])
     names = [f"source/{s.name}" for s in cfg.sources]
-    docs: dict[str, int] = {}
-    keys: list[str] = []
-    positions = patches = pieces = made = 0
+    pieces = made = 0
     files.add("row_pieces", np.zeros(1, dtype=np.int64))
     for doc in worker.documents():
-        key = doc.meta["key"]
-        if key not in docs:
-            docs[key] = len(keys)
-            keys.append(key)
-            n_patches = int(doc.is_patch.sum())
-            patch_no = np.full(len(doc), -1, dtype=np.int32)
-            patch_no[doc.is_patch] = np.arange(patches, patches + n_patches, dtype=np.int32)
-            arrays = {
-                "tokens": doc.tokens,
-                "patch_mask": doc.is_patch,
-                "positions": doc.positions,
-                "targets": doc.targets,
-                "image_index": doc.image_index,
-                "patch_no": patch_no,
-            }
-            for name in POSITION_FIELDS:
-                files.add(name, arrays[name].astype(dtypes[name]))
-            if n_patches:
-                files.add("patches", np.asarray(doc.patches, dtype=np.uint8).reshape(n_patches, patch_dim))
-            files.add("doc_start", np.array([positions], dtype=np.int64))
-            positions += len(doc)
-            patches += n_patches
         try:
             closed = packer.add(doc, 0)
         except ImageTooLong:
             worker._skip("image_too_long")
             continue
         for row in closed:
-            files.add("pieces", np.array([(docs[k], s, e) for k, s, e in row], dtype=np.int64))
+            files.add("pieces", np.array([(ids[k], s, e) for k, s, e in row], dtype=np.int64))
             pieces += len(row)
             files.add("row_pieces", np.array([pieces], dtype=np.int64))
             files.add("counts", np.array([[worker.counts[n] for n in names]], dtype=np.int64))
@@ -161,9 +198,7 @@ def build_stream(cfg: DataConfig, stream: int, streams: int, rows: int, out: str
                 break
         if made == rows:
             break
-    counts = files.close()
-    (root / "keys.json").write_text(json.dumps(keys))
-    return {"stream": stream, "lengths": counts, "documents": len(keys), "counts": dict(sorted(worker.counts.items()))}
+    return {"stream": stream, "lengths": files.close(), "counts": dict(sorted(worker.counts.items()))}
 
 
 def data_config(path: str, sets: list[str] = ()) -> DataConfig:
@@ -178,8 +213,17 @@ def data_config(path: str, sets: list[str] = ()) -> DataConfig:
     return DataConfig(**data)
 
 
+def _map(pool, fn, args: list[tuple]) -> list:
+    return list(pool.map(fn, *zip(*args, strict=True))) if pool else [fn(*a) for a in args]
+
+
 def build(cfg: DataConfig, out: str, rows: int, streams: int = 16, workers: int = 16) -> dict:
-    """Writes the store; returns its rows.json. Refuses an existing OUT (a store is never half-replaced)."""
+    """Writes the store; returns its rows.json. Refuses an existing OUT (a store is never half-replaced).
+
+    First every training shard's documents, each laid out once into one table (two passes over the shards, in
+    parallel: sizes, then the arrays at their offsets); then each stream's rows as pieces of that table. A stream
+    meets the same documents again in later epochs, and other streams meet them too: stored per stream, a study's
+    documents were stored 16 times over (50 GB and the H200 host's disk full before the build ended)."""
     import time
 
     if Path(out).exists():
@@ -188,26 +232,44 @@ def build(cfg: DataConfig, out: str, rows: int, streams: int = 16, workers: int 
     tmp = Path(f"{out}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    args = [(cfg, s, streams, rows, str(tmp)) for s in range(streams)]
-    if workers > 1:
-        with ProcessPoolExecutor(min(workers, streams)) as pool:
-            done = list(pool.map(build_stream, *zip(*args, strict=True)))
-    else:
-        done = [build_stream(*a) for a in args]
+    tok = Tokenizer(cfg.tokenizer)
+    shards = [(cfg, src, path) for src in cfg.sources for path in resolve_shards(src.shards)]
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        sized = _map(pool, _measure_shard, shards)
+        lengths = np.array([n for _, ls, _ in sized for n in ls], dtype=np.int64)
+        patches = sum(sum(p) for _, _, p in sized)
+        table = {
+            "positions": int(lengths.sum()),
+            "patches": patches,
+            "documents": len(lengths),
+            "patch_dim": 3 * cfg.patch_size**2,
+            "dtypes": field_dtypes(tok.vocab_size, patches),
+        }
+        (tmp / "table.json").write_text(json.dumps(table))
+        (tmp / "keys.json").write_text(json.dumps([k for keys, _, _ in sized for k in keys]))
+        for name, (dtype, shape) in {
+            **{k: (table["dtypes"][k], (table["positions"], *tail)) for k, tail in POSITION_FIELDS.items()},
+            "patches": ("uint8", (table["patches"], table["patch_dim"])),
+        }.items():
+            with open(tmp / f"{name}.bin", "wb") as f:
+                f.truncate(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(tmp / "doc_start.bin")
+        firsts = np.cumsum([0] + [sum(ls) for _, ls, _ in sized])
+        patch_firsts = np.cumsum([0] + [sum(p) for _, _, p in sized])
+        _map(pool, _write_shard, [(*s, str(tmp), int(a), int(b)) for s, a, b in zip(shards, firsts, patch_firsts)])
+        done = _map(pool, build_stream, [(cfg, s, streams, rows, str(tmp)) for s in range(streams)])
     short = [d["stream"] for d in done if d["lengths"]["counts"] < rows]
     if short:
         shutil.rmtree(tmp)
         raise DataError(f"streams {short} ended before {rows} rows (a one-pass source?)")
     meta = {
         "format": FORMAT,
-        "data": recipe(cfg, Tokenizer(cfg.tokenizer).model_bytes),
+        "data": recipe(cfg, tok.model_bytes),
         "streams": streams,
         "rows_per_stream": rows,
-        "patch_dim": 3 * cfg.patch_size**2,
-        "pad_id": Tokenizer(cfg.tokenizer).special.pad,
-        "dtypes": field_dtypes(Tokenizer(cfg.tokenizer).vocab_size),
+        "pad_id": tok.special.pad,
+        "table": table,
         "lengths": [d["lengths"] for d in done],
-        "documents": [d["documents"] for d in done],
         "counts": [d["counts"] for d in done],
     }
     (tmp / "rows.json").write_text(json.dumps(meta, indent=1))
@@ -228,9 +290,10 @@ class RowStore:
         if self.meta.get("format") != FORMAT:
             raise DataError(f"{root}: row store format {self.meta.get('format')}, this code reads {FORMAT}")
         self.streams, self.rows_per_stream = self.meta["streams"], self.meta["rows_per_stream"]
-        self.patch_dim, self.pad_id = self.meta["patch_dim"], self.meta["pad_id"]
+        self.patch_dim, self.pad_id = self.meta["table"]["patch_dim"], self.meta["pad_id"]
+        self._table: dict | None = None
         self._maps: dict[int, dict] = {}
-        self._keys: dict[int, list] = {}
+        self._keys: list | None = None
 
     def check(self, cfg: DataConfig) -> None:
         """Stops a run whose data section would pack other rows than the stored ones."""
@@ -242,23 +305,19 @@ class RowStore:
             raise DataError(f"the row store {self.root} was made from other data than this run's ({detail})")
 
     def _map(self, stream: int) -> dict:
+        """The document table's maps and the stream's own (pieces, row_pieces, counts)."""
+        if self._table is None:
+            self._table = _open_table(self.root, self.meta["table"])
         if stream not in self._maps:
             d, n = self.root / f"s{stream:03d}", self.meta["lengths"][stream]
-            shapes = {k: (np.dtype(self.meta["dtypes"][k]), tail) for k, tail in POSITION_FIELDS.items()}
-            shapes.update(
-                patches=(np.uint8, (self.patch_dim,)),
-                doc_start=(np.int64, ()),
-                pieces=(np.int64, (3,)),
-                row_pieces=(np.int64, ()),
-                counts=(np.int64, (len(self.meta["data"]["sources"]),)),
-            )
-            maps = {}
-            for name, (dtype, tail) in shapes.items():
-                if n[name] == 0:
-                    maps[name] = np.zeros((0, *tail), dtype=dtype)
-                else:
-                    maps[name] = np.memmap(d / f"{name}.bin", dtype=dtype, mode="r", shape=(n[name], *tail))
-            self._maps[stream] = maps
+            shapes = {"pieces": (3,), "row_pieces": (), "counts": (len(self.meta["data"]["sources"]),)}
+            own = {
+                name: np.memmap(d / f"{name}.bin", dtype=np.int64, mode="r", shape=(n[name], *tail))
+                if n[name]
+                else np.zeros((0, *tail), dtype=np.int64)
+                for name, tail in shapes.items()
+            }
+            self._maps[stream] = {**self._table, **own}
         return self._maps[stream]
 
     def rows(self, stream: int, first: int, n: int) -> dict[str, np.ndarray]:
@@ -327,9 +386,9 @@ class RowStore:
 
     def pieces(self, stream: int, first: int, n: int) -> list:
         """(sample key, start, end) per row: what the streaming loader reports as `last_pieces`."""
-        if stream not in self._keys:
-            self._keys[stream] = json.loads((self.root / f"s{stream:03d}" / "keys.json").read_text())
-        m, keys = self._map(stream), self._keys[stream]
+        if self._keys is None:
+            self._keys = json.loads((self.root / "keys.json").read_text())
+        m, keys = self._map(stream), self._keys
         po = m["row_pieces"]
         return [
             [(keys[d], int(s), int(e)) for d, s, e in m["pieces"][po[r] : po[r + 1]]] for r in range(first, first + n)
@@ -447,10 +506,10 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE over the data section (YAML value)")
     a = p.parse_args(argv)
     meta = build(data_config(a.config, a.set), a.out, a.rows, a.streams, a.workers)
-    positions = sum(n["tokens"] for n in meta["lengths"])
+    t = meta["table"]
     print(
-        f"{a.out}: {meta['streams']} streams x {meta['rows_per_stream']:,} rows, "
-        f"{sum(meta['documents']):,} documents stored ({positions:,} positions), {meta['build_seconds']} s"
+        f"{a.out}: {meta['streams']} streams x {meta['rows_per_stream']:,} rows over {t['documents']:,} documents "
+        f"stored once ({t['positions']:,} positions, {t['patches']:,} patches), {meta['build_seconds']} s"
     )
 
 
