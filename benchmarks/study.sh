@@ -3,15 +3,18 @@
 # sweep (docs/study/STUDY.md) and the LR check of its hyperparameter rule on this host's GPUs, then fit, report and
 # check the rule. Restartable: finished cells are skipped. Results: runs/sweeps/study5/{results.csv,fit/},
 # runs/sweeps/study5-lr/results.csv (the rule against 1/4x-4x its LR at 1e14 and 1e15, three sizes each).
-# STUDY_SPEC=configs/sweeps/study4.yaml runs the fourth design (contiguous M-RoPE) and its check instead.
+# STUDY_SPEC=configs/sweeps/study4.yaml runs the fourth design (contiguous M-RoPE) and its check instead;
+# STUDY_SPEC=configs/sweeps/study6.yaml the sixth (the fifth with the step captured and its rows from a row store,
+# built here first, about 50 s and 18 GB on the H200 host), without an LR check unless STUDY_LR_SPEC names one.
 # (The third design: configs/sweeps/study.yaml and its two LR checks.)
 set -euo pipefail
 # the raw shards (artifacts/study) and their prepared copy, which the study config reads (tokenised and decoded
 # once); 600,000 samples a source so that no cell of the fourth or fifth design reads any sample more than a few times
 [ -f artifacts/study-prepared/dataset.json ] ||
   python -m data.study --out artifacts/study --prepared artifacts/study-prepared --train "${STUDY_TRAIN:-600000}"
-# the GPU's busy share and the host's load every 5 s while the sweeps run (docs/study/STUDY.md, "GPU time")
 spec=${STUDY_SPEC:-configs/sweeps/study5.yaml}
+python -m scaling store "$spec"  # the packed rows its cells read, when they read a row store (data.rows)
+# the GPU's busy share and the host's load every 5 s while the sweeps run (docs/study/STUDY.md, "GPU time")
 out=runs/sweeps/$(basename "$spec" .yaml)
 mkdir -p "$out"
 while sleep 5; do
@@ -19,11 +22,14 @@ while sleep 5; do
 done >> "$out/util.log" &
 sampler=$!
 trap 'kill $sampler' EXIT
-lr=${STUDY_LR_SPEC:-configs/sweeps/study5-lr.yaml}
-[ "$spec" = configs/sweeps/study4.yaml ] && lr=configs/sweeps/study4-lr.yaml
+case "$spec" in
+  configs/sweeps/study4.yaml) lr=${STUDY_LR_SPEC:-configs/sweeps/study4-lr.yaml} ;;
+  configs/sweeps/study5.yaml) lr=${STUDY_LR_SPEC:-configs/sweeps/study5-lr.yaml} ;;
+  *) lr=${STUDY_LR_SPEC:-} ;;
+esac
 python -m scaling run "$spec"
 # the LR check's factor-1 cells are the study's own: reused from its results, not trained again
-python -m scaling run "$lr" --reuse "$out/results.csv"
+[ -z "$lr" ] || python -m scaling run "$lr" --reuse "$out/results.csv"
 python -m scaling report "$spec"
-python -m scaling lrcheck "$lr"
+[ -z "$lr" ] || python -m scaling lrcheck "$lr"
 python -m scaling time "$spec" --peak-tflops "${PEAK_TFLOPS:-989}"  # H200 dense bf16

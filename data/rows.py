@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -152,7 +153,8 @@ def _write_shard(cfg: DataConfig, source: SourceConfig, path: str, out: str, fir
             table["patches"][patch_at : patch_at + p] = np.asarray(doc.patches, dtype=np.uint8).reshape(p, -1)
         at, patch_at, n = at + k, patch_at + p, n + 1
     for m in table.values():
-        m.flush()
+        if isinstance(m, np.memmap):  # an empty field is a plain array
+            m.flush()
     return n
 
 
@@ -232,6 +234,31 @@ def build(cfg: DataConfig, out: str, rows: int, streams: int = 16, workers: int 
     tmp = Path(f"{out}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        meta = _build_into(cfg, tmp, rows, streams, workers)
+    except BaseException:  # a full disk, a bad shard, Ctrl-C: no half-built store left behind to fill the disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, out)
+    meta["build_seconds"] = round(time.perf_counter() - t0, 1)
+    return meta
+
+
+def _allocate(path: Path, nbytes: int) -> None:
+    """A table file's whole size taken from the disk now: a full disk fails here with ENOSPC, not later as a SIGBUS
+    in the process writing into its memory map."""
+    with open(path, "wb") as f:
+        if not nbytes:
+            return
+        try:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem that cannot: sparse, as before
+                raise
+            f.truncate(nbytes)
+
+
+def _build_into(cfg: DataConfig, tmp: Path, rows: int, streams: int, workers: int) -> dict:
     tok = Tokenizer(cfg.tokenizer)
     shards = [(cfg, src, path) for src in cfg.sources for path in resolve_shards(src.shards)]
     with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
@@ -251,8 +278,7 @@ def build(cfg: DataConfig, out: str, rows: int, streams: int = 16, workers: int 
             **{k: (table["dtypes"][k], (table["positions"], *tail)) for k, tail in POSITION_FIELDS.items()},
             "patches": ("uint8", (table["patches"], table["patch_dim"])),
         }.items():
-            with open(tmp / f"{name}.bin", "wb") as f:
-                f.truncate(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            _allocate(tmp / f"{name}.bin", int(np.prod(shape)) * np.dtype(dtype).itemsize)
         np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(tmp / "doc_start.bin")
         firsts = np.cumsum([0] + [sum(ls) for _, ls, _ in sized])
         patch_firsts = np.cumsum([0] + [sum(p) for _, _, p in sized])
@@ -260,7 +286,6 @@ def build(cfg: DataConfig, out: str, rows: int, streams: int = 16, workers: int 
         done = _map(pool, build_stream, [(cfg, s, streams, rows, str(tmp)) for s in range(streams)])
     short = [d["stream"] for d in done if d["lengths"]["counts"] < rows]
     if short:
-        shutil.rmtree(tmp)
         raise DataError(f"streams {short} ended before {rows} rows (a one-pass source?)")
     meta = {
         "format": FORMAT,
@@ -273,8 +298,6 @@ def build(cfg: DataConfig, out: str, rows: int, streams: int = 16, workers: int 
         "counts": [d["counts"] for d in done],
     }
     (tmp / "rows.json").write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out)
-    meta["build_seconds"] = round(time.perf_counter() - t0, 1)
     return meta
 
 

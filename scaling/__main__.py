@@ -1,6 +1,7 @@
 """Scaling-law sweeps from a spec, and fits of any CSV of runs.
 
     python -m scaling plan   SPEC     # the cells: N, D, FLOPs (both conventions), batch split, LR, time; warnings
+    python -m scaling store  SPEC     # a spec whose cells read a row store (data.rows): build it, sized for them
     python -m scaling run    SPEC     # locally (CPU, or spread over this host's GPUs) or as SLURM arrays
                                      [--launch-for SECONDS]  # local: start no cell after that; rerun to go on
                                      [--reuse OTHER/results.csv]  # its rows of this spec's cells count as run
@@ -73,7 +74,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=["plan", "run", "fit", "report", "lrcheck", "time", "calibrate", "repeats"])
+    ap.add_argument(
+        "command", choices=["plan", "store", "run", "fit", "report", "lrcheck", "time", "calibrate", "repeats"]
+    )
     ap.add_argument("target", help="a sweep spec (YAML), or for `fit` a CSV of runs")
     ap.add_argument(
         "more",
@@ -201,9 +204,18 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {e}") from e
         if args.command == "plan":
             print_plan(spec, cells)
+        elif args.command == "store":
+            from scaling.rowstore import ensure
+
+            print(ensure(cells, spec.launcher.nproc))
         elif args.command == "run":
             for w in cells.warnings:
                 print(f"warning: {w}")
+            from scaling.rowstore import problem
+
+            why = problem(cells, spec.launcher.nproc)
+            if why:  # before any cell takes a slot
+                raise SystemExit(f"error: {why}; build it with `python -m scaling store {args.target}`")
             for source in args.reuse:
                 from scaling.results import adopt
 

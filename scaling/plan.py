@@ -293,8 +293,8 @@ def print_plan(spec: SweepSpec, p: Plan) -> None:
     if need:
         store, rows = need
         print(
-            f"row store {store}: each of its {STORE_STREAMS} streams must hold {rows} rows (`python -m data.rows "
-            f"{spec.base} {store} --rows {rows}`)"
+            f"row store {store}: each of its {STORE_STREAMS} streams must hold {rows} rows (`python -m scaling store "
+            "SPEC` builds it)"
         )
     for w in p.warnings:
         print(f"warning: {w}")

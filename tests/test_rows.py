@@ -107,6 +107,9 @@ def test_wrong_data_and_running_out_are_clear_errors(cfg, store, tmp_path):
     with pytest.raises(DataError, match="larger --rows"):
         next(loader)
     loader.close()
+    with pytest.raises(DataError, match="skipped"):  # nothing to read: the build fails and leaves nothing behind
+        build(replace(cfg, kinds=["chat"]), str(tmp_path / "none"), rows=4, streams=2, workers=1)
+    assert not list(tmp_path.glob("none*"))
     half = tmp_path / "half"  # what a build killed before its rename leaves under the final name: nothing
     (half / "s000").mkdir(parents=True)
     with pytest.raises(DataError, match="not a row store"):

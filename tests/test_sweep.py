@@ -591,3 +591,39 @@ def test_the_compile_gate_lets_a_shape_go_once_compiled_and_passes_a_failed_comp
     off = CompileGate(on=False)
     off.started(a, time.time())
     assert not off.blocked(b)
+
+
+def test_a_sweep_reads_the_row_store_it_builds_once(spec, tmp_path):
+    """Cells whose data section names a row store (`data.rows`): `run` refuses before any cell starts while the store
+    is missing or too small for the largest cell, `store` builds it sized for the plan (and again for a sweep that
+    needs more), and the cells train from its rows."""
+    from data.rows import RowStore
+    from scaling.plan import plan, store_rows
+    from scaling.spec import load_spec
+
+    store = tmp_path / "rows"
+    data = {"workers": 1, "seq_len": 32, "rows": str(store)}
+    overrides = yaml.safe_load(spec().read_text())["overrides"]
+    path = spec("stored.yaml", overrides={**overrides, "data": data})
+    result = sweep("run", path)
+    assert result.returncode != 0 and "not built" in result.stderr and "scaling store" in result.stderr
+    assert not (tmp_path / "sweep" / "results.csv").exists()
+    built = sweep("store", path)
+    assert built.returncode == 0 and "built" in built.stdout, built.stdout + built.stderr
+    need = store_rows(plan(load_spec(path)), 1)[1]
+    assert RowStore(store).rows_per_stream == need
+    assert "serves the sweep" in sweep("store", path).stdout  # built once
+    result = sweep("run", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    done = rows(tmp_path / "sweep")
+    assert len(done) == 4 and all(float(r["epochs_caption"]) > 0 for r in done)
+    for r in done:  # each cell read the store: its counts are the store's (samples per source, no kinds or skips)
+        cell = tmp_path / "sweep" / "cells" / r["key"]
+        assert yaml.safe_load((cell / "cell.yaml").read_text())["data"]["rows"] == str(store)
+        counts = json.loads((cell / "summary.json").read_text())["data_counts"]
+        assert counts["samples"] > 0 and not any(k.startswith("kind/") for k in counts)
+    longer = spec("longer.yaml", overrides={**overrides, "data": data}, tokens_per_param=[0.016])
+    result = sweep("run", longer, "--out", tmp_path / "longer")
+    assert result.returncode != 0 and f"holds {need} rows a stream" in result.stderr
+    assert "building it again" in sweep("store", longer).stdout
+    assert RowStore(store).rows_per_stream > need
