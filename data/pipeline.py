@@ -489,6 +489,10 @@ class StreamingLoader:
         self.last_pieces = meta["pieces"]
         return HandedBatch(handed.buffer, handed.layout)
 
+    def close(self) -> None:
+        """Stops the workers (they also stop with the loader's iterator when it is collected)."""
+        self._it = None
+
     def skip_counts(self) -> dict:
         """Counters summed over this rank's workers: samples read, kinds, skips by reason, bad shards."""
         total: Counter = Counter()

@@ -2,22 +2,24 @@
 
     python -m data.rows CONFIG OUT --rows N [--streams 16] [--workers 16] [--set KEY=VALUE ...]
 
-Why: a tiny model's step eats rows faster than the host can pack them. A depth-1 study cell's captured step takes
-about 26,000 rows of 512 a second; a loader worker makes about 5,000 (decode, layout and packing in Python, about
-0.18 ms of CPU a row), and on the H200's host sixteen independent workers together gave 16,128
+Why: a tiny model's step eats rows faster than the host can pack them. A depth-1 study cell's captured step eats
+about 72,000 rows of 512 a second on an H200; a loader worker makes about 5,000 (decode, layout and packing in
+Python, about 0.18 ms of CPU a row), and on the H200's host sixteen independent workers together gave 16,128
 (docs/study/STUDY.md). The rows of a study do not change from cell to cell (same data, seed and row length), so
 they are packed once, by the real pipeline (`data.pipeline.StreamWorker`), into a store that every cell reads: a
 batch is then a handful of vectorised gathers from memory-mapped arrays. This is the index Megatron and OLMo build
 over pre-tokenised documents (documents stored once, rows as lists of document ranges), made here by our own
 packer so a stored row is bit for bit the row the streaming loader would have made.
 
-The store (OUT): `rows.json` (the data fields the rows depend on, the streams, the rows per stream, the build's
-counts) and per stream s a directory sNNN holding each document it read once, as flat arrays over all its documents'
-positions (tokens, patch_mask, positions, targets, image_index, patch_no) and their patches, then its rows as pieces
-(document, start, end) and, per row, the samples read from each source so far (a run's epochs). Stream s is exactly
-stream s of S of the streaming pipeline; a run reads batch j (counted over all ranks) as `batch_size` consecutive
-rows of stream j mod S. Built under a temporary name and renamed when every stream is done: a build killed midway
-leaves nothing that reads as a store. The same config and S give the same bytes with any --workers.
+The store (OUT): `rows.json` (the data fields the rows depend on, the streams, the rows per stream, the table's
+sizes, the build's counts); one table of every usable training document, laid out once, as flat arrays over all
+their positions (tokens, patch_mask, positions, targets, image_index, patch_no), their patches, each document's
+first position and its sample key (`keys.json`); and per stream s a directory sNNN with its rows as pieces
+(document, start, end) of that table and, per row, the samples read from each source so far (a run's epochs).
+Stream s is exactly stream s of S of the streaming pipeline; a run reads batch j (counted over all ranks) as
+`batch_size` consecutive rows of stream j mod S. Built under a temporary name and renamed when every stream is
+done: a build killed midway leaves nothing that reads as a store, and a failed one removes what it wrote. The same
+config and S give the same bytes with any --workers.
 
 A run reads a store with `data.rows: OUT`; its data section must match the one the store was made from (sources
 by name and weight, tokenizer, seed, row length, image budget, position scheme), else it stops with a DataError.
@@ -302,7 +304,7 @@ def _build_into(cfg: DataConfig, tmp: Path, rows: int, streams: int, workers: in
 
 
 class RowStore:
-    """A built store, read through memory maps (opened lazily: each loader worker maps its own)."""
+    """A built store, read through memory maps (opened on first use; the gathering threads share them)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)

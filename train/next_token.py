@@ -175,5 +175,6 @@ class NextToken(Objective):
         }
 
     def close(self) -> None:
+        self.loader.close()
         if self.sample_log:
             self.sample_log.close()
