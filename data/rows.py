@@ -160,6 +160,18 @@ def _write_shard(cfg: DataConfig, source: SourceConfig, path: str, out: str, fir
     return n
 
 
+def _memmap(path: Path, dtype, shape: tuple, mode: str = "r") -> np.memmap:
+    """A store file as an array, refused with the store's own error when its size is not what the build wrote."""
+    want = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    got = path.stat().st_size if path.is_file() else None
+    if got != want:
+        raise DataError(
+            f"row store file {path} is {'missing' if got is None else f'{got:,} bytes'} where the build wrote "
+            f"{want:,}: the store is damaged; build it again"
+        )
+    return np.memmap(path, dtype=dtype, mode=mode, shape=shape)
+
+
 def _open_table(root: Path, meta: dict, mode: str = "r") -> dict:
     """The document table's memory maps: per position fields, patches, each document's first position."""
     shapes = {k: (meta["dtypes"][k], (meta["positions"], *tail)) for k, tail in POSITION_FIELDS.items()}
@@ -170,7 +182,7 @@ def _open_table(root: Path, meta: dict, mode: str = "r") -> dict:
         if 0 in shape:
             out[name] = np.zeros(shape, dtype=dtype)
         else:
-            out[name] = np.memmap(root / f"{name}.bin", dtype=dtype, mode=mode, shape=shape)
+            out[name] = _memmap(root / f"{name}.bin", dtype, shape, mode)
     return out
 
 
@@ -209,11 +221,15 @@ def data_config(path: str, sets: list[str] = ()) -> DataConfig:
     """The `data` section of a training config YAML (no `base` chain), with KEY=VALUE overrides of its fields."""
     tree = yaml.safe_load(Path(path).read_text()) or {}
     data = dict(tree.get("data", tree))
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
     for item in sets:
         key, _, value = item.partition("=")
-        if key.removeprefix("data.") not in {f.name for f in dataclasses.fields(DataConfig)}:
+        if key.removeprefix("data.") not in fields:
             raise SystemExit(f"--set {item}: DataConfig has no field {key!r}")
         data[key.removeprefix("data.")] = yaml.safe_load(value)
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise SystemExit(f"{path}: no `data` section, and {unknown} are not DataConfig fields")
     return DataConfig(**data)
 
 
@@ -230,6 +246,8 @@ def build(cfg: DataConfig, out: str, rows: int, streams: int = 16, workers: int 
     documents were stored 16 times over (50 GB and the H200 host's disk full before the build ended)."""
     import time
 
+    if rows < 1 or streams < 1:
+        raise ValueError(f"a row store needs at least one row and one stream (rows={rows}, streams={streams})")
     if Path(out).exists():
         raise FileExistsError(f"{out} exists; remove it to build the row store again")
     t0 = time.perf_counter()
@@ -337,7 +355,7 @@ class RowStore:
             d, n = self.root / f"s{stream:03d}", self.meta["lengths"][stream]
             shapes = {"pieces": (3,), "row_pieces": (), "counts": (len(self.meta["data"]["sources"]),)}
             own = {
-                name: np.memmap(d / f"{name}.bin", dtype=np.int64, mode="r", shape=(n[name], *tail))
+                name: _memmap(d / f"{name}.bin", np.int64, (n[name], *tail))
                 if n[name]
                 else np.zeros((0, *tail), dtype=np.int64)
                 for name, tail in shapes.items()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,14 @@ def test_wrong_data_and_running_out_are_clear_errors(cfg, store, tmp_path):
     with pytest.raises(DataError, match="skipped"):  # nothing to read: the build fails and leaves nothing behind
         build(replace(cfg, kinds=["chat"]), str(tmp_path / "none"), rows=4, streams=2, workers=1)
     assert not list(tmp_path.glob("none*"))
+    with pytest.raises(ValueError, match="at least one row"):
+        build(cfg, str(tmp_path / "zero"), rows=0, streams=2, workers=1)
+    damaged = tmp_path / "damaged"  # a copy with one stream's pieces cut short
+    shutil.copytree(store, damaged)
+    pieces = damaged / "s001" / "pieces.bin"
+    pieces.write_bytes(pieces.read_bytes()[:-8])
+    with pytest.raises(DataError, match="pieces.bin is .* bytes where the build wrote"):
+        RowStore(damaged).rows(1, 0, BATCH)
     half = tmp_path / "half"  # what a build killed before its rename leaves under the final name: nothing
     (half / "s000").mkdir(parents=True)
     with pytest.raises(DataError, match="not a row store"):
@@ -149,4 +158,7 @@ def test_the_cli_reads_a_configs_data_section(micro_config, tmp_path):
     assert cfg.sources == data_config(str(micro_config)).sources
     with pytest.raises(SystemExit, match="no field"):
         data_config(str(micro_config), ["seqlen=32"])
+    (tmp_path / "model.yaml").write_text("model: {depth: 2}\n")  # a config without a data section
+    with pytest.raises(SystemExit, match="not DataConfig fields"):
+        data_config(str(tmp_path / "model.yaml"))
     assert yaml.safe_load(Path(micro_config).read_text())["data"]["seq_len"] == 64
