@@ -205,9 +205,13 @@ def main(argv=None) -> int:
         if args.command == "plan":
             print_plan(spec, cells)
         elif args.command == "store":
+            from data.pipeline import DataError
             from scaling.rowstore import ensure
 
-            print(ensure(cells, spec.launcher.nproc))
+            try:
+                print(ensure(cells, spec.launcher.nproc))
+            except DataError as e:
+                raise SystemExit(f"error: {e}") from e
         elif args.command == "run":
             for w in cells.warnings:
                 print(f"warning: {w}")

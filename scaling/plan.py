@@ -289,9 +289,7 @@ def print_plan(spec: SweepSpec, p: Plan) -> None:
         "start-up); budgets in FLOPs as "
         f"{spec.flops_convention}" + (f"; up to {at_once} at once on SLURM" if at_once else "")
     )
-    need = store_rows(p, spec.launcher.nproc)
-    if need:
-        store, rows = need
+    for store, rows in store_rows(p, spec.launcher.nproc).items():
         print(
             f"row store {store}: each of its {STORE_STREAMS} streams must hold {rows} rows (`python -m scaling store "
             "SPEC` builds it)"
@@ -303,11 +301,13 @@ def print_plan(spec: SweepSpec, p: Plan) -> None:
 STORE_STREAMS = 16  # `python -m data.rows`'s default --streams
 
 
-def store_rows(p: Plan, nproc: int, streams: int = STORE_STREAMS) -> tuple[str, int] | None:
-    """(store, rows a stream) that the plan's cells reading a row store (`data.rows`) need: a cell's batches go
-    round the store's streams, `micro_rows` rows each (data.rows.batch_rows); None when no cell reads one."""
-    cells = [c for c in p.cells if c.config.get("data", {}).get("rows")]
-    if not cells:
-        return None
-    need = max(-(-(c.steps * c.grad_accum * nproc) // streams) * c.micro_rows for c in cells)
-    return cells[0].config["data"]["rows"], need
+def store_rows(p: Plan, nproc: int, streams: int = STORE_STREAMS) -> dict[str, int]:
+    """Rows a stream that each row store the plan's cells read (`data.rows`) must hold: a cell's batches go round
+    the store's streams, `micro_rows` rows each (data.rows.batch_rows); {} when no cell reads one."""
+    need: dict[str, int] = {}
+    for c in p.cells:
+        path = c.config.get("data", {}).get("rows")
+        if path:
+            rows = -(-(c.steps * c.grad_accum * nproc) // streams) * c.micro_rows
+            need[path] = max(need.get(path, 0), rows)
+    return need

@@ -610,7 +610,7 @@ def test_a_sweep_reads_the_row_store_it_builds_once(spec, tmp_path):
     assert not (tmp_path / "sweep" / "results.csv").exists()
     built = sweep("store", path)
     assert built.returncode == 0 and "built" in built.stdout, built.stdout + built.stderr
-    need = store_rows(plan(load_spec(path)), 1)[1]
+    need = store_rows(plan(load_spec(path)), 1)[str(store)]
     assert RowStore(store).rows_per_stream == need
     assert "serves the sweep" in sweep("store", path).stdout  # built once
     result = sweep("run", path)
@@ -626,4 +626,11 @@ def test_a_sweep_reads_the_row_store_it_builds_once(spec, tmp_path):
     result = sweep("run", longer, "--out", tmp_path / "longer")
     assert result.returncode != 0 and f"holds {need} rows a stream" in result.stderr
     assert "building it again" in sweep("store", longer).stdout
+    assert RowStore(store).rows_per_stream > need
+    # two recipes that read one store with different data: refused before anything is built or removed
+    mixed = spec("mixed.yaml", overrides={**overrides, "data": data}, recipes={"a": {}, "b": {"data": {"seed": 5}}})
+    for command in ("store", "run"):
+        result = sweep(command, mixed, "--out", tmp_path / "mixed")
+        assert result.returncode != 0 and "2 different data sections" in result.stderr
+        assert "Traceback" not in result.stderr
     assert RowStore(store).rows_per_stream > need
