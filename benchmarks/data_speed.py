@@ -201,8 +201,6 @@ def _mixture(data_dir: str, workers: int) -> DataConfig:
 def _study_mixture(data_dir: str, workers: int) -> DataConfig:
     """A study build (`python -m data.study`, raw or --prepared) read as configs/study.yaml reads it: that config's
     data section with its sources moved under DIR."""
-    import dataclasses
-
     from train.config import load_config
 
     data = load_config("configs/study.yaml", [f"data.tokenizer={data_dir}/tokenizer.model"]).data

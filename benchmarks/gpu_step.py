@@ -232,17 +232,14 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[
             for s in seeds
         ]
         return itertools.cycle([to_device(b) for b in cached])
-    from data.pipeline import StreamingLoader
     from data.rows import open_loader
 
     # The config's own mixture (caption / interleaved / text), read from data_dir.
     moved = [replace(s, shards=s.shards.replace("artifacts/data", data_dir)) for s in cfg.data.sources]
     data_cfg = replace(cfg.data, sources=moved, tokenizer=cfg.data.tokenizer.replace("artifacts/data", data_dir))
     sharing = "file_descriptor" if v["fd"] else "file_system"
-    if data_cfg.rows:  # a row store (`@data.rows=DIR`, `python -m data.rows`): rows gathered by threads
-        loader = open_loader(data_cfg, dist.get_rank(), dist.get_world_size(), pin_memory=True)
-    else:
-        loader = StreamingLoader(data_cfg, dist.get_rank(), dist.get_world_size(), pin_memory=True, sharing=sharing)
+    # the streaming loader, or with `@data.rows=DIR` a row store's (`python -m data.rows`: rows gathered by threads)
+    loader = open_loader(data_cfg, dist.get_rank(), dist.get_world_size(), pin_memory=True, sharing=sharing)
     if v["data"] == "cached":
         return itertools.cycle([to_device(next(loader)) for _ in range(8)])
 

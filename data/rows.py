@@ -35,6 +35,7 @@ import errno
 import json
 import os
 import shutil
+import time
 import zlib
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -46,19 +47,20 @@ import yaml
 
 from data.handoff import HandedBatch, pack
 from data.layout import IGNORE
-from data.packing import ImageTooLong, Packer, target_index
+from data.packing import ImageTooLong, Packer, Row, target_index
 from data.pipeline import DataConfig, DataError, SourceConfig, StreamingLoader, StreamWorker, read_shard
 from data.shards import resolve_shards
 from data.tokenizer import Tokenizer
 
 FORMAT = 1
+STREAMS = 16  # a store's streams unless --streams says otherwise
 # per position of a stream's documents: name -> trailing shape (the dtypes: `field_dtypes`)
 POSITION_FIELDS = {"tokens": (), "patch_mask": (), "positions": (3,), "targets": (), "image_index": (), "patch_no": ()}
 
 
 def field_dtypes(vocab_size: int, patches: int) -> dict[str, str]:
     """The narrowest types that hold each field: token ids and targets (IGNORE is -100) in 16 bits where the
-    vocabulary allows, image numbers in 16; `patch_no` indexes the stream's patches, -1 where no patch. A study
+    vocabulary allows, image numbers in 16; `patch_no` indexes the table's `patches`, -1 where no patch. A study
     store is mostly its patches; these save about a fifth of the rest."""
     ids = "int16" if vocab_size <= np.iinfo(np.int16).max else "int32"
     return {
@@ -67,7 +69,7 @@ def field_dtypes(vocab_size: int, patches: int) -> dict[str, str]:
         "positions": "int32",
         "targets": ids,
         "image_index": "int16",
-        "patch_no": "int32",
+        "patch_no": "int32" if patches <= np.iinfo(np.int32).max else "int64",
     }
 
 
@@ -92,7 +94,7 @@ class _PiecePacker(Packer):
 
     def _close(self) -> list:
         pieces = [(doc.meta["key"], s, e) for doc, s, e in self.row.pieces]
-        self.row = type(self.row)(self.seq_len)
+        self.row = Row(self.seq_len)
         return pieces
 
 
@@ -237,15 +239,13 @@ def _map(pool, fn, args: list[tuple]) -> list:
     return list(pool.map(fn, *zip(*args, strict=True))) if pool else [fn(*a) for a in args]
 
 
-def build(cfg: DataConfig, out: str, rows: int, streams: int = 16, workers: int = 16) -> dict:
+def build(cfg: DataConfig, out: str, rows: int, streams: int = STREAMS, workers: int = 16) -> dict:
     """Writes the store; returns its rows.json. Refuses an existing OUT (a store is never half-replaced).
 
     First every training shard's documents, each laid out once into one table (two passes over the shards, in
     parallel: sizes, then the arrays at their offsets); then each stream's rows as pieces of that table. A stream
     meets the same documents again in later epochs, and other streams meet them too: stored per stream, a study's
     documents were stored 16 times over (50 GB and the H200 host's disk full before the build ended)."""
-    import time
-
     if rows < 1 or streams < 1:
         raise ValueError(f"a row store needs at least one row and one stream (rows={rows}, streams={streams})")
     if Path(out).exists():
@@ -372,8 +372,8 @@ class RowStore:
                 f"(rows {first}..{first + n} of stream {stream}): build it with a larger --rows"
             )
         m, T = self._map(stream), self.meta["data"]["seq_len"]
-        po = np.asarray(m["row_pieces"][first : first + n + 1])
-        pieces = np.asarray(m["pieces"][po[0] : po[-1]])
+        po = m["row_pieces"][first : first + n + 1]
+        pieces = m["pieces"][po[0] : po[-1]]
         per_row = np.diff(po)
         row_of = np.repeat(np.arange(n), per_row)
         lens = pieces[:, 2] - pieces[:, 1]
@@ -381,7 +381,7 @@ class RowStore:
         # segments in row order: each row's pieces, then its padding
         seg_row = np.concatenate([row_of, np.arange(n)])
         seg_len = np.concatenate([lens, pad])
-        seg_src = np.concatenate([np.asarray(m["doc_start"])[pieces[:, 0]] + pieces[:, 1], np.zeros(n, np.int64)])
+        seg_src = np.concatenate([m["doc_start"][pieces[:, 0]] + pieces[:, 1], np.zeros(n, np.int64)])
         seg_pad = np.concatenate([np.zeros(len(lens), bool), np.ones(n, bool)])
         order = np.argsort(seg_row * 2 + seg_pad, kind="stable")
         seg_row, seg_len, seg_src, seg_pad = seg_row[order], seg_len[order], seg_src[order], seg_pad[order]
@@ -442,6 +442,11 @@ class RowStore:
 def batch_rows(index: int, streams: int, batch_size: int) -> tuple[int, int]:
     """(stream, first row) of the run's batch `index`, counted over all ranks: batches go round the streams."""
     return index % streams, (index // streams) * batch_size
+
+
+def rows_needed(batches: int, streams: int, batch_size: int) -> int:
+    """Rows a stream must hold for a run of `batches` batches over all ranks (the inverse of `batch_rows`)."""
+    return -(-batches // streams) * batch_size
 
 
 class RowLoader:
@@ -531,13 +536,16 @@ class RowLoader:
         }
 
 
-def open_loader(cfg: DataConfig, rank: int = 0, world: int = 1, state: dict | None = None, pin_memory=False):
-    """The training loader a data config asks for: the row store's when `data.rows` names one, else streaming."""
+def open_loader(
+    cfg: DataConfig, rank: int = 0, world: int = 1, state: dict | None = None, pin_memory=False, **streaming
+):
+    """The training loader a data config asks for: the row store's when `data.rows` names one, else streaming
+    (`streaming`: StreamingLoader's own options, e.g. `sharing`)."""
     if cfg.rows:
         return RowLoader(cfg, rank, world, state, pin_memory)
     if state is not None and state.get("kind") == "rows":
         raise DataError("the checkpoint's data state is a row store's; set data.rows to the store it read")
-    return StreamingLoader(cfg, rank, world, state, pin_memory=pin_memory)
+    return StreamingLoader(cfg, rank, world, state, pin_memory=pin_memory, **streaming)
 
 
 def main(argv=None):
@@ -545,7 +553,7 @@ def main(argv=None):
     p.add_argument("config", help="a training config YAML (its data section) or a YAML of the data section alone")
     p.add_argument("out")
     p.add_argument("--rows", type=int, required=True, help="rows a stream (a run reads B rows of one stream a batch)")
-    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--streams", type=int, default=STREAMS)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE over the data section (YAML value)")
     a = p.parse_args(argv)

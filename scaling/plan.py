@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from data.rows import STREAMS, rows_needed
 from model import flops_per_token, matmul_params, param_count
 from scaling.conventions import CostModel
 from scaling.hparams import split_rows
@@ -291,23 +292,20 @@ def print_plan(spec: SweepSpec, p: Plan) -> None:
     )
     for store, rows in store_rows(p, spec.launcher.nproc).items():
         print(
-            f"row store {store}: each of its {STORE_STREAMS} streams must hold {rows} rows (`python -m scaling store "
+            f"row store {store}: each of its {STREAMS} streams must hold {rows} rows (`python -m scaling store "
             "SPEC` builds it)"
         )
     for w in p.warnings:
         print(f"warning: {w}")
 
 
-STORE_STREAMS = 16  # `python -m data.rows`'s default --streams
-
-
-def store_rows(p: Plan, nproc: int, streams: int = STORE_STREAMS) -> dict[str, int]:
-    """Rows a stream that each row store the plan's cells read (`data.rows`) must hold: a cell's batches go round
-    the store's streams, `micro_rows` rows each (data.rows.batch_rows); {} when no cell reads one."""
+def store_rows(p: Plan, nproc: int, streams: int = STREAMS) -> dict[str, int]:
+    """Rows a stream that each row store the plan's cells read (`data.rows`) must hold: the largest of its cells'
+    `steps x grad_accum x nproc` batches of `micro_rows` (data.rows.rows_needed); {} when no cell reads one."""
     need: dict[str, int] = {}
     for c in p.cells:
         path = c.config.get("data", {}).get("rows")
         if path:
-            rows = -(-(c.steps * c.grad_accum * nproc) // streams) * c.micro_rows
+            rows = rows_needed(c.steps * c.grad_accum * nproc, streams, c.micro_rows)
             need[path] = max(need.get(path, 0), rows)
     return need

@@ -17,18 +17,20 @@ import shutil
 from pathlib import Path
 
 from data.pipeline import DataConfig, DataError
-from data.rows import RowStore, build, recipe
+from data.rows import STREAMS, RowStore, build, recipe
 from data.tokenizer import Tokenizer
-from scaling.plan import STORE_STREAMS, Plan, store_rows
+from scaling.plan import Plan, store_rows
 
 
 def _data(p: Plan, path: str) -> DataConfig:
     """The data section the cells reading `path` share; an error when they do not share one."""
-    sections = {}
+    sections, tokenizers = {}, {}  # each tokenizer read once, not once a cell
     for c in p.cells:
         if c.config.get("data", {}).get("rows") == path:
             cfg = DataConfig(**c.config["data"])
-            sections.setdefault(json.dumps(recipe(cfg, Tokenizer(cfg.tokenizer).model_bytes), sort_keys=True), cfg)
+            if cfg.tokenizer not in tokenizers:
+                tokenizers[cfg.tokenizer] = Tokenizer(cfg.tokenizer).model_bytes
+            sections.setdefault(json.dumps(recipe(cfg, tokenizers[cfg.tokenizer]), sort_keys=True), cfg)
     if len(sections) > 1:
         raise DataError(
             f"the sweep's cells read the row store {path} with {len(sections)} different data sections; a store "
@@ -70,7 +72,7 @@ def ensure(p: Plan, nproc: int, workers: int | None = None) -> str:
         if Path(path).exists():
             print(f"{why}: building it again")
             shutil.rmtree(path)
-        meta = build(data, path, rows, STORE_STREAMS, workers or os.cpu_count() or 1)
+        meta = build(data, path, rows, STREAMS, workers or os.cpu_count() or 1)
         docs, seconds = meta["table"]["documents"], meta["build_seconds"]
-        said.append(f"built {path}: {STORE_STREAMS} streams x {rows:,} rows over {docs:,} documents, {seconds} s")
+        said.append(f"built {path}: {STREAMS} streams x {rows:,} rows over {docs:,} documents, {seconds} s")
     return "\n".join(said)

@@ -14,7 +14,7 @@ import time
 
 from data.handoff import to_device
 from data.pipeline import DataError, source_samples
-from data.rows import open_loader
+from data.rows import open_loader, rows_needed
 from model import IGNORE, flops_per_token, param_count
 from train.engine import engine_kind, step_clip
 from train.evaluate import validate
@@ -47,7 +47,7 @@ class NextToken(Objective):
             raise DataError(
                 f"the row store {cfg.data.rows} holds {self.loader.capacity()} batches of {self.B} rows for rank "
                 f"{rank}; {cfg.steps} steps x {self.G} micro-batches need {cfg.steps * self.G}: build it with "
-                f"--rows {self._rows_needed(cfg, world)} or more"
+                f"--rows {rows_needed(cfg.steps * self.G * world, self.loader.store.streams, self.B)} or more"
             )
         self.tokens_per_step = world * self.G * self.B * self.T
         self.fpt, self.fpt_6n = flops_per_token(mc, self.T), flops_per_token(mc, self.T, attention=False)
@@ -60,11 +60,6 @@ class NextToken(Objective):
         self.profiler = StepProfiler(cfg.logging.profile, run, device, rank)
         self.window_steps, self.window_t0, self.head_rows = 0, time.perf_counter(), 0
         self.last_loss = None  # the latest logged training loss, for the summary
-
-    def _rows_needed(self, cfg, world: int) -> int:
-        """Rows a stream of the store must hold for this run: its batches go round the store's streams."""
-        batches = cfg.steps * self.G * world
-        return -(-batches // self.loader.store.streams) * self.B
 
     def banner(self) -> str:
         cfg, mc = self.cfg, self.cfg.model
