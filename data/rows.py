@@ -3,13 +3,13 @@
     python -m data.rows CONFIG OUT --rows N [--streams 16] [--workers 16] [--set KEY=VALUE ...]
 
 Why: a tiny model's step eats rows faster than the host can pack them. A depth-1 study cell's captured step eats
-about 72,000 rows of 512 a second on an H200; a loader worker makes about 5,000 (decode, layout and packing in
-Python, about 0.18 ms of CPU a row), and on the H200's host sixteen independent workers together gave 16,128
-(docs/study/STUDY.md). The rows of a study do not change from cell to cell (same data, seed and row length), so
-they are packed once, by the real pipeline (`data.pipeline.StreamWorker`), into a store that every cell reads: a
-batch is then a handful of vectorised gathers from memory-mapped arrays. This is the index Megatron and OLMo build
-over pre-tokenised documents (documents stored once, rows as lists of document ranges), made here by our own
-packer so a stored row is bit for bit the row the streaming loader would have made.
+about 72,000 rows of 512 a second on an H200; on that GPU's host one loader worker packs about 3,300 a second
+(reading, layout and packing in Python) and sixteen independent workers together 16,128 (docs/study/STUDY.md,
+docs/perf/host_cores_h200.json). The rows of a study do not change from cell to cell (same data, seed and row
+length), so they are packed once, by the real pipeline (`data.pipeline.StreamWorker`), into a store that every cell
+reads: a batch is then a handful of vectorised gathers from memory-mapped arrays. This is the index Megatron and
+OLMo build over pre-tokenised documents (documents stored once, rows as lists of document ranges), made here by our
+own packer so a stored row is bit for bit the row the streaming loader would have made.
 
 The store (OUT): `rows.json` (the data fields the rows depend on, the streams, the rows per stream, the table's
 sizes, the build's counts); one table of every usable training document, laid out once, as flat arrays over all

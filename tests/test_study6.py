@@ -71,6 +71,12 @@ def test_the_step_table_from_the_row_store():
     assert f"{', '.join(rates[:-1])} and {rates[-1]} rows a second inline and with 1-4 threads" in said()
 
 
+def test_the_bound_it_lifts_is_the_committed_cpu_time_a_row():
+    rows = json.loads((PERF / "host_cores2_h200.json").read_text())["default"]
+    at = {r["processes"]: r["user_ms_per_row"] for r in rows}
+    assert f"{at[4]:.3f} ms of user CPU a row with 4 processes on the H200's host and {at[16]:.3f} with 16" in said()
+
+
 def test_the_stores_build_as_logged():
     for run, rows in (("study6", 88256), ("study6-check", 70912)):
         log = (STUDY / run / "rows.log").read_text()
