@@ -37,22 +37,35 @@ class Rotary(torch.nn.Module):
         return cos.unsqueeze(2), sin.unsqueeze(2)
 
 
-@torch.library.custom_op("fusion::rotary_tables", mutates_args=())
-def rotary_tables(
-    positions: torch.Tensor, inv_freq: torch.Tensor, component: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the angles, (B, T, pairs) each, computed once a forward. An op inductor cannot see into, on
-    purpose: written inline, a compiled forward recomputed the gather, the multiply and the cos and sin inside every
-    layer's query and key kernels, forwards and backwards (cheap pointwise work, by inductor's rule), which at the
-    study's heads of 16 made those kernels among the step's largest (docs/perf/study_step4_profile_d8_h200.txt)."""
-    angles = positions.index_select(-1, component).float() * inv_freq.float()  # float32, as the fake says
-    return angles.cos(), angles.sin()
+def _rotary_tables_op():
+    """`rotary_tables`, defined once a process. An HF export inlines this file into its own module
+    (train/hf/export.py); loaded beside the package, a second definition took the op over with the copy's functions,
+    which the package's op went on calling after they were collected (a segfault in tests/test_hf.py, fresh-clone
+    CI). A second copy uses the op already there: the same code."""
+    if hasattr(torch.ops.fusion, "rotary_tables"):
+        return torch.ops.fusion.rotary_tables
+
+    @torch.library.custom_op("fusion::rotary_tables", mutates_args=())
+    def rotary_tables(
+        positions: torch.Tensor, inv_freq: torch.Tensor, component: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the angles, (B, T, pairs) each, computed once a forward. An op inductor cannot see into,
+        on purpose: written inline, a compiled forward recomputed the gather, the multiply and the cos and sin inside
+        every layer's query and key kernels, forwards and backwards (cheap pointwise work, by inductor's rule), which
+        at the study's heads of 16 made those kernels among the step's largest
+        (docs/perf/study_step4_profile_d8_h200.txt)."""
+        angles = positions.index_select(-1, component).float() * inv_freq.float()  # float32, as the fake says
+        return angles.cos(), angles.sin()
+
+    @rotary_tables.register_fake
+    def _(positions, inv_freq, component):
+        shape = (*positions.shape[:-1], inv_freq.shape[0])
+        return positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32)
+
+    return rotary_tables
 
 
-@rotary_tables.register_fake
-def _(positions, inv_freq, component):
-    shape = (*positions.shape[:-1], inv_freq.shape[0])
-    return positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32)
+rotary_tables = _rotary_tables_op()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SPECIAL, VOCAB, packed_batch
+from conftest import REPO, SPECIAL, VOCAB, packed_batch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -291,6 +291,35 @@ def test_interleaved_mrope_gives_every_image_axis_high_frequencies(tiny_cfg):
     for bad in ({"position_scheme": "rope1d"}, {"mrope_sections": (2, 3, 3)}):
         with pytest.raises(ConfigError, match="mrope_interleaved"):
             with_(tiny_cfg, mrope_interleaved=True, **bad).validate()
+
+
+def test_a_second_copy_of_the_rope_module_uses_the_packages_op():
+    """An HF export inlines model/rope.py into its own module (train/hf/export.py). Loaded in a process that has the
+    package, the copy must not define fusion::rotary_tables again: that handed the op to the copy's functions, which
+    the package's op then called after the copy was collected (a segfault in tests/test_hf.py)."""
+    import gc
+    import sys
+    import types
+
+    from model import rope
+
+    copy = types.ModuleType("rope_copy")
+    sys.modules["rope_copy"] = copy
+    try:
+        exec(compile((REPO / "model" / "rope.py").read_text(), "rope_copy", "exec"), copy.__dict__)  # noqa: S102
+        assert copy.rotary_tables is torch.ops.fusion.rotary_tables  # not a second definition
+        assert rope.rotary_tables is not copy.rotary_tables
+        positions = torch.arange(12).reshape(1, 4, 3)
+        inv_freq, component = torch.rand(6), torch.tensor([0, 0, 1, 1, 2, 2])
+        want = rope.rotary_tables(positions, inv_freq, component)
+        got = copy.rotary_tables(positions, inv_freq, component)
+    finally:
+        del sys.modules["rope_copy"]
+    del copy
+    gc.collect()
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    again = rope.rotary_tables(positions, inv_freq, component)  # the package's op, the copy gone
+    assert all(torch.equal(a, b) for a, b in zip(want, again, strict=True))
 
 
 def test_a_compiled_forward_computes_the_rotary_tables_once(tiny_cfg):
