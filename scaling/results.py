@@ -168,13 +168,15 @@ def adopt(out: str | Path, cells: list[Cell], source: str | Path) -> int:
     """Copy into OUT/results.csv the rows of another sweep's results CSV whose key is one of `cells` (the same
     training config, so the same run: an LR check's factor-1 cells are its study's own), under this sweep's recipe
     name and with `reused_from` naming the source (their device time was spent in that sweep: `scaling time` leaves
-    them out); they count as finished from then on. Returns how many rows were copied."""
+    them out); they count as finished from then on. A row the source itself reused keeps the name of the sweep that
+    trained it. Returns how many rows were copied."""
     by_key = {c.key: c for c in cells if not c.is_trunk}
     with open(source, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("key") in by_key]
     path = Path(out) / "results.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return append_rows(path, [{**r, "recipe": by_key[r["key"]].recipe, "reused_from": str(source)} for r in rows])
+    named = [{**r, "recipe": by_key[r["key"]].recipe, "reused_from": r.get("reused_from") or str(source)} for r in rows]
+    return append_rows(path, named)
 
 
 def loss_columns(out: str | Path) -> list[str]:

@@ -8,16 +8,30 @@ import json
 import re
 import statistics
 
+import pytest
+import studydoc
 from conftest import REPO
-from studydoc import csv_rows, flat
+from studydoc import csv_rows, flat, row, table_rows
+
+from scaling.paired import paired_difference
+from scaling.runs import read_runs
 
 STUDY = REPO / "docs" / "study"
 DOC = STUDY / "STUDY.md"
+RUN = STUDY / "study6"
+DOC6 = RUN / "STUDY.md"
+POOLED = [STUDY / "study5" / "results.csv", STUDY / "study5-again" / "results.csv", RUN / "results.csv"]
+LOSSES = ("loss", "loss_caption", "loss_caption_heldout", "loss_qa", "loss_text")
+RECIPES = ("bidirectional", "causal")
 PERF = REPO / "docs" / "perf"
 
 
 def said() -> str:
     return flat(DOC)
+
+
+def said6() -> str:
+    return flat(DOC6)
 
 
 def test_the_step_table_from_the_row_store():
@@ -100,9 +114,11 @@ def _by_cell(path, trained_only=False) -> dict:
 def test_the_sixth_design_against_the_fifth_cell_by_cell():
     check = _by_cell(STUDY / "study6-check" / "results.csv")
     full = csv_rows(STUDY / "study6" / "results.csv")
-    new = {**check, **_by_cell(STUDY / "study6" / "results.csv", trained_only=True)}
-    assert len(check) == 20 and len(full) == len(new) == 30
+    new = _by_cell(STUDY / "study6" / "results.csv")
+    assert len(check) == 20 and len(full) == len(new) == 40
     assert sum(bool(r.get("reused_from")) for r in full) == 20
+    for k, r in check.items():  # the check's rows are the design's own, named as reused from it
+        assert {**r, "reused_from": "docs/study/study6-check/results.csv"} == new[k]
     first, again = _by_cell(STUDY / "study5" / "results.csv"), _by_cell(STUDY / "study5-again" / "results.csv")
     for k, r in new.items():  # the same cells: sizes, budgets, learning rates and steps
         assert (r["steps"], r["lr"], r["rows"]) == (first[k]["steps"], first[k]["lr"], first[k]["rows"])
@@ -110,19 +126,23 @@ def test_the_sixth_design_against_the_fifth_cell_by_cell():
     def median_abs(a, b):
         return statistics.median(abs(float(a[k]["loss"]) - float(b[k]["loss"])) for k in new)
 
-    assert (
-        f"the median absolute difference in final loss is {median_abs(new, first):.4f} from the first run and "
-        f"{median_abs(new, again):.4f} from the second, where the two runs of the fifth design differ from each other "
-        f"by {median_abs(again, first):.4f}"
-    ) in said()
-
     def cell_time(rows, keys):
         return sum(float(rows[k]["train_s"]) for k in keys)
 
+    d1, d2, d12 = median_abs(new, first), median_abs(new, again), median_abs(again, first)
     assert (
-        f"is {cell_time(new, new):,.0f} s against {cell_time(first, new):,.0f} s and {cell_time(again, new):,.0f} s"
-        in said()
-    )
+        f"the median absolute difference in final loss is {d1:.4f} from the first run and {d2:.4f} from the second, "
+        f"where the two runs of the fifth design differ from each other by {d12:.4f}"
+    ) in said()
+    assert (
+        f"the median absolute difference in final loss is {d1:.4f} from the fifth design's first run and {d2:.4f} "
+        f"from its second, where those two runs differ from each other by {d12:.4f}"
+    ) in said6()
+    times = f"{cell_time(new, new):,.0f} s against {cell_time(first, new):,.0f} s and {cell_time(again, new):,.0f} s"
+    assert times in said() and f"**{times}**" in said6()
+    ratios = [cell_time(first, new) / cell_time(new, new), cell_time(again, new) / cell_time(new, new)]
+    assert f"{ratios[0]:.2f}x and {ratios[1]:.2f}x less" in said6()
+    assert f"in {min(ratios):.1f}-{max(ratios):.1f}x less cell time" in said()
     assert (
         f"these 20 cells trained for {cell_time(check, check):,.0f} s summed over cells, the fifth design's same 20 "
         f"for {cell_time(again, check):,.0f} s in its second run" in said()
@@ -137,3 +157,190 @@ def test_the_sixth_design_against_the_fifth_cell_by_cell():
     log = (STUDY / "study6" / "sweep.log").read_text()
     assert log.count("\nfinished ") == 10 and log.count("\ninterrupted ") == 8 and "2 not started" in log
     assert "10 more cells finished, 8 were stopped at a checkpoint" in said() and "2 did not start" in said()
+
+
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    return studydoc.committed_fit(RUN)
+
+
+def test_the_sixth_designs_laws_are_its_fit(tmp_path, committed):
+    """The law table is the committed fit.json's, whose overall-loss points the repo's fitter gives again from the
+    CSV; the prose's figures are the fit's and the CSV's."""
+    table = table_rows(DOC6, set(LOSSES), 10)
+    assert len(table) == 10
+    studydoc.check_law_cells(table, committed, studydoc.refit(RUN, tmp_path, ("loss",)))
+    for (col, recipe), cells in table.items():
+        fit = committed[col][recipe]
+        f3 = fit["approach3"]
+        which = f3["message"].split(":")[0].removeprefix("the 95% interval of ")
+        assert cells[5] == ("yes" if f3["converged"] else f"**no** ({which})"), (col, recipe)
+        assert cells[6] == f"{100 * f3['bootstrap_flagged_share']:.0f}%"
+        assert cells[7] == f"{100 * fit['held_out']['mean_rel_error']:.1f}%"
+    overall = [committed["loss"][r] for r in RECIPES]
+    assert all(x["approach3"]["converged"] for x in overall)
+    flagged = [f"{100 * x['approach3']['bootstrap_flagged_share']:.0f}%" for x in overall]
+    errors = [f"{100 * x['held_out']['mean_rel_error']:.1f}%" for x in overall]
+    assert f"{flagged[0]} and {flagged[1]} of 300 bootstrap refits flagged" in said6()
+    assert f"predicted to {errors[0]} and {errors[1]} when held out" in said6()
+    text_e = [committed["loss_text"][r]["approach3"]["E"] for r in RECIPES]
+    above = [f"{100 * (e / 1.7269 - 1):.1f}%" for e in text_e]
+    assert f"{above[0]} and {above[1]} above the generator's 1.7269" in said6()
+    caption_e = [committed[c][r]["approach3"]["E"] for c in ("loss_caption", "loss_caption_heldout") for r in RECIPES]
+    assert f"Their E ({min(caption_e):.3f}-{max(caption_e):.3f}) lies below" in said6()
+    cells = csv_rows(RUN / "results.csv")
+    best_caption = min(float(r["loss_caption"]) for r in cells)
+    above_floor = f"{100 * (best_caption / 0.0913 - 1):.0f}% above"
+    assert f"The best caption cell reached {best_caption:.4f}, {above_floor}" in said6()
+    assert f"The best text cell reached {min(float(r['loss_text']) for r in cells):.4f}" in said6()
+    epochs = max(float(r[f"epochs_{s}"]) for r in cells for s in ("caption", "qa", "text"))
+    assert f"more than {epochs:.2f} times" in said6()
+
+    def caption(budget):
+        return sorted(float(r["loss_caption"]) for r in cells if r["budget"] == f"flops={budget}")
+
+    low, high = caption("1e+14"), caption("3.2e+15")
+    assert f"({low[0]:.2f}-{low[-1]:.2f} across the 1e14 cells, {high[0]:.3f}-{high[-1]:.3f} across the 3.2e15" in (
+        said6()
+    )
+
+
+def test_approach_two_and_the_compute_optimal_sizes(committed):
+    table = table_rows(DOC6, {"loss", "loss_caption", "loss_text"}, 6)
+    assert len(table) == 6
+    for (col, recipe), cells in table.items():
+        fit = committed[col][recipe]
+        a2 = fit["approach2"]
+        lo, hi = a2["interval"]["N_exponent"]
+        assert cells == [
+            f"{fit['compute_optimal']['N_exponent']:.3f}",
+            f"{a2['N_exponent']:.3f} [{lo:.3f}, {hi:.3f}]",
+            f"{a2['budgets'] - len(a2['rejected'])} of {a2['budgets']}",
+            f"{100 * a2['bootstrap_fallback_share']:.0f}%",
+        ]
+        assert lo <= fit["compute_optimal"]["N_exponent"] <= hi  # "agree within approach 2's interval everywhere"
+    for budget in ("1e14", "3e14", "1e15", "3.2e15", "3.2e16"):
+        cells = row(DOC6, budget)
+        for recipe, pair in zip(RECIPES, (cells[:2], cells[2:4]), strict=True):
+            assert tuple(pair) == studydoc.optimal_cells(committed, recipe, budget), (budget, recipe)
+
+
+def _multiplier(m: dict) -> str:
+    return f"{m['multiplier']:.3g}x"
+
+
+def test_the_verdict_is_the_fits_multiplier_and_the_cells(committed):
+    m = committed["loss"]["bidirectional"]["compute_multiplier_vs_causal"]
+    assert m[0]["from_converged_fits"] and m[1]["target_flops"] == pytest.approx(10 * m[0]["target_flops"])
+    lo, hi = m[0]["interval"]
+    assert lo < 1 < hi
+    assert (
+        f"**bidirectional needs {_multiplier(m[0])} less compute than causal for causal's loss at 3.2e15 FLOPs** "
+        f"(95% interval [{lo:.3g}, {hi:.3g}]; {100 * m[0]['share_never']:.0f}% of 300 resamples never reach the "
+        f"target) and {_multiplier(m[1])} at 3.2e16, extrapolated (at most {m[1]['interval'][1]:.3g}x; "
+        f"{100 * m[1]['share_never']:.0f}% never reach it)" in said6()
+    )
+    assert f"needs **{_multiplier(m[0])}** less compute than causal" in said6()
+    cheaper = f"causal about {1 / m[0]['multiplier']:.1f}x cheaper"
+    assert f"(95% interval [{lo:.3g}, {hi:.3g}]), that is, {cheaper}" in said6()
+    assert f"bidirectional {_multiplier(m[0])} [{lo:.3g}, {hi:.3g}]" in said()
+    qa = committed["loss_qa"]["bidirectional"]["compute_multiplier_vs_causal"][0]
+    assert qa["from_converged_fits"]
+    assert f"QA {_multiplier(qa)} (at most {qa['interval'][1]:.3g}x; {100 * qa['share_never']:.0f}% never" in said6()
+    for col in ("loss_caption", "loss_text"):  # resting on fits that did not converge: not quoted
+        assert not committed[col]["bidirectional"]["compute_multiplier_vs_causal"][0]["from_converged_fits"]
+    cols = ["loss", "loss_caption", "loss_qa", "loss_text"]
+    data = read_runs(RUN / "results.csv", cols, "recipe", flops="6n+attn")
+    for col, name in zip(cols, ("overall **", "caption ", "QA ", "text "), strict=True):
+        p = paired_difference(data, col, "bidirectional", "causal", bootstrap=300, seed=0, level=0.95)
+        text = f"{name}{p['mean']:+.4f} [{p['interval'][0]:+.4f}, {p['interval'][1]:+.4f}]"
+        assert text.replace("**", "") in said6().replace("**", ""), text
+        if col == "loss":
+            assert p["cells"] == 20 and p["interval"][0] < 0 < p["interval"][1]
+            big = p["largest_budget"]
+            assert f"(causal lower in {p['lower_in']}), {big['mean']:+.4f} at 3.2e15 (causal lower in " in said6()
+            assert f"{big['lower_in']} of {big['cells']})" in said6()
+
+
+def test_three_runs_of_every_cell_fitted_together(tmp_path):
+    """The pooled fit reads the three CSVs; its table, verdict and cell-by-cell difference (each cell at the mean of
+    its runs) are what the committed fit.json and the CSVs give, and the fitter gives its overall points again."""
+    pooled = studydoc.committed_fit(STUDY / "study5-6")
+    fit = json.loads((STUDY / "study5-6" / "fit" / "fit.json").read_text())
+    assert fit["runs"] == 120 and fit["csv"] == [str(p).removeprefix(str(REPO) + "/") for p in POOLED]
+    labels = {f"three runs: {col}, {r}" for col in LOSSES for r in RECIPES}
+    table = table_rows(DOC6, labels, 9)
+    assert len(table) == 10
+    converged = 0
+    for (label, e_cell), cells in table.items():
+        col, recipe = label.removeprefix("three runs: ").split(", ")
+        x = pooled[col][recipe]
+        f3, interval = x["approach3"], x["approach3"]["interval"]
+        optimal = next(v for k, v in x["compute_optimal"].items() if k.startswith("3.2e+15"))
+        a2 = x["approach2"]
+        assert [e_cell, *cells] == [
+            *(f"{f3[k]:.3g} [{interval[k][0]:.3g}, {interval[k][1]:.3g}]" for k in ("E", "alpha", "beta")),
+            "yes" if f3["converged"] else "no",
+            f"{100 * x['held_out']['mean_rel_error']:.1f}%",
+            f"{optimal['N']:.3g}",
+            f"{optimal['tokens_per_param']:.0f}",
+            f"{a2['N_exponent']:.3g} [{a2['interval']['N_exponent'][0]:.3g}, {a2['interval']['N_exponent'][1]:.3g}]",
+        ], label
+        converged += f3["converged"]
+    assert converged == 9 and "Nine of ten laws converge" in said6()
+    m = pooled["loss"]["bidirectional"]["compute_multiplier_vs_causal"]
+    lo, hi = m[0]["interval"]
+    assert m[0]["from_converged_fits"] and lo < 1 < hi
+    assert (
+        f"**Bidirectional needs {_multiplier(m[0])} less compute than causal for causal's loss at 3.2e15** (95% "
+        f"interval [{lo:.3g}, {hi:.3g}], {100 * m[0]['share_never']:.0f}% of resamples never reach it), "
+        f"{_multiplier(m[1])} at 3.2e16 extrapolated (at most {m[1]['interval'][1]:.3g}x; "
+        f"{100 * m[1]['share_never']:.0f}% never reach)" in said6()
+    )
+    assert f"**bidirectional {_multiplier(m[0])} [{lo:.3g}, {hi:.3g}]** at 3.2e15" in said6()
+    assert f"causal is at most {1 / lo:.1f}x cheaper and bidirectional at most {hi:.2f}x cheaper" in said6()
+    assert f"the point estimate leans causal by {1 / m[0]['multiplier']:.1f}x" in said6()
+    data = read_runs(POOLED, ["loss"], "recipe", flops="6n+attn")
+    p = paired_difference(data, "loss", "bidirectional", "causal", bootstrap=300, seed=0, level=0.95)
+    text = f"{p['mean']:+.4f} [{p['interval'][0]:+.4f}, {p['interval'][1]:+.4f}]"
+    assert p["cells"] == 20 and f"**{text}** over the 20 cells (causal lower in {p['lower_in']})" in said6()
+    assert f"{p['largest_budget']['mean']:+.4f} at 3.2e15" in said6()
+    assert f"within {max(map(abs, p['interval'])):.3f} of each other in loss" in said6()
+    assert f"causal minus bidirectional {text} cell by cell" in said()
+    refitted = studydoc.refit_csvs(POOLED, tmp_path, ("loss",))
+    for recipe in RECIPES:
+        for name in ("E", "alpha", "beta"):
+            got = refitted["loss"][recipe]["approach3"][name]
+            assert got == pytest.approx(pooled["loss"][recipe]["approach3"][name], rel=6e-4)
+
+
+def test_the_time_table_is_the_time_files():
+    for label, run in (("the check (`study6-check/time.md`)", "study6-check"), ("the two calls after it", "study6")):
+        md = (STUDY / run / "time.md").read_text()
+        wall = re.search(r"wall time of \d driver run\(s\) \| (\d+)", md)[1]
+        cells, share = re.search(r"training steps of the (\d+) finished cells \| \d+ \| ([\d.]+)%", md).groups()
+        mfu = re.search(r"aggregate MFU ([\d.]+)%", md)[1]
+        line = next(x for x in DOC6.read_text().splitlines() if x.startswith(f"| {label}"))
+        assert line.split(" | ")[1:] == [wall, cells, f"{share}%", f"{mfu}% |"], line
+    walls = [
+        int(re.search(r"wall time of \d driver run\(s\) \| (\d+)", (STUDY / r / "time.md").read_text())[1])
+        for r in ("study6-check", "study6")
+    ]
+    assert f"**{sum(walls)} s of driver wall time for the 40 cells** ({sum(walls) / 60:.1f} minutes" in said6()
+    log = (RUN / "sweep2.log").read_text()
+    assert log.count("\nfinished ") == 10 and "30 of 40 cells already finished" in log
+
+
+def test_a_reused_row_keeps_the_sweep_that_trained_it(tmp_path):
+    """Reusing the sixth design's results (whose check rows it reused itself) names the check for those rows and
+    the sixth design for the rest: `scaling time` then leaves both out, and provenance survives a second reuse."""
+    from scaling.plan import plan
+    from scaling.results import adopt
+    from scaling.spec import load_spec
+
+    cells = plan(load_spec(REPO / "configs" / "sweeps" / "study6.yaml")).cells
+    assert adopt(tmp_path, cells, RUN / "results.csv") == 40
+    got = {r["key"]: r["reused_from"] for r in csv_rows(tmp_path / "results.csv")}
+    mine = {r["key"]: r.get("reused_from") for r in csv_rows(RUN / "results.csv")}
+    assert {k: v or str(RUN / "results.csv") for k, v in mine.items()} == got
+    assert sorted(set(got.values())) == sorted({"docs/study/study6-check/results.csv", str(RUN / "results.csv")})
