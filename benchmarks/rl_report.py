@@ -50,6 +50,16 @@ def pooled(evals: list[dict], items: int) -> dict:
         "thought_tokens": round(sum(per_seed_tok) / len(evals), 2),
         "per_seed_accuracy": [round(a, 4) for a in per_seed_acc],
         "per_seed_thought_tokens": [round(t, 2) for t in per_seed_tok],
+        "per_task": {
+            k.removesuffix("/accuracy"): {
+                "accuracy": round(sum(e[k] for e in evals) / len(evals), 4),
+                "thought_tokens": round(
+                    sum(e[k.replace("/accuracy", "/thought_tokens")] for e in evals) / len(evals), 2
+                ),
+            }
+            for k in evals[0]
+            if k.endswith("/accuracy") and "/baseline/" not in k
+        },
     }
 
 
@@ -57,15 +67,22 @@ def _tasks(e: dict) -> int:
     return sum(1 for k in e if k.endswith("/accuracy"))
 
 
-def cut_thoughts(model, tok, held_out: Prompts, budget: int, answer_tokens: int = 16) -> dict:
+def cut_thoughts(model, tok, held_out: Prompts, budget: int | dict[str, int], answer_tokens: int = 16) -> dict:
     """The starting model, greedy, its thought stopped at `budget` tokens (closed there if still open), then its
-    answer: what simply cutting costs, without any training."""
+    answer: what simply cutting costs, without any training. A dict gives each task its own budget (0: the thought
+    closed at once), to match a model whose compression differs by task."""
     t = ChatTokens.of(tok)
     spec = ImageSpec(model.cfg.patch_size, model.cfg.max_image_patches)
     engine = Engine(model)
     prompts = [prompt(user_turn(question(p), spec), tok, "thinking", model.cfg) for p in held_out.items]
-    thoughts = engine.generate(prompts, SamplingParams(budget, stop_ids=(t.end_think, t.eos)))
-    thoughts = [[i for i in x if i not in (t.end_think, t.eos)] for x in thoughts]
+    limits = [budget[p.task.name] if isinstance(budget, dict) else budget for p in held_out.items]
+    thoughts: list[list[int]] = [[] for _ in prompts]
+    for b in sorted(set(limits) - {0}):
+        at = [i for i, x in enumerate(limits) if x == b]
+        for i, x in zip(
+            at, engine.generate([prompts[i] for i in at], SamplingParams(b, stop_ids=(t.end_think, t.eos)))
+        ):
+            thoughts[i] = [j for j in x if j not in (t.end_think, t.eos)]
     closed = [append_text(p, x + [t.end_think, t.answer]) for p, x in zip(prompts, thoughts, strict=True)]
     answers = engine.generate(closed, SamplingParams(answer_tokens, stop_ids=stop_ids(t)))
     right = [p.task.reward(tok.decode(parse(a, "instant", t).answer), p.item) for p, a in zip(held_out.items, answers)]
@@ -76,7 +93,15 @@ def cut_thoughts(model, tok, held_out: Prompts, budget: int, answer_tokens: int 
         "accuracy": round(acc, 4),
         "accuracy_95": wilson(acc, n),
         "thought_tokens": round(sum(map(len, thoughts)) / n, 2),
+        "per_task_accuracy": {k: round(v, 4) for k, v in _by_task(held_out, right).items()},
     }
+
+
+def _by_task(held_out: Prompts, values: list[float]) -> dict[str, float]:
+    by: dict[str, list[float]] = {}
+    for p, v in zip(held_out.items, values, strict=True):
+        by.setdefault(p.task.name, []).append(v)
+    return {k: sum(v) / len(v) for k, v in by.items()}
 
 
 def contemplating(model, tok, held_out: Prompts, chains: int, max_new_tokens: int) -> dict:
@@ -131,6 +156,7 @@ def main(argv=None):
     ap.add_argument("root", type=Path)
     ap.add_argument("--json", required=True)
     ap.add_argument("--chains", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="where the report's generations run (cpu, cuda)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     grid = runs(args.root)
@@ -138,8 +164,8 @@ def main(argv=None):
     cfg = load_config(str(args.root / f"a{first[0]:g}-s{first[1]}" / "config.yaml"))
     tok = Tokenizer(cfg.data.tokenizer)
     held_out = Prompts(cfg, "heldout", cfg.rl.eval_items)
-    start = load_pretrained(cfg.init_weights).eval()
-    start_eval = pooled([evaluate(start, tok, held_out, cfg.rl.max_new_tokens, "cpu")], cfg.rl.eval_items)
+    start = load_pretrained(cfg.init_weights).to(args.device).eval()
+    start_eval = pooled([evaluate(start, tok, held_out, cfg.rl.max_new_tokens, args.device)], cfg.rl.eval_items)
     curves: dict[str, dict] = {}
     for alpha in sorted({a for a, _ in grid}):
         seeds = sorted(s for a, s in grid if a == alpha)
@@ -162,6 +188,11 @@ def main(argv=None):
     last = {a: c["heldout"][max(c["heldout"])] for a, c in curves.items() if c["heldout"]}
     budgets = sorted({max(1, round(v["thought_tokens"])) for v in last.values()})  # a cut keeps one token at least
     cuts = [cut_thoughts(start, tok, held_out, b) for b in budgets]
+    per_task_cuts = {  # each task cut at the compressed models' own length for it (they compress tasks unevenly)
+        a: cut_thoughts(start, tok, held_out, {k: round(v["thought_tokens"]) for k, v in row["per_task"].items()})
+        for a, row in last.items()
+        if a != "0"
+    }
     dips = {}
     for a, c in curves.items():
         if a == "0":
@@ -176,11 +207,13 @@ def main(argv=None):
             }
     strongest = max(curves, key=float)
     compressed = final_model(args.root / f"a{strongest}-s{curves[strongest]['seeds'][0]}", cfg.init_weights)
+    compressed = compressed.to(args.device)
     report = {
         "blind_majority_answer": blind(held_out),
         "start": start_eval,
         "curves": curves,
         "cut_baseline": cuts,
+        "cut_baseline_per_task": per_task_cuts,
         "dip_and_recover": dips,
         "contemplating_compressed": {
             "alpha": float(strongest),
@@ -192,7 +225,7 @@ def main(argv=None):
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
-    shown = ("blind_majority_answer", "start", "cut_baseline", "contemplating_compressed")
+    shown = ("blind_majority_answer", "start", "cut_baseline", "cut_baseline_per_task", "contemplating_compressed")
     print(json.dumps({k: report[k] for k in shown}, indent=1))
     for a, c in curves.items():
         for step, row in c["heldout"].items():

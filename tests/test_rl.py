@@ -126,6 +126,29 @@ def test_the_length_term_shortens_thoughts_and_zero_penalty_changes_nothing(micr
     assert initial.keys() == state.keys() and all(torch.equal(state[k], v) for k, v in initial.items())
 
 
+def test_the_reports_cut_gives_each_task_its_own_budget(micro_config, start):
+    """benchmarks/rl_report.py's cut baseline: a budget per task (0: the thought closed at once) cuts each task's
+    thoughts at its own length; the same budget for every task is the single-budget cut."""
+    from benchmarks.rl_report import cut_thoughts
+    from data.tokenizer import Tokenizer
+    from train.rl import Prompts
+
+    cfg = load_config(str(micro_config), [*start.overrides, "rl.tasks=[arith,count]"])
+    model, tok = load_pretrained(start.export).eval(), Tokenizer(cfg.data.tokenizer)
+    held_out = Prompts(cfg, "heldout", 4)
+    whole = cut_thoughts(model, tok, held_out, 6)
+    assert 0 < whole["thought_tokens"] <= 6  # some thought to cut, none past the budget
+    same = cut_thoughts(model, tok, held_out, {"arith": 6, "count": 6})
+    assert same.pop("budget") == {"arith": 6, "count": 6} and same == {k: v for k, v in whole.items() if k != "budget"}
+    assert cut_thoughts(model, tok, held_out, {"arith": 0, "count": 0})["thought_tokens"] == 0
+    arith_only = cut_thoughts(model, tok, held_out, {"arith": 6, "count": 0})
+    count_only = cut_thoughts(model, tok, held_out, {"arith": 0, "count": 6})
+    assert arith_only["thought_tokens"] + count_only["thought_tokens"] == pytest.approx(
+        whole["thought_tokens"], abs=0.011
+    )
+    assert set(whole["per_task_accuracy"]) == {"arith", "count"}
+
+
 def test_a_resumed_rl_run_and_batched_groups_continue_the_same_curve(micro_config, start, tmp_path):
     """A run stopped at step 3 and resumed gives the uninterrupted run's curve; so does rl.groups_per_micro=2,
     which puts both prompts' groups in one forward (one micro-batch instead of two: the same token-level
@@ -182,3 +205,181 @@ def test_the_cpu_study_in_the_docs_is_the_committed_json():
     assert not any(d["dipped"] for d in data["dip_and_recover"].values()) and "No dip and recovery" in text
     assert max(v["accuracy"] for v in final.values()) < data["blind_majority_answer"]["accuracy"]
     assert "Everything is below the blind baseline" in text
+
+
+GPU = REPO / "docs" / "rl" / "gpu"
+
+
+def _acc(x: dict, key: str = "accuracy") -> str:
+    lo, hi = x[f"{key}_95"]
+    return f"{x[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def test_the_gpu_study_is_its_runs_and_its_configs():
+    """The committed RL runs are the configs' (tiny + rl-demo + think-gpu + rl-think-gpu with the script's
+    overrides), and curves.json's held-out curves are what rl_report's pooling makes of their metrics."""
+    from benchmarks.rl_report import pooled, runs
+
+    data = json.loads((GPU / "curves.json").read_text())
+    grid = runs(GPU / "runs")
+    assert sorted(grid) == [(a, s) for a in (0.0, 0.25, 0.5) for s in (0, 1, 2)]
+    for (alpha, seed), rows in grid.items():
+        cfg = load_config(
+            [str(REPO / "configs" / f) for f in ("tiny.yaml", "rl-demo.yaml", "think-gpu.yaml", "rl-think-gpu.yaml")],
+            [f"seed={seed}", "rl.penalty=kimi", f"rl.alpha={alpha}", f"run_dir=runs/think/rl/a{alpha:g}-s{seed}"],
+        )
+        ran = load_config(str(GPU / "runs" / f"a{alpha:g}-s{seed}" / "config.yaml"))
+        assert ran.deepspeed.grad_accum == cfg.rl.prompts // cfg.rl.groups_per_micro  # set by the run: 4 micro-batches
+        ran.deepspeed.grad_accum = cfg.deepspeed.grad_accum
+        assert ran == cfg, (alpha, seed)
+        assert len(rows) == cfg.steps == 60
+        curve = data["curves"][f"{alpha:g}"]["heldout"]
+        for r in rows:
+            if any(k.startswith("heldout/") for k in r):
+                evals = [
+                    {k.removeprefix("heldout/"): v for k, v in x.items() if k.startswith("heldout/")}
+                    for x in (
+                        next(y for y in grid[(alpha, s)] if y["step"] == r["step"])
+                        for s in data["curves"][f"{alpha:g}"]["seeds"]
+                    )
+                ]
+                _same(pooled(evals, cfg.rl.eval_items), curve[str(r["step"])])
+
+
+def _same(got, want, path=""):
+    """Equal up to the last rounded digit (the report ran on Python 3.12, whose float sum is compensated)."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), path
+        for k in want:
+            _same(got[k], want[k], f"{path}/{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _same(g, w, f"{path}/{i}")
+    else:
+        places = len(repr(want).partition(".")[2]) if isinstance(want, float) else 0
+        assert got == pytest.approx(want, abs=1.0001 * 10**-places), path  # one unit of the last place
+
+
+def test_the_gpu_study_in_the_docs_is_the_committed_json():
+    """docs/RL.md's GPU section: the modes table, the curves and per-task tables, the cut and routing baselines, the
+    contemplating comparison and the verdicts are docs/rl/gpu's JSON and metrics."""
+    from evals.reasoning import wilson
+
+    text = (REPO / "docs" / "RL.md").read_text()
+    flat = " ".join(text.split())
+    modes = {t["task"]: t for t in json.loads((GPU / "modes.json").read_text())}
+    for task, t in modes.items():
+        inst, think = t["modes"]["instant"], t["modes"]["thinking"]
+        b = [
+            f"{t['baselines'][k]:.3f} [{t['baselines_95'][k][0]:.3f}, {t['baselines_95'][k][1]:.3f}]"
+            for k in t["baselines"]
+        ]
+        line = f"| {task} | {_acc(inst)} | {_acc(think)} | {think['thought_tokens']:.2f} | {' | '.join(b)} |"
+        assert line in text or line.removesuffix(" |") + " | |" in text, line
+        assert t["items"] == 200
+    for task in ("digitsum", "arith"):  # thoughts that help: Thinking's interval above Instant's and the baselines'
+        t = modes[task]
+        assert t["modes"]["thinking"]["accuracy_95"][0] > t["modes"]["instant"]["accuracy_95"][1]
+        assert all(t["modes"]["thinking"]["accuracy_95"][0] > v[1] for v in t["baselines_95"].values())
+    ratios = [
+        modes[k]["modes"]["thinking"]["accuracy"] / modes[k]["modes"]["instant"]["accuracy"]
+        for k in ("digitsum", "arith")
+    ]
+    assert f"Thinking is {ratios[0]:.1f}x and {ratios[1]:.1f}x Instant there" in flat
+
+    d, a = modes["digitsum"], modes["arith"]
+    reasoning = " ".join((REPO / "docs" / "REASONING.md").read_text().split())
+    assert (
+        f"scores {d['modes']['thinking']['accuracy']:.3f} on digit sums and {a['modes']['thinking']['accuracy']:.3f} "
+        f"on arithmetic against Instant's {d['modes']['instant']['accuracy']:.3f} and "
+        f"{a['modes']['instant']['accuracy']:.3f} and majority answers of {d['baselines']['majority answer']:.3f} and "
+        f"{a['baselines']['majority answer']:.3f}" in reasoning
+    )
+
+    data = json.loads((GPU / "curves.json").read_text())
+    start = data["start"]
+    assert f"| the start (no RL) | 0 | {_acc(start)} | {start['thought_tokens']:.2f} | |" in text
+    for alpha, curve in data["curves"].items():
+        assert curve["seeds"] == [0, 1, 2]
+        for step in ("5", "10", "15", "30", "60"):
+            row = curve["heldout"][step]
+            seeds = ", ".join(f"{v:.2f}" for v in row["per_seed_accuracy"])
+            assert f"| {alpha} | {step} | {_acc(row)} | {row['thought_tokens']:.2f} | {seeds} |" in text
+            assert row["items"] == 3 * 200
+        assert len(curve["heldout"]) == 12
+    assert f"| blind: each task's majority answer | | {_acc(data['blind_majority_answer'])} | | |" in text
+
+    def by_task(x):
+        return " | ".join(
+            f"{x[t]['accuracy']:.3f}, {x[t]['thought_tokens']:.2f} tokens"
+            for t in ("count", "twohop", "digitsum", "arith")
+        )
+
+    assert f"| the start | {by_task(start['per_task'])} |" in text
+    final = {a: c["heldout"]["60"] for a, c in data["curves"].items()}
+    for alpha, row in final.items():
+        assert f"| {alpha} | {by_task(row['per_task'])} |" in text
+    # the verdicts: thoughts removed on count and twohop, kept whole on digitsum and arith, accuracy the control's
+    for alpha in ("0.25", "0.5"):
+        pt = final[alpha]["per_task"]
+        assert pt["count"]["thought_tokens"] == pt["twohop"]["thought_tokens"] == 0
+        for task in ("digitsum", "arith"):
+            assert abs(pt[task]["thought_tokens"] - start["per_task"][task]["thought_tokens"]) < 1
+    for step in data["curves"]["0"]["heldout"]:
+        rows = [c["heldout"][step] for c in data["curves"].values()]
+        assert max(r["accuracy_95"][0] for r in rows) < min(r["accuracy_95"][1] for r in rows), step
+    accs = ", ".join(f"{final[a]['accuracy']:.3f}" for a in ("0", "0.25"))
+    assert f"the three strengths score {accs} and {final['0.5']['accuracy']:.3f}" in flat
+    assert all(d["dipped"] and not d["ended_above_start"] for d in data["dip_and_recover"].values())
+    assert max(c["heldout"]["10"]["accuracy"] for c in data["curves"].values()) < start["accuracy"]
+    assert "**no dip and recovery above the start**" in flat
+    for alpha, step in (("0.5", 10), ("0.25", 15)):  # gone in every seed by then
+        for seed in (0, 1, 2):
+            rows = [
+                json.loads(x) for x in (GPU / "runs" / f"a{alpha}-s{seed}" / "metrics.jsonl").read_text().splitlines()
+            ]
+            r = next(x for x in rows if x["step"] == step)
+            assert r["heldout/count/thought_tokens"] == r["heldout/twohop/thought_tokens"] == 0, (alpha, seed)
+    assert "At alpha 0.5 the count and two-hop thoughts were gone by step 10 in every seed (at 0.25 by step 15)" in flat
+
+    (mean_cut,) = [c for c in data["cut_baseline"] if c["budget"] == round(final["0.5"]["thought_tokens"])]
+    assert f"mean of {mean_cut['budget']} tokens scores {_acc(mean_cut)}" in flat
+    per_task = data["cut_baseline_per_task"]
+    assert f"{_acc(per_task['0.25'])} at alpha 0.25's lengths and {_acc(per_task['0.5'])} at alpha 0.5's" in flat
+    assert all(final[a]["accuracy"] > per_task[a]["accuracy"] > mean_cut["accuracy"] for a in per_task)
+    for a, cut in per_task.items():  # route by task: no thought where the cut took it all, the start's chain elsewhere
+        tasks = ("count", "twohop", "digitsum", "arith")
+        acc = (
+            sum(
+                cut["per_task_accuracy"][t] if cut["budget"][t] == 0 else start["per_task"][t]["accuracy"]
+                for t in tasks
+            )
+            / 4
+        )
+        tokens = sum(0 if cut["budget"][t] == 0 else start["per_task"][t]["thought_tokens"] for t in tasks) / 4
+        lo, hi = wilson(acc, start["items"])
+        assert f"scores {acc:.3f} [{lo:.3f}, {hi:.3f}] at {tokens:.1f} thought tokens" in flat, a
+        assert abs(acc - final[a]["accuracy"]) < hi - lo  # as well as the compressed models
+    c = data["contemplating_compressed"]
+    assert (
+        f"{c['chain_thought_tokens']:.2f} thought tokens in all per item, majority vote {_acc(c, 'majority_vote')}, "
+        f"the synthesis turn {_acc(c)}" in flat
+    )
+    assert f"one chain of {start['thought_tokens']:.2f} tokens at {start['accuracy']:.3f}" in flat
+    assert c["majority_vote"] < start["accuracy"]
+
+    roll, upd, tps = [], [], []
+    for d in sorted((GPU / "runs").iterdir()):
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()][1:]
+        roll.append(sum(r["rollout_s"] for r in rows) / len(rows))
+        upd.append(sum(r["update_s"] for r in rows) / len(rows))
+        tps.append(sum(r["rollout_tokens_per_s"] for r in rows) / len(rows))
+    assert f"rollouts {min(roll):.2f}-{max(roll):.2f} s and updates {min(upd):.2f}-{max(upd):.2f} s a step" in flat
+    assert f"{min(tps):,.0f}-{max(tps):,.0f} a run, {sum(tps):,.0f} summed over the nine" in flat
+    for name in ("pretrain", "sft"):
+        rows = [json.loads(x) for x in (GPU / f"{name}-metrics.jsonl").read_text().splitlines()]
+        median = sorted(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
+        assert f"at a median {median[len(median) // 2]:,.0f} tokens a second" in flat, name
+    sft = [json.loads(x) for x in (GPU / "sft-metrics.jsonl").read_text().splitlines()]
+    assert f"text loss {sft[-1]['val/text_loss']:.4f} at the end" in flat
