@@ -5,7 +5,8 @@
 # seeds each, all nine runs on the GPU at once (configs/rl-think-gpu.yaml). The report (curves, the cut baseline,
 # Contemplating with compressed chains) runs on CPU afterwards:
 #   bash benchmarks/think_gpu.sh [OUT]        then    python benchmarks/rl_report.py OUT/rl --json docs/rl/gpu-curves.json
-# SKIP_TO=rl starts from an existing runs/sft-think-gpu/export.
+# SKIP_TO=rl starts from an existing runs/sft-think-gpu/export; PENALTY and ALPHAS pick another length term and
+# strengths (PENALTY=sigmoid ALPHAS="0.2 0.5": Arora & Zanette's, which compares right answers only).
 set -uo pipefail
 OUT=${1:-runs/think}; PY=${PY:-python}
 mkdir -p "$OUT/rl"
@@ -22,9 +23,9 @@ if [ "${SKIP_TO:-}" != rl ]; then
     --modes instant,thinking --n 200 --json "$OUT/modes.json" || exit 1
 fi
 export OMP_NUM_THREADS=1
-for seed in 0 1 2; do for alpha in 0 0.25 0.5; do
+for seed in 0 1 2; do for alpha in ${ALPHAS:-0 0.25 0.5}; do
   $PY train.py $C --config configs/rl-demo.yaml --config configs/think-gpu.yaml --config configs/rl-think-gpu.yaml \
-    run_dir="$OUT/rl/a$alpha-s$seed" seed=$seed rl.penalty=kimi rl.alpha=$alpha > "$OUT/rl/a$alpha-s$seed.log" 2>&1 &
+    run_dir="$OUT/rl/a$alpha-s$seed" seed=$seed rl.penalty=${PENALTY:-kimi} rl.alpha=$alpha > "$OUT/rl/a$alpha-s$seed.log" 2>&1 &
 done; done
 wait
 status=0

@@ -383,3 +383,39 @@ def test_the_gpu_study_in_the_docs_is_the_committed_json():
         assert f"at a median {median[len(median) // 2]:,.0f} tokens a second" in flat, name
     sft = [json.loads(x) for x in (GPU / "sft-metrics.jsonl").read_text().splitlines()]
     assert f"text loss {sft[-1]['val/text_loss']:.4f} at the end" in flat
+
+
+def test_the_correct_only_form_on_the_gpu_is_its_runs():
+    """The sigmoid table of docs/RL.md is what rl_report's pooling makes of the six committed runs, which ran with the
+    committed configs and rl.penalty=sigmoid; at no step did a useful chain get shorter."""
+    from benchmarks.rl_report import pooled, runs
+
+    grid = runs(GPU / "sigmoid")
+    assert sorted(grid) == [(a, s) for a in (0.2, 0.5) for s in (0, 1, 2)]
+    text = (REPO / "docs" / "RL.md").read_text()
+    start = json.loads((GPU / "curves.json").read_text())["start"]["per_task"]
+    for (alpha, seed), rows in grid.items():
+        ran = load_config(str(GPU / "sigmoid" / f"a{alpha:g}-s{seed}" / "config.yaml"))
+        assert (ran.rl.penalty, ran.rl.alpha, ran.seed, ran.steps) == ("sigmoid", alpha, seed, 60)
+        for r in rows:
+            for task in ("digitsum", "arith"):
+                if f"heldout/{task}/thought_tokens" in r:
+                    assert abs(r[f"heldout/{task}/thought_tokens"] - start[task]["thought_tokens"]) < 1
+    for alpha in (0.2, 0.5):
+        for step in (10, 20, 60):
+            evals = [
+                {
+                    k.removeprefix("heldout/"): v
+                    for k, v in next(r for r in grid[(alpha, s)] if r["step"] == step).items()
+                    if k.startswith("heldout/")
+                }
+                for s in (0, 1, 2)
+            ]
+            p = pooled(evals, 50)
+            t = p["per_task"]
+            line = (
+                f"| {alpha:g} | {step} | {_acc(p)} | {p['thought_tokens']:.2f} | "
+                f"{t['count']['thought_tokens']:.2f}, {t['twohop']['thought_tokens']:.2f} | "
+                f"{t['digitsum']['thought_tokens']:.2f}, {t['arith']['thought_tokens']:.2f} |"
+            )
+            assert line in text, line
