@@ -261,7 +261,7 @@ def _same(got, want, path=""):
         assert got == pytest.approx(want, abs=1.0001 * 10**-places), path  # one unit of the last place
 
 
-def test_the_gpu_study_in_the_docs_is_the_committed_json():
+def test_the_gpu_study_in_the_docs_is_the_committed_json(tmp_path):
     """docs/RL.md's GPU section: the modes table, the curves and per-task tables, the cut and routing baselines, the
     contemplating comparison and the verdicts are docs/rl/gpu's JSON and metrics."""
     from evals.reasoning import wilson
@@ -361,6 +361,14 @@ def test_the_gpu_study_in_the_docs_is_the_committed_json():
         lo, hi = wilson(acc, start["items"])
         assert f"scores {acc:.3f} [{lo:.3f}, {hi:.3f}] at {tokens:.1f} thought tokens" in flat, a
         assert abs(acc - final[a]["accuracy"]) < hi - lo  # as well as the compressed models
+    from benchmarks.rl_frontier import plot, route_by_task
+
+    for a in per_task:  # the script the docs cite gives the same routing figures
+        r = route_by_task(data, a)
+        assert f"scores {r['accuracy']:.3f} [{r['accuracy_95'][0]:.3f}, {r['accuracy_95'][1]:.3f}]" in flat
+    plot(data, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (REPO / "docs" / "rl" / "gpu" / "frontier.png").exists() and "](rl/gpu/frontier.png)" in text
     c = data["contemplating_compressed"]
     assert (
         f"{c['chain_thought_tokens']:.2f} thought tokens in all per item, majority vote {_acc(c, 'majority_vote')}, "
