@@ -298,6 +298,8 @@ def test_three_runs_of_every_cell_fitted_together(tmp_path):
         f"{100 * m[1]['share_never']:.0f}% never reach)" in said6()
     )
     assert f"**bidirectional {_multiplier(m[0])} [{lo:.3g}, {hi:.3g}]** at 3.2e15" in said6()
+    readme = flat(REPO / "README.md")
+    assert f"fitted together, bidirectional {_multiplier(m[0])} [{lo:.3g}, {hi:.3g}]" in readme
     assert f"causal is at most {1 / lo:.1f}x cheaper and bidirectional at most {hi:.2f}x cheaper" in said6()
     assert f"the point estimate leans causal by {1 / m[0]['multiplier']:.1f}x" in said6()
     data = read_runs(POOLED, ["loss"], "recipe", flops="6n+attn")
