@@ -97,3 +97,30 @@ def util_medians(run: Path) -> tuple[float, float, int]:
     samples = [line.split() for line in (run / "util.log").read_text().splitlines()]
     running = [(int(r[1]), float(r[5])) for r in samples if len(r) >= 6 and r[2] == "%," and int(r[3]) > 0]
     return statistics.median(b for b, _ in running), statistics.median(x for _, x in running), len(running)
+
+
+def check_law_flags(table: dict, committed: dict) -> None:
+    """Each law row's converged, flagged-refits and held-out-error cells are the committed fit's."""
+    for (col, recipe), cells in table.items():
+        fit = committed[col][recipe]
+        f3 = fit["approach3"]
+        which = f3["message"].split(":")[0].removeprefix("the 95% interval of ")
+        assert cells[5] == ("yes" if f3["converged"] else f"**no** ({which})"), (col, recipe)
+        assert cells[6] == f"{100 * f3['bootstrap_flagged_share']:.0f}%"
+        assert cells[7] == f"{100 * fit['held_out']['mean_rel_error']:.1f}%"
+
+
+def pooled_cells(x: dict) -> list[str]:
+    """A pooled fit's row as the study tables print it: E, alpha, beta with intervals, converged, held-out error,
+    N* and tokens per parameter at 3.2e15, approach 2's exponent with its interval."""
+    f3, interval = x["approach3"], x["approach3"]["interval"]
+    optimal = next(v for k, v in x["compute_optimal"].items() if k.startswith("3.2e+15"))
+    a2 = x["approach2"]
+    return [
+        *(f"{f3[k]:.3g} [{interval[k][0]:.3g}, {interval[k][1]:.3g}]" for k in ("E", "alpha", "beta")),
+        "yes" if f3["converged"] else "no",
+        f"{100 * x['held_out']['mean_rel_error']:.1f}%",
+        f"{optimal['N']:.3g}",
+        f"{optimal['tokens_per_param']:.0f}",
+        f"{a2['N_exponent']:.3g} [{a2['interval']['N_exponent'][0]:.3g}, {a2['interval']['N_exponent'][1]:.3g}]",
+    ]
