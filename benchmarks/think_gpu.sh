@@ -2,9 +2,11 @@
 # The reasoning pipeline on one GPU (docs/RL.md, "On one H200"): the embedded data at --scale 4 and the reasoning
 # tasks, pretraining (configs/think-gpu.yaml), fine-tuning (configs/sft-think-gpu.yaml), the modes' scores, then
 # thought compression from that Thinking model: Kimi k1.5's length term at three strengths (0: the control), three
-# seeds each, all nine runs on the GPU at once (configs/rl-think-gpu.yaml). The report (curves, the cut baseline,
-# Contemplating with compressed chains) runs on CPU afterwards:
-#   bash benchmarks/think_gpu.sh [OUT]        then    python benchmarks/rl_report.py OUT/rl --json docs/rl/gpu-curves.json
+# seeds each, all nine runs on the GPU at once (configs/rl-think-gpu.yaml). Then the report (curves, the cut
+# baselines, Contemplating with compressed chains; --device cpu works too, slower) and its frontier:
+#   bash benchmarks/think_gpu.sh [OUT]
+#   python benchmarks/rl_report.py OUT/rl --json docs/rl/gpu/curves.json --device cuda
+#   python benchmarks/rl_frontier.py docs/rl/gpu/curves.json --png docs/rl/gpu/frontier.png
 # SKIP_TO=rl starts from an existing runs/sft-think-gpu/export; PENALTY and ALPHAS pick another length term and
 # strengths (PENALTY=sigmoid ALPHAS="0.2 0.5": Arora & Zanette's, which compares right answers only).
 set -uo pipefail

@@ -124,3 +124,12 @@ def pooled_cells(x: dict) -> list[str]:
         f"{optimal['tokens_per_param']:.0f}",
         f"{a2['N_exponent']:.3g} [{a2['interval']['N_exponent'][0]:.3g}, {a2['interval']['N_exponent'][1]:.3g}]",
     ]
+
+
+def check_column_verdicts(committed: dict, text: str) -> None:
+    """The QA column's multiplier at the largest budget is quoted as the fit gives it; the caption and text columns'
+    rest on laws that did not converge, so they are not quoted."""
+    qa = committed["loss_qa"]["bidirectional"]["compute_multiplier_vs_causal"][0]
+    assert f"QA {qa['multiplier']:.3g}x (at most {qa['interval'][1]:.3g}x; {100 * qa['share_never']:.0f}% never" in text
+    for col in ("loss_caption", "loss_text"):
+        assert not committed[col]["bidirectional"]["compute_multiplier_vs_causal"][0]["from_converged_fits"]

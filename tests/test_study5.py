@@ -120,12 +120,7 @@ def test_the_verdict_is_the_fits_multiplier_and_the_cells(committed):
         f"{m[1]['multiplier']:.3g}x (at most {m[1]['interval'][1]:.3g}x; {100 * m[1]['share_never']:.0f}% never "
         "reach" in said()
     )
-    qa = committed["loss_qa"]["bidirectional"]["compute_multiplier_vs_causal"][0]
-    assert f"QA {qa['multiplier']:.3g}x (at most {qa['interval'][1]:.3g}x; {100 * qa['share_never']:.0f}% never" in (
-        said()
-    )
-    for col in ("loss_caption", "loss_text"):  # resting on fits that did not converge: not quoted
-        assert not committed[col]["bidirectional"]["compute_multiplier_vs_causal"][0]["from_converged_fits"]
+    studydoc.check_column_verdicts(committed, said())
     cols = ["loss", "loss_caption", "loss_qa", "loss_text"]
     data = read_runs(RUN / "results.csv", cols, "recipe", flops="6n+attn")
     for col, name in zip(cols, ("overall **", "caption ", "QA ", "text "), strict=True):
