@@ -8,7 +8,8 @@ the bound set by HBM bandwidth (each step reads every weight and every row's KV 
 Engines: `engine` (the growing cache), `static` (StaticCache: every step one shape), `compiled` (the static step
 compiled with CUDA graphs, torch.compile's reduce-overhead mode; meant for a GPU), and the same attending to the
 cache with other kernels (`model.attention.CACHED_KERNEL`): `compiled-flex` (flex_attention's decoding kernel, on a
-GPU) and `compiled-math` (two matmuls and a softmax).
+GPU) and `compiled-math` (two matmuls and a softmax); `compiled-block4` and `compiled-block8` (`Engine(block=K)`: K
+greedy steps captured in one graph, one replay and one host round for K tokens).
 
 --profile runs each measured call once more under torch.profiler and adds what a decode step is made of: the device
 kernels a new token costs (CPU operators on a CPU) and the few that take most of the time, with their share: where
@@ -68,6 +69,8 @@ ENGINES = {  # Engine options per variant: the growing cache, the static one, th
     "compiled": {"compile": True},
     "compiled-flex": {"compile": True},  # the compiled step attending to the cache with flex_attention's decoding
     "compiled-math": {"compile": True},  # ... with two matmuls and a softmax
+    "compiled-block4": {"compile": True, "block": 4},  # four greedy steps a graph replay: a quarter of the host rounds
+    "compiled-block8": {"compile": True, "block": 8},
 }
 CACHED_KERNEL = {"compiled-flex": "flex", "compiled-math": "math"}  # model.attention.CACHED_KERNEL; others: sdpa
 

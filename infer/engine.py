@@ -154,18 +154,31 @@ class Engine:
     """`generate(prompts, params)`: one prefill over the padded batch, then one cached step per token for every
     row; `fork(prompt, n, params)`: one prefill, n samples. Returns each row's new tokens (stop id included)."""
 
-    def __init__(self, model: FusionTransformer, check_every: int = 16, static: bool = False, compile: bool = False):
+    def __init__(
+        self,
+        model: FusionTransformer,
+        check_every: int = 16,
+        static: bool = False,
+        compile: bool = False,
+        block: int = 1,
+    ):
         """static: decode with a StaticCache (one step shape); compile: also compile the step with CUDA graphs
-        (torch.compile's reduce-overhead mode, on a GPU), which implies static."""
-        self.model, self.check_every = model.eval(), check_every
+        (torch.compile's reduce-overhead mode, on a GPU), which implies static. block: greedy decoding on the
+        static cache (implied) runs this many steps a call (compiled: one graph replay and one host round for
+        `block` tokens, where a small model's step is bound by the host's work a replay); it must divide
+        check_every, so the checks for finished rows fall where they fall one step at a time."""
+        if block < 1 or check_every % block:
+            raise ValueError(f"block={block} must be at least 1 and divide check_every={check_every}")
+        self.model, self.check_every, self.block = model.eval(), check_every, block
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.static, self.compiled = static or compile, compile
+        self.static, self.compiled = static or compile or block > 1, compile
         self.cache_class = StaticCache if self.static else BatchCache
-        self.step, self.greedy_step = self._step, self._greedy_step
+        self.step, self.greedy_step, self.greedy_block = self._step, self._greedy_step, self._greedy_block
         if compile:
             self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False, fullgraph=True)
             self.greedy_step = torch.compile(self._greedy_step, mode="reduce-overhead", dynamic=False, fullgraph=True)
+            self.greedy_block = torch.compile(self._greedy_block, mode="reduce-overhead", dynamic=False, fullgraph=True)
             # one compilation per (batch, view) met: StaticCache.MAX_VIEWS views for each batch size, and dynamo's
             # limit (8 per function, across engines) fell on an H200 at the second batch size of one process
             limits = torch._dynamo.config
@@ -188,6 +201,11 @@ class Engine:
         out.index_copy_(1, column.view(1), new.view(B, 1))
         advance_rows(new, length, done, limit, stops)
         token.copy_(new)
+
+    def _greedy_block(self, token, column, base, out, length, done, limit, stops, cache: BatchCache) -> None:
+        """`block` greedy steps in one call: unrolled, so compiled it is one CUDA graph for `block` tokens."""
+        for _ in range(self.block):
+            self._greedy_step(token, column, base, out, length, done, limit, stops, cache)
 
     @torch.no_grad()
     def generate(
@@ -280,8 +298,9 @@ class Engine:
             logits = self.step(token.view(B, 1), pos.contiguous(), cache)
 
     def _decode_greedy(self, logits, cache, next_pos, pos_dims: int, out, length, done, limit, stops) -> None:
-        """`_decode`'s loop for greedy rows of a static cache, each step one `greedy_step`: the same tokens, the same
-        checks (every row stopped, read every `check_every` steps) and the same views."""
+        """`_decode`'s loop for greedy rows of a static cache, each step one `greedy_step` (or `block` aligned steps
+        in one `greedy_block`, its view wide enough for the last of them): the same tokens, the same checks (every
+        row stopped, read every `check_every` steps) and the same views."""
         B, steps = out.shape
         token = logits.argmax(-1)
         out[:, 0] = token
@@ -294,8 +313,13 @@ class Engine:
         if self.compiled:
             for t in (token, column, base, out, length, done, limit, stops):
                 torch._dynamo.mark_static_address(t)
-        for step in range(1, steps):  # column `step` from the token at column step - 1
+        step = 1  # column `step` from the token at column step - 1
+        while step < steps:
             if step % self.check_every == 0 and bool(done.all()):
                 break
-            cache.set_view(cache.length + step)
-            self.greedy_step(token, column, base, out, length, done, limit, stops, cache)
+            k = self.block if step % self.block == 0 and step + self.block <= steps else 1  # blocks start aligned
+            cache.set_view(cache.length + step + k - 1)  # the block's last step reads this many keys
+            (self.greedy_block if k > 1 else self.greedy_step)(
+                token, column, base, out, length, done, limit, stops, cache
+            )
+            step += k

@@ -120,6 +120,40 @@ def test_compiled_greedy_step_gives_the_row_by_row_tokens(model):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["static", "compiled"])
+def test_greedy_blocks_give_the_row_by_row_tokens_in_fewer_calls(model, compile):
+    """`Engine(block=K)`: K greedy steps a call (compiled: one graph for K tokens) give model.generate's tokens,
+    with stop ids and per-row limits, through views that grow past a grain; blocks start at multiples of K, so the
+    checks for finished rows fall where one step at a time puts them, and the tail runs one step a call."""
+    engine = Engine(model, check_every=4, static=True, compile=compile, block=2 if compile else 4)
+    calls = {"block": 0, "step": 0}
+    for name in calls:
+        fn = getattr(engine, f"greedy_{name}")
+        setattr(
+            engine, f"greedy_{name}", lambda *a, fn=fn, name=name: calls.__setitem__(name, calls[name] + 1) or fn(*a)
+        )
+    new = 12 if compile else 100
+    rows = engine.generate(prompts(), SamplingParams(max_new_tokens=new))
+    for prompt, got in zip(prompts(), rows, strict=True):
+        assert got == generate(model, prompt, max_new_tokens=new).tokens
+    # steps 1..K-1 one a call, then blocks from step K while a whole block fits (100 new tokens at K=4: 24 blocks)
+    assert calls == ({"block": 5, "step": 1} if compile else {"block": 24, "step": 3})
+    if not compile:  # a tail shorter than a block goes one step a call: 14 tokens = 3 steps, blocks at 4 and 8, 2 steps
+        calls.update(block=0, step=0)
+        assert engine.generate(prompts(), SamplingParams(max_new_tokens=14)) == [r[:14] for r in rows]
+        assert calls == {"block": 2, "step": 5}
+    if not compile:
+        one = Engine(model, check_every=2, static=True)
+        free = one.generate(prompts(), SamplingParams(max_new_tokens=12))
+        stop = free[2][3]
+        params, limits = SamplingParams(max_new_tokens=12, stop_ids=(stop,)), [5, 12, 12, 1]
+        blocked = Engine(model, check_every=4, static=True, block=4).generate(prompts(), params, max_new_tokens=limits)
+        assert blocked == one.generate(prompts(), params, max_new_tokens=limits)
+    assert Engine(model, block=2).static  # blocks decode on the static cache
+    with pytest.raises(ValueError, match="divide check_every"):
+        Engine(model, check_every=4, block=3)
+
+
 @pytest.mark.parametrize(
     "kernel",
     [
