@@ -191,3 +191,38 @@ def test_the_spin_control_counts_loops_in_every_process():
     assert (
         r["processes"] == 2 and r["loops_per_s"] > 0 and r["per_process"] == pytest.approx(r["loops_per_s"] / 2, 0.01)
     )
+
+
+def test_the_block_paragraph_is_the_committed_jsons():
+    """PERFORMANCE.md's blocks-of-steps paragraph: the 20M step times are the committed H200 decode runs', the CPU
+    figures the committed CPU run's, and the blocked engines gave the loop's greedy tokens there."""
+    import json
+
+    from conftest import REPO
+
+    doc = " ".join((REPO / "docs" / "PERFORMANCE.md").read_text().split())
+    perf = REPO / "docs" / "perf"
+    (profiled,) = json.loads((perf / "decode_flex_profile_20m_h200.json").read_text())
+    step = 1000 * profiled["batch"] / profiled["tokens_per_s"]
+    kernels = profiled["profile"]["ms_per_step"]
+    assert f"a 20M step's kernels at {kernels:.3f} ms at batch 256, but the timed step is {step:.3f} ms" in doc
+    b64 = next(
+        r
+        for r in json.loads((perf / "decode_flex_20m_h200.json").read_text())
+        if r["batch"] == 64 and r["engine"] == "compiled-sdpa"
+    )
+    assert (
+        f"the step still takes {1000 * 64 / b64['tokens_per_s']:.3f} ms ({b64['tokens_per_s']:,.0f} tokens a second)"
+        in doc
+    )
+    share = 1000 * profiled["batch"] / profiled["bound_tokens_per_s"] / kernels  # the bound's step over the kernels'
+    assert f"its kernels' {kernels:.2f} ms, about {100 * share:.0f}% of the bound" in doc
+    rows = {(r["engine"], r["batch"]): r for r in json.loads((perf / "decode_block_cpu.json").read_text())}
+    for batch in (1, 16):
+        base = rows[("compiled", batch)]["tokens_per_s"]
+        b4, b8 = (rows[(f"compiled-block{k}", batch)]["tokens_per_s"] for k in (4, 8))
+        assert (
+            f"at batch {batch} the compiled step makes {base:,.0f} tokens a second, blocks of 4 {b4:,.0f} "
+            f"({b4 / base:.2f}x) and of 8 {b8:,.0f} ({b8 / base:.2f}x)" in doc
+        )
+    assert all(r["greedy_match"] == 1.0 for (e, b), r in rows.items() if b == 1)
