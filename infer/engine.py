@@ -299,8 +299,8 @@ class Engine:
 
     def _decode_greedy(self, logits, cache, next_pos, pos_dims: int, out, length, done, limit, stops) -> None:
         """`_decode`'s loop for greedy rows of a static cache, each step one `greedy_step` (or `block` aligned steps
-        in one `greedy_block`, its view wide enough for the last of them): the same tokens, the same checks (every
-        row stopped, read every `check_every` steps) and the same views."""
+        in one `greedy_block`, its view wide enough for the last of them): the same tokens and the same checks
+        (every row stopped, read every `check_every` steps)."""
         B, steps = out.shape
         token = logits.argmax(-1)
         out[:, 0] = token
