@@ -124,13 +124,13 @@ def _documents(cfg: DataConfig, source: SourceConfig, path: str):
             yield f"{source.name}/{sample['__key__']}", doc
 
 
-def _measure_shard(cfg: DataConfig, source: SourceConfig, path: str) -> tuple[list, list, list]:
-    """The shard's document keys, positions and patches (a first pass: where each goes in the table)."""
-    keys, lengths, patches = [], [], []
+def _measure_shard(cfg: DataConfig, source: SourceConfig, path: str) -> tuple[list, list, int]:
+    """The shard's document keys, their positions, and its patches (a first pass: where each goes in the table)."""
+    keys, lengths, patches = [], [], 0
     for key, doc in _documents(cfg, source, path):
         keys.append(key)
         lengths.append(len(doc))
-        patches.append(int(doc.is_patch.sum()))
+        patches += int(doc.is_patch.sum())
     return keys, lengths, patches
 
 
@@ -174,13 +174,18 @@ def _memmap(path: Path, dtype, shape: tuple, mode: str = "r") -> np.memmap:
     return np.memmap(path, dtype=dtype, mode=mode, shape=shape)
 
 
-def _open_table(root: Path, meta: dict, mode: str = "r") -> dict:
-    """The document table's memory maps: per position fields, patches, each document's first position."""
+def _table_shapes(meta: dict) -> dict[str, tuple[str, tuple]]:
+    """name -> (dtype, shape) of each table file: per position fields, patches, each document's first position."""
     shapes = {k: (meta["dtypes"][k], (meta["positions"], *tail)) for k, tail in POSITION_FIELDS.items()}
     shapes["patches"] = ("uint8", (meta["patches"], meta["patch_dim"]))
     shapes["doc_start"] = ("int64", (meta["documents"] + 1,))
+    return shapes
+
+
+def _open_table(root: Path, meta: dict, mode: str = "r") -> dict:
+    """The document table's memory maps."""
     out = {}
-    for name, (dtype, shape) in shapes.items():
+    for name, (dtype, shape) in _table_shapes(meta).items():
         if 0 in shape:
             out[name] = np.zeros(shape, dtype=dtype)
         else:
@@ -284,7 +289,7 @@ def _build_into(cfg: DataConfig, tmp: Path, rows: int, streams: int, workers: in
     with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
         sized = _map(pool, _measure_shard, shards)
         lengths = np.array([n for _, ls, _ in sized for n in ls], dtype=np.int64)
-        patches = sum(sum(p) for _, _, p in sized)
+        patches = sum(p for _, _, p in sized)
         table = {
             "positions": int(lengths.sum()),
             "patches": patches,
@@ -294,14 +299,12 @@ def _build_into(cfg: DataConfig, tmp: Path, rows: int, streams: int, workers: in
         }
         (tmp / "table.json").write_text(json.dumps(table))
         (tmp / "keys.json").write_text(json.dumps([k for keys, _, _ in sized for k in keys]))
-        for name, (dtype, shape) in {
-            **{k: (table["dtypes"][k], (table["positions"], *tail)) for k, tail in POSITION_FIELDS.items()},
-            "patches": ("uint8", (table["patches"], table["patch_dim"])),
-        }.items():
-            _allocate(tmp / f"{name}.bin", int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        for name, (dtype, shape) in _table_shapes(table).items():
+            if name != "doc_start":  # written whole below
+                _allocate(tmp / f"{name}.bin", int(np.prod(shape)) * np.dtype(dtype).itemsize)
         np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(tmp / "doc_start.bin")
         firsts = np.cumsum([0] + [sum(ls) for _, ls, _ in sized])
-        patch_firsts = np.cumsum([0] + [sum(p) for _, _, p in sized])
+        patch_firsts = np.cumsum([0] + [p for _, _, p in sized])
         _map(pool, _write_shard, [(*s, str(tmp), int(a), int(b)) for s, a, b in zip(shards, firsts, patch_firsts)])
         done = _map(pool, build_stream, [(cfg, s, streams, rows, str(tmp)) for s in range(streams)])
     short = [d["stream"] for d in done if d["lengths"]["counts"] < rows]
@@ -469,8 +472,9 @@ class RowLoader:
                     f"resuming with world={world} x batch_size={cfg.batch_size} would read other rows"
                 )
         self.consumed = state["consumed"] if state else 0
-        saved = (state or {}).get("counts", {})
-        self.read = np.array([saved.get(f"source/{s.name}", 0) for s in cfg.sources], dtype=np.int64)
+        self.read = np.zeros(len(cfg.sources), dtype=np.int64)  # samples this rank's rows read, per source
+        for c in range(self.consumed):  # a function of the batches taken, like everything else here
+            self.read += self.store.samples_read(*self._where(c), cfg.batch_size)
         self._last: tuple[int, int] | None = None
         self._pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="rows") if cfg.workers else None
         self._ahead: deque = deque()  # (batch number, future), in order
@@ -527,13 +531,7 @@ class RowLoader:
         return {"samples": sum(counts.values()), **counts}
 
     def state_dict(self) -> dict:
-        return {
-            "kind": "rows",
-            "consumed": self.consumed,
-            "world": self.world,
-            "batch_size": self.cfg.batch_size,
-            "counts": self.skip_counts(),
-        }
+        return {"kind": "rows", "consumed": self.consumed, "world": self.world, "batch_size": self.cfg.batch_size}
 
 
 def open_loader(

@@ -60,6 +60,7 @@ def gpu_time(out: str | Path, peak_tflops: float | None = None) -> dict:
         "runs_dated_by_next_start": sum(bool(s.get("end_bound")) for s in dated),
         "cells": len(rows),
         "wall_s": wall,
+        "run_walls_s": [s["end"] - s["start"] for s in ended],  # each driver run's, in order
         "slot_s": slot_s,
         "train_s": train,  # as the cells recorded it: their first steps' compile included
         "warmup_s": sum(warm) if warm else None,
@@ -133,6 +134,8 @@ def markdown(t: dict) -> str:
         f"{t['tokens']:.3g} tokens, {t['tokens_per_s'] or 0:,.0f} tokens/s of wall time"
         + (f", aggregate MFU {100 * t['mfu']:.2f}% (start-up included)" if t["mfu"] is not None else ""),
     ]
+    if len(t.get("run_walls_s", [])) > 1:
+        lines.append("wall time of each driver run, in order: " + ", ".join(f"{w:.0f} s" for w in t["run_walls_s"]))
     if t.get("startup_phases"):
         lines.append(
             "start-up, median seconds a cell by stage: "

@@ -297,6 +297,10 @@ def test_three_runs_of_every_cell_fitted_together(tmp_path):
 
 
 def test_the_time_table_is_the_time_files():
+    from scaling.gputime import gpu_time, markdown
+
+    for run in ("study6-check", "study6"):  # each time.md is what `python -m scaling time DIR` prints today
+        assert markdown(gpu_time(STUDY / run, peak_tflops=989)) + "\n" == (STUDY / run / "time.md").read_text()
     for label, run in (("the check (`study6-check/time.md`)", "study6-check"), ("the two calls after it", "study6")):
         md = (STUDY / run / "time.md").read_text()
         wall = re.search(r"wall time of \d driver run\(s\) \| (\d+)", md)[1]
@@ -311,6 +315,10 @@ def test_the_time_table_is_the_time_files():
     assert f"**{sum(walls)} s of driver wall time for the 40 cells** ({sum(walls) / 60:.1f} minutes" in said6()
     log = (RUN / "sweep2.log").read_text()
     assert log.count("\nfinished ") == 10 and "30 of 40 cells already finished" in log
+    each = re.search(r"wall time of each driver run, in order: (\d+) s, (\d+) s", (RUN / "time.md").read_text())
+    assert f"stopped the call at {each[1]} s of driver wall time" in said6()
+    assert f"in {each[2]} s of driver wall time (`sweep2.log`" in said6()
+    assert f"cut at {each[1]} s" in said()
 
 
 def test_a_reused_row_keeps_the_sweep_that_trained_it(tmp_path):
