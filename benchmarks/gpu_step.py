@@ -11,7 +11,8 @@ A variant is a colon-separated set of words, in any order (defaults in brackets)
   ZeRO       z0 | z1 | z2 | z3                                    [z1]
   ac         activation checkpointing on                          [off]
   data       synthetic | loader | cached                          [synthetic] (loader: the real StreamingLoader
-             over --data, pinned and copied asynchronously, or with @data.rows=DIR the rows gathered from that row
+             over --data, pinned and copied on a stream of its own as the trainer does (data.handoff.SideCopy;
+             samestream: on the compute stream, as before), or with @data.rows=DIR the rows gathered from that row
              store, `python -m data.rows`; cached: its first 8 batches kept on the GPU;
              fd: workers pass tensors by file descriptor, torch's default, not named shared memory as the loader does)
   plain      our model with fused AdamW and autocast but no DeepSpeed (to measure the engine's own cost)
@@ -95,7 +96,7 @@ def parse_variant(text: str) -> dict:
     v = {"attention": "flex", "compile": True, "batch": "text", "zero": 1, "ac": False, "data": "synthetic"}
     v.update(fd=False, plain=False, whole=False, waits=False, allpositions=False, torchloss=False, rows=None)
     v.update(torchmlp=False, quackmlp=False, mlptuned=False, torchengine=False, losskernel=False, graph=False)
-    v.update(name=text, overrides=[])
+    v.update(samestream=False, name=text, overrides=[])
     v["tiles"], v["mask_block"] = FLEX_DEFAULTS
     v["loss_launch"] = LOSS_LAUNCH
     for word in text.split(":"):
@@ -119,6 +120,7 @@ def parse_variant(text: str) -> dict:
             "mlptuned",
             "torchengine",
             "losskernel",
+            "samestream",  # the loader's copies on the compute stream, as before data.handoff.SideCopy
         ):
             v[word] = True
         elif word == "fd":  # workers pass tensors by file descriptor (torch's default) instead of the trainer's way
@@ -217,12 +219,14 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[
     in next(loader) and in starting the batch's copies to the GPU."""
     dev = torch.device("cuda", torch.cuda.current_device())
 
-    def to_device(b: dict, non_blocking: bool = False) -> dict:
+    def to_device(b: dict, non_blocking: bool = False, copy=None) -> dict:
         if v["allpositions"]:
             b = {k: t for k, t in b.items() if k != "target_index"}
         # the rows the head runs at are target_index's length, padding included: read from its shape, for a CPU
         # op here (counting its entries) would cost the loader variants (train.engine.quiet_host_threads)
         heads.append(1.0 if v["allpositions"] else len(b["target_index"]) / b["tokens"].numel())
+        if copy is not None:
+            return copy(b)
         return handoff.to_device(b, dev, non_blocking)  # one copy where the loader handed one buffer (data.handoff)
 
     if v["data"] == "synthetic":
@@ -243,12 +247,14 @@ def batches_for(v: dict, cfg, rows: int, vocab: int, data_dir: str, heads: list[
     if v["data"] == "cached":
         return itertools.cycle([to_device(next(loader)) for _ in range(8)])
 
+    side = None if v["samestream"] else handoff.SideCopy(dev)  # the trainer's copy (train.next_token)
+
     def streamed():
         while True:
             t0 = time.perf_counter()
             b = next(loader)
             t1 = time.perf_counter()
-            b = to_device(b, non_blocking=True)
+            b = to_device(b, non_blocking=True, copy=side)
             waits.append((t1 - t0, time.perf_counter() - t1))
             yield b
 

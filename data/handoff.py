@@ -73,3 +73,26 @@ def to_device(batch: dict, device: torch.device, non_blocking: bool = True) -> d
     if isinstance(batch, HandedBatch):
         return batch.to(device, non_blocking=non_blocking)
     return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+
+
+class SideCopy:
+    """Batches to a GPU on a copy stream of their own. On the compute stream a batch's copy queued behind the step
+    before it and held the next step's kernels until it was done; on its own stream it runs while that step's
+    kernels do (the host issues it ahead, the GPU being the bound), and the compute stream waits for it only where
+    the batch is first read. The copy's device memory is marked in use by the compute stream (`record_stream`), so
+    the allocator hands it out again only once the step that read it is done. Elsewhere: `to_device`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        if self.stream is None:
+            return to_device(batch, self.device)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            moved = to_device(batch, self.device, non_blocking=True)
+        compute.wait_stream(self.stream)
+        for t in moved.values():
+            t.record_stream(compute)
+        return moved

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 
-from data.handoff import to_device
+from data.handoff import SideCopy
 from data.pipeline import DataError, source_samples
 from data.rows import open_loader, rows_needed
 from model import IGNORE, flops_per_token, param_count
@@ -42,6 +42,7 @@ class NextToken(Objective):
     def __init__(self, cfg, run, engine, optimizer, model, device, rank, world, group, saved):
         super().__init__(cfg, run, engine, optimizer, model, device, rank, world, group, saved)
         self.loader = open_loader(cfg.data, rank, world, (saved or {}).get("data"), pin_memory=device.type == "cuda")
+        self.copy = SideCopy(device)
         mc, self.G, self.B, self.T = cfg.model, cfg.deepspeed.grad_accum, cfg.data.batch_size, cfg.data.seq_len
         if cfg.data.rows and self.loader.capacity() < cfg.steps * self.G:  # before training, not at the run's end
             raise DataError(
@@ -85,7 +86,7 @@ class NextToken(Objective):
         for micro in range(self.G):
             cpu_batch = next(self.loader)
             counts.append(int((cpu_batch["targets"] != IGNORE).sum()))  # on the host: no wait for the GPU
-            batches.append(to_device(cpu_batch, self.device))  # one copy (data.handoff)
+            batches.append(self.copy(cpu_batch))  # one copy, beside the step before (data.handoff)
             if self.sample_log:  # flushed per line: the log must survive the crash it may be needed to explain
                 self.sample_log.write(json.dumps({"step": step, "micro": micro, "rows": self.loader.last_pieces}))
                 self.sample_log.write("\n")
