@@ -8,12 +8,14 @@
 # built here first, about 50 s and 18 GB on the H200 host), without an LR check unless STUDY_LR_SPEC names one.
 # (The third design: configs/sweeps/study.yaml and its two LR checks.)
 set -euo pipefail
+# the interpreter: $PYTHON, else `python`, else `python3` (some GPU images have only the last)
+python=${PYTHON:-$(command -v python || command -v python3)}
 # the raw shards (artifacts/study) and their prepared copy, which the study config reads (tokenised and decoded
 # once); 600,000 samples a source so that no cell of the fourth or fifth design reads any sample more than a few times
 [ -f artifacts/study-prepared/dataset.json ] ||
-  python -m data.study --out artifacts/study --prepared artifacts/study-prepared --train "${STUDY_TRAIN:-600000}"
+  "$python" -m data.study --out artifacts/study --prepared artifacts/study-prepared --train "${STUDY_TRAIN:-600000}"
 spec=${STUDY_SPEC:-configs/sweeps/study5.yaml}
-python -m scaling store "$spec"  # the packed rows its cells read, when they read a row store (data.rows)
+"$python" -m scaling store "$spec"  # the packed rows its cells read, when they read a row store (data.rows)
 # the GPU's busy share and the host's load every 5 s while the sweeps run (docs/study/STUDY.md, "GPU time")
 out=runs/sweeps/$(basename "$spec" .yaml)
 mkdir -p "$out"
@@ -27,9 +29,9 @@ case "$spec" in
   configs/sweeps/study5.yaml) lr=${STUDY_LR_SPEC:-configs/sweeps/study5-lr.yaml} ;;
   *) lr=${STUDY_LR_SPEC:-} ;;
 esac
-python -m scaling run "$spec"
+"$python" -m scaling run "$spec"
 # the LR check's factor-1 cells are the study's own: reused from its results, not trained again
-[ -z "$lr" ] || python -m scaling run "$lr" --reuse "$out/results.csv"
-python -m scaling report "$spec"
-[ -z "$lr" ] || python -m scaling lrcheck "$lr"
-python -m scaling time "$spec" --peak-tflops "${PEAK_TFLOPS:-989}"  # H200 dense bf16
+[ -z "$lr" ] || "$python" -m scaling run "$lr" --reuse "$out/results.csv"
+"$python" -m scaling report "$spec"
+[ -z "$lr" ] || "$python" -m scaling lrcheck "$lr"
+"$python" -m scaling time "$spec" --peak-tflops "${PEAK_TFLOPS:-989}"  # H200 dense bf16

@@ -334,3 +334,56 @@ def test_a_reused_row_keeps_the_sweep_that_trained_it(tmp_path):
     mine = {r["key"]: r.get("reused_from") for r in csv_rows(RUN / "results.csv")}
     assert {k: v or str(RUN / "results.csv") for k, v in mine.items()} == got
     assert sorted(set(got.values())) == sorted({"docs/study/study6-check/results.csv", str(RUN / "results.csv")})
+
+
+def test_the_copy_beside_the_step_at_depth_8():
+    """STUDY.md's "The copy beside the step": the table and every ratio are the two committed gpu_step runs', and the
+    reference's best figure is the highest of the earlier calls' at depth 8."""
+    runs = [json.loads((PERF / f).read_text()) for f in ("study_step7_d8_h200.json", "study_step7_d8_again_h200.json")]
+
+    def pick(run, word):
+        for s in run:
+            v = s["variant"]
+            if word == "reference" and v == "reference":
+                return s
+            if word == "side" and "@data.rows=" in v and not s["samestream"]:
+                return s
+            if word == "same" and "@data.rows=" in v and s["samestream"]:
+                return s
+            if word == "cached" and v.startswith("flex:graph:cached:"):
+                return s
+        return None
+
+    for s in (x for run in runs for x in run):
+        assert "model.depth=8" in s.get("overrides", ["model.depth=8"]) and s["rows"] == 96
+    text, lines = said(), DOC.read_text().splitlines()
+    for word, name in (
+        ("side", "captured, rows from the store, copy on its own stream"),
+        ("same", "captured, rows from the store, copy on the compute stream"),
+        ("cached", "captured, cached batches"),
+        ("reference", "the plain compiled GPT"),
+    ):
+        cells = []
+        for run in runs:
+            s = pick(run, word)
+            cells += [f"{s['tokens_per_s']:,.0f}", f"{s['step_ms']:.2f}"] if s else ["", ""]
+        assert [name, *cells] in [[c.strip() for c in x.strip("|").split("|")] for x in lines], (name, cells)
+    gains = sorted(pick(r, "same")["step_ms"] / pick(r, "side")["step_ms"] - 1 for r in runs)
+    assert f"worth {100 * gains[0]:.1f}-{100 * gains[-1]:.1f}% of the step" in text
+    first = runs[0]
+    assert f"({pick(first, 'side')['tokens_per_s'] / pick(first, 'cached')['tokens_per_s']:.3f}x)" in text
+    vs = [pick(r, "side")["tokens_per_s"] / pick(r, "reference")["tokens_per_s"] for r in runs]
+    assert min(vs) >= 1.0 and f"**{vs[0]:.2f}x and {vs[1]:.2f}x**" in text
+    earlier = [
+        s["tokens_per_s"]
+        for f in ("study_step5_h200.json", "study_step6_h200.json")
+        for s in json.loads((PERF / f).read_text())
+        if s["variant"] == "reference" and s["depth"] == 8
+    ]
+    best = max(earlier)
+    assert f"highest figure the reference has given on this host, {best:,.0f} tokens/s" in text
+    ours = [pick(r, "side")["tokens_per_s"] for r in runs]
+    assert min(ours) / best >= 0.995 and f"is **{min(ours) / best:.2f}x**" in text
+    assert f"4.36M tokens/s here, {earlier[0] / 1e6:.2f}M and {earlier[1] / 1e6:.2f}M" in text
+    perf = flat(REPO / "docs" / "PERFORMANCE.md")
+    assert f"{vs[0]:.2f}x and {vs[1]:.2f}x the plain GPT in two runs of one call" in perf
