@@ -45,7 +45,9 @@ at every position), MFU run (the same with the head counted only at the position
 target, unless `allpositions`) and peak memory.
 Per config and row count, a plain reference GPT of the same width, depth, heads and vocabulary (RMSNorm, GELU MLP,
 causal SDPA, compiled, fused AdamW, bf16 autocast, no DeepSpeed) on the same number of tokens, so every figure has
-a ratio next to it. Loader variants add the host's time per step in next(loader) and in the copies to the GPU
+a ratio next to it (--bracket: measured before the variants as well as after, the ratio against the faster of
+the two: at depth 8 of the study the reference gave 4.36M to 5.80M tokens/s in four calls on one H200 host,
+docs/study/STUDY.md). Loader variants add the host's time per step in next(loader) and in the copies to the GPU
 (`loader_wait_ms`, `copy_ms`): a loader that costs tokens/s with neither is slowing the trainer's host, not
 starving it. --profile adds, per variant and reference, the GPU's busy share of the step, the kernels a step
 launches, the top kernels and host ops, and the Python functions the host spends its time in (--trace DIR: Chrome
@@ -509,6 +511,11 @@ def main(argv=None):
     ap.add_argument("--variants", default="flex:text,flex:mixed,sdpa:mixed,flex:mixed:eager")
     ap.add_argument("--data", default="artifacts/data", help="embedded-format shards for the loader variants")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument(
+        "--bracket",
+        action="store_true",
+        help="the reference also before the variants (reference-before); ratios against the faster of the two",
+    )
     ap.add_argument("--set", default="", help="config overrides for every variant and the reference, comma-separated")
     ap.add_argument("--json")
     ap.add_argument("--profile", action="store_true", help="GPU busy share and top kernels per variant")
@@ -538,6 +545,18 @@ def main(argv=None):
 
     for name in args.configs.split(","):
         references = set()
+        if args.bracket and not args.no_reference and world == 1:  # the reference before the variants too
+            for rows in sorted({parse_variant(t)["rows"] for t in args.variants.split(",")}, key=str):
+                cfg = load_config(CONFIGS[name], [o for o in args.set.split(",") if o])
+                emit(
+                    {
+                        "config": name,
+                        "variant": "reference-before",
+                        "world": 1,
+                        **bench_reference(cfg, rows or cfg.data.batch_size, args.steps, args.vocab),
+                    }
+                )
+                torch._dynamo.reset()
         for text in args.variants.split(","):
             v = parse_variant(text)
             v["overrides"] = [o for o in args.set.split(",") if o] + v["overrides"]
@@ -579,6 +598,13 @@ def main(argv=None):
             ),
             None,
         )
+        before = [
+            x
+            for x in results
+            if x["variant"] == "reference-before" and (x["config"], x["rows"]) == (r["config"], r["rows"])
+        ]
+        if ref and before and r is not ref and r not in before:  # against the faster of the two: the harder bar
+            ref = max([ref, *before], key=lambda x: x["tokens_per_s"])
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:>7.2f}" if ref else f"{'-':>7}"
         mem = f"{r['memory_gb']:>7.1f}" if "memory_gb" in r else f"{'-':>7}"
         print(
