@@ -367,6 +367,34 @@ def test_a_handed_batch_is_the_workers_batch_in_one_buffer(embedded):
         assert all(torch.equal(moved[k], expected[k]) for k in expected)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a copy stream needs a CUDA device")
+def test_a_batch_copied_on_its_own_stream_is_what_the_step_reads():
+    """data.handoff.SideCopy: the compute stream reads each batch whole, though its copy ran on another stream while
+    the compute stream was still busy (a long matmul queued first): without the wait it would read a buffer the copy
+    had not yet filled, and without record_stream the allocator could hand the buffer to the next copy too early."""
+    from data.handoff import HandedBatch, SideCopy, pack
+
+    device = torch.device("cuda")
+    copy, busy = SideCopy(device), torch.randn(4096, 4096, device=device)
+    sums = []
+    for i in range(20):
+        batch = {"tokens": torch.full((64, 4096), i, dtype=torch.int32), "x": torch.arange(1000.0) * i}
+        busy = busy @ busy / 64  # keeps the compute stream busy while the copy runs
+        moved = copy(HandedBatch(*pack(batch, pin_memory=True)))
+        sums.append((moved["tokens"].sum(), moved["x"].sum()))
+    for i, (tokens, x) in enumerate(sums):
+        assert int(tokens) == 64 * 4096 * i and float(x) == 499500.0 * i
+
+
+def test_a_side_copy_off_a_gpu_is_the_plain_copy():
+    from data.handoff import HandedBatch, SideCopy, pack
+
+    batch = {"tokens": torch.arange(12).view(3, 4), "mask": torch.tensor([True, False, True])}
+    moved = SideCopy(torch.device("cpu"))(HandedBatch(*pack(batch)))
+    assert SideCopy(torch.device("cpu")).stream is None
+    assert all(torch.equal(moved[k], batch[k]) and moved[k].dtype == batch[k].dtype for k in batch)
+
+
 def test_the_pinning_thread_pins_a_handed_batch_in_one_call(embedded, monkeypatch):
     """The DataLoader's pinning thread pins what a worker yields (data.handoff.Handed) with one call, its buffer
     pinned and its bookkeeping passed through untouched; as a dict, the same batch made it walk and copy hundreds
