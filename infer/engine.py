@@ -175,10 +175,21 @@ class Engine:
         self.static, self.compiled = static or compile or block > 1, compile
         self.cache_class = StaticCache if self.static else BatchCache
         self.step, self.greedy_step, self.greedy_block = self._step, self._greedy_step, self._greedy_block
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # view -> `block` steps captured on one call's buffers
+        self._met: set[tuple] = set()  # the shapes the compiled step has run at (so compiled before a capture)
         if compile:
             self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False, fullgraph=True)
-            self.greedy_step = torch.compile(self._greedy_step, mode="reduce-overhead", dynamic=False, fullgraph=True)
-            self.greedy_block = torch.compile(self._greedy_block, mode="reduce-overhead", dynamic=False, fullgraph=True)
+            if block > 1 and self.device.type == "cuda":  # blocks captured by the engine (_greedy_block_graph)
+                self.greedy_step = torch.compile(self._greedy_step, dynamic=False, fullgraph=True)
+                self.greedy_block = self._greedy_block_graph
+                self._capture_stream = torch.cuda.Stream(self.device)
+            else:
+                self.greedy_step = torch.compile(
+                    self._greedy_step, mode="reduce-overhead", dynamic=False, fullgraph=True
+                )
+                self.greedy_block = torch.compile(
+                    self._greedy_block, mode="reduce-overhead", dynamic=False, fullgraph=True
+                )
             # one compilation per (batch, view) met: StaticCache.MAX_VIEWS views for each batch size, and dynamo's
             # limit (8 per function, across engines) fell on an H200 at the second batch size of one process
             limits = torch._dynamo.config
@@ -206,6 +217,35 @@ class Engine:
         """`block` greedy steps in one call: unrolled, so compiled it is one CUDA graph for `block` tokens."""
         for _ in range(self.block):
             self._greedy_step(token, column, base, out, length, done, limit, stops, cache)
+
+    def _greedy_block_graph(self, token, column, base, out, length, done, limit, stops, cache) -> None:
+        """`block` greedy steps as one CUDA graph of `block` compiled steps (compiled, on a GPU): captured on this
+        call's buffers the first time a block meets a view, then replayed, one launch and one host round for `block`
+        tokens. Unrolled and compiled under reduce-overhead instead, the block's compile grew with `block` and ran
+        once per view: on an H200 one 20M engine of blocks of 4 took 105 s to compile and run (docs/PERFORMANCE.md);
+        here the compile is one step's. A block at a shape the compiled step has not run at goes step by step, as a
+        compile inside a capture would launch kernels of its own."""
+        args = (token, column, base, out, length, done, limit, stops, cache)
+        graph = self._graphs.get(cache.view)
+        if graph is None:
+            shape = (*out.shape, tuple(base.shape), stops.numel(), cache.max_len, cache.view)
+            if shape not in self._met:
+                for _ in range(self.block):
+                    self.greedy_step(*args)
+                self._met.add(shape)
+                return
+            graph = self._graphs[cache.view] = torch.cuda.CUDAGraph()
+            stream = self._capture_stream
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # captured, not run: the replay below runs it
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    for _ in range(self.block):
+                        self.greedy_step(*args)
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph.replay()
 
     @torch.no_grad()
     def generate(
@@ -313,6 +353,7 @@ class Engine:
         if self.compiled:
             for t in (token, column, base, out, length, done, limit, stops):
                 torch._dynamo.mark_static_address(t)
+        self._graphs = {}  # a captured block reads and writes this call's buffers: captures last one call
         step = 1  # column `step` from the token at column step - 1
         while step < steps:
             if step % self.check_every == 0 and bool(done.all()):

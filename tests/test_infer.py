@@ -154,6 +154,29 @@ def test_greedy_blocks_give_the_row_by_row_tokens_in_fewer_calls(model, compile)
         Engine(model, check_every=4, block=3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the engine captures blocks as CUDA graphs on a GPU only")
+def test_captured_blocks_give_the_step_by_step_tokens(model):
+    """Compiled on a GPU, `Engine(block=K)` captures K compiled steps as one CUDA graph a view (the first block at a
+    shape the compiled step has not met goes step by step) and replays it: the tokens are the uncompiled static
+    engine's, through views past a grain, with stops and per-row limits, in a first call (compiles) and a second
+    (captures again on its own buffers, nothing compiled)."""
+    net = model.to("cuda")
+    try:
+        params = SamplingParams(max_new_tokens=150)
+        expected = Engine(net, static=True).generate(prompts(), params)
+        engine = Engine(net, check_every=8, compile=True, block=4)
+        assert engine.generate(prompts(), params) == expected
+        assert len(engine._graphs) >= 2  # views past a grain (64), each captured
+        met = set(engine._met)
+        assert engine.generate(prompts(), params) == expected and engine._met == met and len(engine._graphs) >= 2
+        stop = expected[1][20]
+        params, limits = SamplingParams(max_new_tokens=150, stop_ids=(stop,)), [150, 70, 9, 150]
+        reference = Engine(net, static=True).generate(prompts(), params, limits)
+        assert engine.generate(prompts(), params, limits) == reference
+    finally:
+        model.to("cpu")
+
+
 @pytest.mark.parametrize(
     "kernel",
     [
