@@ -234,7 +234,7 @@ class Engine:
                     self.greedy_step(*args)
                 self._met.add(shape)
                 return
-            graph = self._graphs[cache.view] = torch.cuda.CUDAGraph()
+            graph = torch.cuda.CUDAGraph()
             stream = self._capture_stream
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):  # captured, not run: the replay below runs it
@@ -245,6 +245,7 @@ class Engine:
                 finally:
                     graph.capture_end()
             torch.cuda.current_stream(self.device).wait_stream(stream)
+            self._graphs[cache.view] = graph  # kept once captured whole
         graph.replay()
 
     @torch.no_grad()
