@@ -9,7 +9,8 @@ Engines: `engine` (the growing cache), `static` (StaticCache: every step one sha
 compiled with CUDA graphs, torch.compile's reduce-overhead mode; meant for a GPU), and the same attending to the
 cache with other kernels (`model.attention.CACHED_KERNEL`): `compiled-flex` (flex_attention's decoding kernel, on a
 GPU) and `compiled-math` (two matmuls and a softmax); `compiled-block4` and `compiled-block8` (`Engine(block=K)`: K
-greedy steps captured in one graph, one replay and one host round for K tokens).
+greedy steps captured in one graph, one replay and one host round for K tokens); `compiled-triton`
+(`model.decode_attention`'s kernel, on a GPU with Triton) and `compiled-block8-triton` (both).
 
 --profile runs each measured call once more under torch.profiler and adds what a decode step is made of: the device
 kernels a new token costs (CPU operators on a CPU) and the few that take most of the time, with their share: where
@@ -71,8 +72,15 @@ ENGINES = {  # Engine options per variant: the growing cache, the static one, th
     "compiled-math": {"compile": True},  # ... with two matmuls and a softmax
     "compiled-block4": {"compile": True, "block": 4},  # four greedy steps a graph replay: a quarter of the host rounds
     "compiled-block8": {"compile": True, "block": 8},
+    "compiled-triton": {"compile": True},  # ... with model.decode_attention's kernel (one program a row and head)
+    "compiled-block8-triton": {"compile": True, "block": 8},  # both levers at once
 }
-CACHED_KERNEL = {"compiled-flex": "flex", "compiled-math": "math"}  # model.attention.CACHED_KERNEL; others: sdpa
+CACHED_KERNEL = {  # model.attention.CACHED_KERNEL; others: sdpa
+    "compiled-flex": "flex",
+    "compiled-math": "math",
+    "compiled-triton": "triton",
+    "compiled-block8-triton": "triton",
+}
 
 
 def profile_call(fn, device, steps: int, top: int = 8) -> dict:

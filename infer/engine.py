@@ -89,10 +89,15 @@ class StaticCache(BatchCache):
         self.v[layer].index_copy_(2, at, v)
         return self.k[layer][:, :, : self.view], self.v[layer][:, :, : self.view]
 
+    def key_span(self, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys each row's step may read, [key_start[b], end): its prompt's first and the ones written so far
+        (device tensors, so a captured step reads them as they are when it is replayed)."""
+        return self.key_start, self.pos + new
+
     def key_mask(self, keys: int, new: int) -> torch.Tensor:
-        index = torch.arange(keys, device=self.key_start.device)
-        allowed = (index >= self.key_start[:, None]) & (index < self.pos + new)
-        return allowed.view(-1, 1, 1, keys)
+        start, end = self.key_span(new)
+        index = torch.arange(keys, device=start.device)
+        return ((index >= start[:, None]) & (index < end)).view(-1, 1, 1, keys)
 
 
 def _left(t: torch.Tensor, pad: int, fill) -> torch.Tensor:

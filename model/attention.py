@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from model.config import ConfigError, ModelConfig
+from model.decode_attention import decode_attention
 from model.rope import apply_rotary
 
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -245,15 +246,19 @@ def attend(q, k, v, mask: AttentionMask | None) -> torch.Tensor:
 
 # A cached step's attention kernel (benchmarks/decode.py's engines compare them on a GPU): "sdpa" (SDPA with a mask),
 # "flex" (flex_attention's decoding kernel, compiled CUDA steps only), "math" (two matmuls and a softmax, which
-# inductor is free to fuse).
+# inductor is free to fuse), "triton" (model.decode_attention: one program a row and head, reading only the row's
+# real keys; one-query steps of a cache that gives its keys as a span, `key_span`, on a GPU with Triton).
 CACHED_KERNEL = "sdpa"
 
 
-def attend_cached(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
-    """A cached step's attention: q (B, H, Tq, D) to the cache's keys, `allowed` (B, 1, 1, Tk) saying which are
-    real. SDPA with the mask takes cuDNN's kernel on an H200, whose 16-query tiles serve one query a row: 42% of a
-    20M decode step's kernel time. flex_attention's decoding kernel (splitting the keys across the GPU) and the plain
-    matmuls were no faster at 20M or 125M (docs/PERFORMANCE.md), so SDPA stays the default."""
+def attend_cached(q, k, v, cache, new: int) -> torch.Tensor:
+    """A cached step's attention: q (B, H, new, D) to the cache's keys, of which `cache.key_mask` (B, 1, 1, Tk) says
+    which are real. SDPA with the mask takes cuDNN's kernel on an H200, whose 16-query tiles serve one query a row:
+    42% of a 20M decode step's kernel time. flex_attention's decoding kernel (splitting the keys across the GPU) and
+    the plain matmuls were no faster at 20M or 125M (docs/PERFORMANCE.md), so SDPA stays the default."""
+    if CACHED_KERNEL == "triton" and new == 1 and hasattr(cache, "key_span"):
+        return decode_attention(q, k, v, *cache.key_span(new))
+    allowed = cache.key_mask(k.shape[2], new)
     gqa = q.shape[1] != k.shape[1]
     if CACHED_KERNEL == "math":
         B, H, T, D = q.shape
@@ -299,7 +304,7 @@ class Attention(nn.Module):
         if self.track_max_logit and mask is not None:
             self.max_logit = self._max_logit(q, k, mask)
         if mask is None and cache is not None:  # a cached step: the cache says which of its keys are real
-            out = attend_cached(q, k, v, cache.key_mask(k.shape[2], T))
+            out = attend_cached(q, k, v, cache, T)
         else:
             out = attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))

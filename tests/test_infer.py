@@ -187,13 +187,16 @@ def test_captured_blocks_give_the_step_by_step_tokens(model):
             ),
         ),
         "math",
+        "triton",
     ],
 )
 def test_the_cached_step_kernels_give_sdpas_tokens(model, kernel, monkeypatch):
     """Each kernel a cached step may attend with (`model.attention.CACHED_KERNEL`, compared by benchmarks/decode.py)
     gives the tokens SDPA with a mask gives, for prompts of different lengths (left padding masked out) over more
     steps than one view of the cache holds: compiled on a GPU where there is one, on a CPU eagerly and compiled
-    (flex only on a GPU: a CPU step falls back to SDPA, and comparing SDPA with itself would test nothing)."""
+    (flex only on a GPU: a CPU step falls back to SDPA, and comparing SDPA with itself would test nothing; triton's
+    kernel needs a GPU too, and on a CPU its fallback reads the cache's key span, which the mask is checked
+    against)."""
     from model import attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

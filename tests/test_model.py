@@ -745,3 +745,26 @@ def test_the_readmes_python_snippets_run_as_written():
     assert blocks
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README's own code
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="model.decode_attention's Triton kernel needs a CUDA device")
+def test_the_decode_kernel_is_sdpa_over_each_rows_span():
+    """model.decode_attention on a GPU: each row's one query against the keys in [key_start, end) of a cache view (a
+    strided slice, as the static cache gives it), with grouped heads, spans that start inside a block and end before
+    the view does: SDPA with the same mask, within bf16's rounding."""
+    from model.decode_attention import HAS_TRITON, decode_attention, reference
+
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    for B, H, KV, keys, D in ((256, 3, 3, 320, 128), (7, 8, 2, 150, 64), (3, 4, 4, 64, 16)):
+        k = torch.randn(B, KV, keys + 40, D, device="cuda", dtype=torch.bfloat16)[:, :, :keys]
+        v = torch.randn(B, KV, keys + 40, D, device="cuda", dtype=torch.bfloat16)[:, :, :keys]
+        q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        for end in (keys, keys - 37, 1 + keys // 3):
+            start = torch.randint(0, end, (B,), device="cuda")
+            start[0], start[-1] = 0, end - 1
+            got = decode_attention(q, k, v, start, torch.tensor(end, device="cuda"))
+            want = reference(q.float(), k.float(), v.float(), start, torch.tensor(end, device="cuda"))
+            assert got.shape == (B, H, 1, D) and got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
