@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import itertools
 import json
 import math
@@ -270,6 +271,16 @@ def _estimate(spec: SweepSpec, cell: Cell, warnings: list[str]) -> None:
         warnings.append(f"{name}: {tpp:.3g} tokens per parameter is outside [{lo:g}, {hi:g}]")
 
 
+def slot_wall(cells: list[Cell], slots: int) -> float:
+    """Minutes of wall time for `cells` started the way scaling.local starts them (trunks first, then the longest),
+    each on the first of `slots` slots to free up: what a sweep of many small cells takes on one GPU that holds
+    `slots` at once. A branch's wait for its trunk is not modelled."""
+    free = [0.0] * max(1, slots)
+    for c in sorted(cells, key=lambda c: (not c.is_trunk, -c.minutes)):
+        heapq.heappush(free, heapq.heappop(free) + c.minutes)
+    return max(free)
+
+
 def print_plan(spec: SweepSpec, p: Plan) -> None:
     print(
         f"{'cell':<20} {'recipe':<14} {'size':>4} {'budget':<12} {'N (6N)':>9} {'N total':>9} {'tokens':>9} "
@@ -290,6 +301,13 @@ def print_plan(spec: SweepSpec, p: Plan) -> None:
         "start-up); budgets in FLOPs as "
         f"{spec.flops_convention}" + (f"; up to {at_once} at once on SLURM" if at_once else "")
     )
+    if launcher.kind == "local" and launcher.nproc == 1:
+        print(
+            "wall time, cells started longest first as slots free up, at the throughput above: about "
+            f"{slot_wall(p.cells, launcher.cells_per_gpu):.0f} minutes on one GPU holding {launcher.cells_per_gpu} at "
+            f"once (launcher.cells_per_gpu), {slot_wall(p.cells, launcher.parallel):.0f} on a CPU host running "
+            f"{launcher.parallel} at once (launcher.parallel)"
+        )
     for store, rows in store_rows(p, spec.launcher.nproc).items():
         print(
             f"row store {store}: each of its {STREAMS} streams must hold {rows} rows (`python -m scaling store "

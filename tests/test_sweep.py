@@ -634,3 +634,26 @@ def test_a_sweep_reads_the_row_store_it_builds_once(spec, tmp_path):
         assert result.returncode != 0 and "2 different data sections" in result.stderr
         assert "Traceback" not in result.stderr
     assert RowStore(store).rows_per_stream > need
+
+
+def test_the_plan_puts_a_sweeps_wall_time_on_its_slots():
+    """scaling.plan.slot_wall: cells started as scaling.local starts them (trunks first, then the longest) on the
+    first slot to free up; `python -m scaling plan` prints it for one GPU's cells_per_gpu slots."""
+    from types import SimpleNamespace
+
+    from scaling.plan import slot_wall
+
+    def cells(*minutes, trunk=None):
+        out = [SimpleNamespace(is_trunk=False, minutes=m) for m in minutes]
+        return out + ([SimpleNamespace(is_trunk=True, minutes=trunk)] if trunk is not None else [])
+
+    assert slot_wall(cells(3, 5, 3), 2) == 6  # 5 | 3 + 3 (shortest first would give 8, a plain mean 5.5)
+    assert slot_wall(cells(3, 5, 3), 1) == 11 and slot_wall(cells(3, 5, 3), 4) == 5
+    assert slot_wall(cells(5, 3, 3, trunk=1), 2) == 7  # the trunk first: 1 + 3 + 3 | 5, where longest-first gives 6
+    spec = REPO / "configs" / "sweeps" / "study6.yaml"
+    wall = slot_wall(plan(load_spec(spec)).cells, load_spec(spec).launcher.cells_per_gpu)
+    printed = subprocess.run(
+        [sys.executable, "-m", "scaling", "plan", str(spec)], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
+    assert f"about {wall:.0f} minutes on one GPU holding 8 at once" in printed
+    assert f"(study6: about {wall:.0f} min of one GPU)" in (REPO / "README.md").read_text()
