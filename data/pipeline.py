@@ -463,6 +463,7 @@ class StreamingLoader:
         self.streams = list(state["streams"]) if state else [None] * n
         self.last_pieces: list = []  # (sample key, start, end) per row of the batch just returned
         self._worker_counts: dict[int, dict] = {}
+        self._saved_counts = dict(state.get("counts", {})) if state else {}  # until a worker reports
         self.loader = DataLoader(
             self.dataset,
             batch_size=None,
@@ -494,10 +495,15 @@ class StreamingLoader:
         self._it = None
 
     def skip_counts(self) -> dict:
-        """Counters summed over this rank's workers: samples read, kinds, skips by reason, bad shards."""
+        """Counters summed over this rank's workers: samples read, kinds, skips by reason, bad shards. A resumed
+        loader reports the checkpoint's until a worker has made a batch, and a worker that has not yet, its stream's
+        saved counts: a run resumed at its last step (killed after its last checkpoint, before its summary) reads
+        nothing more, and its summary must still count what the run read."""
+        if not self._worker_counts:
+            return dict(self._saved_counts)
         total: Counter = Counter()
-        for c in self._worker_counts.values():
-            total.update(c)
+        for w, stream in enumerate(self.streams):
+            total.update(self._worker_counts.get(w) or (stream or {}).get("counts", {}))
         return dict(total)
 
     def state_dict(self) -> dict:

@@ -328,6 +328,25 @@ def run_loader(cfg, rank, world, n, state=None):
     return out, loader.state_dict()
 
 
+def test_a_resumed_loader_counts_what_the_run_read_before_it_draws(embedded):
+    """A run resumed at its last step draws no batch, and its summary's per-source reads (the sweep's epochs columns)
+    must still be the run's: the checkpoint's counts until a worker has made a batch, then each worker's, with its
+    stream's saved counts for a worker that has not yet. (Found by the killed-sweep test: a cell killed after its
+    last checkpoint and resumed reported 0 samples read.)"""
+    cfg = mixture(embedded, workers=2, batch_size=2)
+    _, state = run_loader(cfg, 0, 1, 5)
+    state = json.loads(json.dumps(state))
+    read = state["counts"]
+    assert sum(v for k, v in read.items() if k.startswith("source/")) > 0
+    resumed = StreamingLoader(cfg, 0, 1, state)
+    assert resumed.skip_counts() == read
+    next(resumed)  # one worker reports; the other still counts what its stream had read at the checkpoint
+    after = resumed.skip_counts()
+    assert after["samples"] >= sum(s["counts"]["samples"] for s in state["streams"]) and after != {}
+    fresh = StreamingLoader(cfg, 0, 1)
+    assert fresh.skip_counts() == {}
+
+
 def test_exact_resume_with_workers_and_two_ranks(embedded):
     """Uninterrupted == stopped at step k and resumed: the same samples, in the same order, on every rank."""
     cfg = mixture(embedded, workers=2, batch_size=2)
