@@ -91,8 +91,13 @@ class SideCopy:
             return to_device(batch, self.device)
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.stream):
-            moved = to_device(batch, self.device, non_blocking=True)
+            if isinstance(batch, HandedBatch):  # one buffer: one copy, one mark (its tensors are views of it)
+                buffer = batch.buffer.to(self.device, non_blocking=True)
+                owned, moved = [buffer], unpack(buffer, batch.layout)
+            else:
+                moved = to_device(batch, self.device, non_blocking=True)
+                owned = list(moved.values())
         compute.wait_stream(self.stream)
-        for t in moved.values():
+        for t in owned:
             t.record_stream(compute)
         return moved

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.decode_attention import span_mask
 from model.generate import KVCache, sample
 from model.transformer import FusionTransformer
 
@@ -95,9 +96,7 @@ class StaticCache(BatchCache):
         return self.key_start, self.pos + new
 
     def key_mask(self, keys: int, new: int) -> torch.Tensor:
-        start, end = self.key_span(new)
-        index = torch.arange(keys, device=start.device)
-        return ((index >= start[:, None]) & (index < end)).view(-1, 1, 1, keys)
+        return span_mask(keys, *self.key_span(new))
 
 
 def _left(t: torch.Tensor, pad: int, fill) -> torch.Tensor:
@@ -227,7 +226,7 @@ class Engine:
         """`block` greedy steps as one CUDA graph of `block` compiled steps (compiled, on a GPU): captured on this
         call's buffers the first time a block meets a view, then replayed, one launch and one host round for `block`
         tokens. Unrolled and compiled under reduce-overhead instead, the block's compile grew with `block` and ran
-        once per view: on an H200 one 20M engine of blocks of 4 took 105 s to compile and run (docs/PERFORMANCE.md);
+        once per view: on an H200 one 20M engine of blocks of 4 held its benchmark call for 105 s (docs/PERFORMANCE.md);
         here the compile is one step's. A block at a shape the compiled step has not run at goes step by step, as a
         compile inside a capture would launch kernels of its own."""
         args = (token, column, base, out, length, done, limit, stops, cache)

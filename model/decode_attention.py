@@ -21,10 +21,15 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 BLOCK = 64  # keys a loop iteration holds
 
 
+def span_mask(keys: int, key_start: torch.Tensor, end) -> torch.Tensor:
+    """(B, 1, 1, keys): True for the keys in [key_start[b], end) of each row b (a cache's real keys, as a mask)."""
+    index = torch.arange(keys, device=key_start.device)
+    return ((index >= key_start[:, None]) & (index < end)).view(-1, 1, 1, keys)
+
+
 def reference(q, k, v, key_start, end) -> torch.Tensor:
     """SDPA over the keys in [key_start[b], end) of each row b: what the kernel computes."""
-    keys = torch.arange(k.shape[2], device=k.device)
-    allowed = ((keys >= key_start[:, None]) & (keys < end)).view(k.shape[0], 1, 1, -1)
+    allowed = span_mask(k.shape[2], key_start, end)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
 
 

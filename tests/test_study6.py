@@ -387,3 +387,10 @@ def test_the_copy_beside_the_step_at_depth_8():
     assert f"4.36M tokens/s here, {earlier[0] / 1e6:.2f}M and {earlier[1] / 1e6:.2f}M" in text
     perf = flat(REPO / "docs" / "PERFORMANCE.md")
     assert f"{vs[0]:.2f}x and {vs[1]:.2f}x the plain GPT in two runs of one call" in perf
+    side_ms = {f"{pick(r, 'side')['step_ms']:.2f}" for r in runs}
+    same_ms = sorted(f"{pick(r, 'same')['step_ms']:.2f}" for r in runs)
+    refs = sorted(pick(r, "reference")["tokens_per_s"] for r in runs)
+    assert len(side_ms) == 1 and f"{side_ms.pop()} ms a step against {same_ms[0]}-{same_ms[1]} ms" in perf
+    assert f"({refs[0] / 1e6:.2f}-{refs[1] / 1e6:.2f}M tokens/s against" in perf
+    assert f"{min(earlier) / 1e6:.2f}-{max(earlier) / 1e6:.2f}M); against the reference's best figure, 1.00x" in perf
+    assert f"{min(ours) / best:.2f}x" == "1.00x"
