@@ -64,22 +64,16 @@ def hbm_bound(model, batch: int, prompt: int, new: int, gbps: float) -> float:
     return batch * gbps * 1e9 / step_bytes
 
 
-ENGINES = {  # Engine options per variant: the growing cache, the static one, the static one compiled with CUDA graphs
-    "engine": {},
+ENGINES = {  # Engine options per variant, and the cached step's kernel (model.attention.CACHED_KERNEL; default sdpa)
+    "engine": {},  # the growing cache
     "static": {"static": True},
-    "compiled": {"compile": True},
-    "compiled-flex": {"compile": True},  # the compiled step attending to the cache with flex_attention's decoding
-    "compiled-math": {"compile": True},  # ... with two matmuls and a softmax
+    "compiled": {"compile": True},  # the static step compiled with CUDA graphs
+    "compiled-flex": {"compile": True, "kernel": "flex"},  # ... attending to the cache with flex's decoding kernel
+    "compiled-math": {"compile": True, "kernel": "math"},  # ... with two matmuls and a softmax
     "compiled-block4": {"compile": True, "block": 4},  # four greedy steps a graph replay: a quarter of the host rounds
     "compiled-block8": {"compile": True, "block": 8},
-    "compiled-triton": {"compile": True},  # ... with model.decode_attention's kernel (one program a row and head)
-    "compiled-block8-triton": {"compile": True, "block": 8},  # both levers at once
-}
-CACHED_KERNEL = {  # model.attention.CACHED_KERNEL; others: sdpa
-    "compiled-flex": "flex",
-    "compiled-math": "math",
-    "compiled-triton": "triton",
-    "compiled-block8-triton": "triton",
+    "compiled-triton": {"compile": True, "kernel": "triton"},  # model.decode_attention: one program a row and head
+    "compiled-block8-triton": {"compile": True, "block": 8, "kernel": "triton"},  # both levers at once
 }
 
 
@@ -142,8 +136,9 @@ def bench(
     results = []
     for name in engines:
         try:  # one engine that fails (a compile error on a new GPU stack) leaves the others' numbers standing
-            attention.CACHED_KERNEL = CACHED_KERNEL.get(name, "sdpa")
-            engine = Engine(model, check_every=1 << 30, **ENGINES[name])
+            options = dict(ENGINES[name])
+            attention.CACHED_KERNEL = options.pop("kernel", "sdpa")
+            engine = Engine(model, check_every=1 << 30, **options)
             g.manual_seed(0)  # the same prompts for every engine
             for b in batches:
                 batch = [one] if b == 1 else prompts(b)
