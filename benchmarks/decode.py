@@ -213,25 +213,19 @@ def main(argv=None) -> int:
         flush=True,
     )
     rows = []
+
+    def emit(r: dict) -> None:  # the JSON rewritten at each row: a call cut short by a time limit keeps its rows
+        print_row(r)
+        rows.append(r)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
     for name in args.configs.split(","):
         config = CONFIGS.get(name, name)
         engines = args.engines.split(",")
-        rows += bench(
-            config,
-            overrides,
-            args.vocab,
-            batches,
-            args.prompt,
-            args.new,
-            args.hbm_gbps,
-            device,
-            engines,
-            print_row,
-            args.profile,
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        bench(config, overrides, args.vocab, batches, args.prompt, args.new, args.hbm_gbps, device, engines, emit,
+              args.profile)  # fmt: skip
     return 0
 
 

@@ -48,7 +48,8 @@ if HAS_TRITON:
         b, h = tl.program_id(0), tl.program_id(1)
         kv = h // group  # the kv head this query head reads (grouped-query attention)
         d = tl.arange(0, D)
-        q = tl.load(Q + b * sq_b + h * sq_h + d).to(tl.float32) * scale
+        # fp32 by cast: a compiled graph passes `scale` as a 64-bit float, which would make the loop's carry fp64
+        q = (tl.load(Q + b * sq_b + h * sq_h + d).to(tl.float32) * scale).to(tl.float32)
         start, end = tl.load(KS + b), tl.load(END)
         m = tl.full([], float("-inf"), tl.float32)
         total = tl.zeros([], tl.float32)

@@ -45,15 +45,21 @@ def test_synthetic_batches_are_full_packed_rows(mixed):
     assert (b["image_ids"] >= 0).any() == mixed
 
 
-def test_decode_benchmark_runs_the_engine_and_the_loop_on_cpu():
+def test_decode_benchmark_runs_the_engine_and_the_loop_on_cpu(tmp_path):
     """benchmarks/decode.py on a tiny model: the engine's batch-1 greedy tokens equal the single-row loop's (it
-    raises otherwise), and the bound grows with the batch (the weights are read once per step for every row)."""
+    raises otherwise), and the bound grows with the batch (the weights are read once per step for every row); its
+    --json holds every row printed."""
+    import json
+
     import torch
 
-    from benchmarks.decode import bench
+    from benchmarks.decode import bench, main
 
     engines = ("engine", "static")
-    rows = bench("configs/gpu-20m.yaml", ["model.depth=1"], 512, [1, 4], 8, 6, 4800.0, torch.device("cpu"), engines)
+    out = tmp_path / "decode.json"
+    argv = ["--configs", "configs/gpu-20m.yaml", "--set", "model.depth=1", "--vocab", "512", "--batches", "1,4"]
+    assert main([*argv, "--prompt", "8", "--new", "6", "--engines", ",".join(engines), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
     assert [(r["engine"], r["batch"]) for r in rows] == [(e, b) for e in engines for b in (1, 4)]
     assert all(r["tokens_per_s"] > 0 and 0 < r["of_bound"] < 1 for r in rows)
     assert [r["greedy_match"] for r in rows if r["batch"] == 1] == [1.0, 1.0]  # fp32: the single-row loop's tokens
@@ -226,3 +232,36 @@ def test_the_block_paragraph_is_the_committed_jsons():
             f"({b4 / base:.2f}x) and of 8 {b8:,.0f} ({b8 / base:.2f}x)" in doc
         )
     assert all(r["greedy_match"] == 1.0 for (e, b), r in rows.items() if b == 1)
+
+
+def test_the_h200_block_and_kernel_table_is_the_committed_runs():
+    """PERFORMANCE.md's H200 table of blocks of steps and the Triton cache kernel: the JSON's rows and the log's
+    printed ones, and the step times the prose derives from them."""
+    import json
+    import re
+
+    from conftest import REPO
+
+    doc = " ".join((REPO / "docs" / "PERFORMANCE.md").read_text().split())
+    perf = REPO / "docs" / "perf"
+    rows = {(r["engine"], r.get("batch")): r for r in json.loads((perf / "decode_blocks_20m_h200.json").read_text())}
+    assert {e for e, b in rows if b is None} == {"compiled-triton", "compiled-block8-triton"}  # the fp64 failure
+
+    def cell(tps: float, share: float) -> str:
+        return f"{tps:,.0f} ({100 * share:.2f}%)"
+
+    for label, engine in (("compiled (SDPA), step by step", "compiled"), ("compiled, blocks of 8", "compiled-block8")):
+        a, b = rows[(engine, 256)], rows[(engine, 64)]
+        assert f"| {label}" in doc and f"| {cell(a['tokens_per_s'], a['of_bound'])} | " in doc
+        assert f"| {cell(b['tokens_per_s'], b['of_bound'])} |" in doc
+    steps = [1000 * 256 / rows[(e, 256)]["tokens_per_s"] for e in ("compiled", "compiled-block8")]
+    assert f"the step takes {steps[0]:.2f} ms step by step and {steps[1]:.2f} ms in blocks" in doc
+    log = (perf / "decode_triton_20m_h200.log").read_text()
+    printed = {
+        int(m[1]): (float(m[2]), m[3])
+        for m in re.finditer(r"compiled-triton\s+(\d+)\s+(\S+)\s+\S+\s+\S+\s+(\S+)%", log)
+    }
+    assert sorted(printed) == [64, 256]
+    for batch, (tps, share) in printed.items():
+        assert f"{round(tps, -2):,.0f} ({share}%)" in doc, batch
+    assert f"**The Triton kernel is the one lever that moved the step**: {printed[256][1]}% of the bound" in doc
