@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The study in one command (`make study`): build the study data unless present, run the fifth design's IsoFLOP
-# sweep (docs/study/STUDY.md) and the LR check of its hyperparameter rule on this host's GPUs, then fit, report and
-# check the rule. Restartable: finished cells are skipped. Results: runs/sweeps/study5/{results.csv,fit/},
-# runs/sweeps/study5-lr/results.csv (the rule against 1/4x-4x its LR at 1e14 and 1e15, three sizes each).
-# STUDY_SPEC=configs/sweeps/study4.yaml runs the fourth design (contiguous M-RoPE) and its check instead;
-# STUDY_SPEC=configs/sweeps/study6.yaml the sixth (the fifth with the step captured and its rows from a row store,
-# built here first, about 50 s and 18 GB on the H200 host), without an LR check unless STUDY_LR_SPEC names one.
-# (The third design: configs/sweeps/study.yaml and its two LR checks.)
+# The study in one command (`make study`): build the study data unless present, build the row store its cells read,
+# run the sixth design's IsoFLOP sweep (configs/sweeps/study6.yaml: 40 cells, 1e14-3.2e15 FLOPs, two recipes) on this
+# host's GPUs, then fit, report and print the GPU time. About 20 minutes on one H200 (docs/study/study6/STUDY.md,
+# "One uninterrupted run"). Restartable: finished cells are skipped. Results: runs/sweeps/study6/{results.csv,fit/,
+# util.log}. STUDY_LR_SPEC=SPEC adds an LR check of the hyperparameter rule (a spec with lr_scales) and its verdict.
+# STUDY_SPEC picks another design: configs/sweeps/study5.yaml (the fifth: no step capture, no row store; with its
+# LR check configs/sweeps/study5-lr.yaml, 1/4x-4x the rule's LR at 1e14 and 1e15, three sizes each),
+# configs/sweeps/study4.yaml (the fourth: contiguous M-RoPE; with its check), configs/sweeps/study.yaml (the third).
 set -euo pipefail
 # the interpreter: $PYTHON, else `python`, else `python3` (some GPU images have only the last)
 python=${PYTHON:-$(command -v python || command -v python3)}
@@ -14,7 +14,7 @@ python=${PYTHON:-$(command -v python || command -v python3)}
 # once); 600,000 samples a source so that no cell of the fourth or fifth design reads any sample more than a few times
 [ -f artifacts/study-prepared/dataset.json ] ||
   "$python" -m data.study --out artifacts/study --prepared artifacts/study-prepared --train "${STUDY_TRAIN:-600000}"
-spec=${STUDY_SPEC:-configs/sweeps/study5.yaml}
+spec=${STUDY_SPEC:-configs/sweeps/study6.yaml}
 "$python" -m scaling store "$spec"  # the packed rows its cells read, when they read a row store (data.rows)
 # the GPU's busy share and the host's load every 5 s while the sweeps run (docs/study/STUDY.md, "GPU time")
 out=runs/sweeps/$(basename "$spec" .yaml)

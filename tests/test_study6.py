@@ -394,3 +394,153 @@ def test_the_copy_beside_the_step_at_depth_8():
     assert f"({refs[0] / 1e6:.2f}-{refs[1] / 1e6:.2f}M tokens/s against" in perf
     assert f"{min(earlier) / 1e6:.2f}-{max(earlier) / 1e6:.2f}M); against the reference's best figure, 1.00x" in perf
     assert f"{min(ours) / best:.2f}x" == "1.00x"
+
+
+WHOLE = STUDY / "study6-whole"
+FOUR = [*POOLED, WHOLE / "results.csv"]
+
+
+def _time_md(run) -> dict:
+    """The figures of a committed time.md (what `python -m scaling time DIR` printed)."""
+    md = (run / "time.md").read_text()
+    return {
+        "wall": int(re.search(r"wall time of \d driver run\(s\) \| (\d+)", md)[1]),
+        "share": re.search(r"training steps of the \d+ finished cells \| \d+ \| ([\d.]+)%", md)[1],
+        "startup": re.search(r"their start-up .* \| \d+ \| ([\d.]+)%", md)[1],
+        "rest": re.search(r"the rest \| \d+ \| ([\d.]+)%", md)[1],
+        "mfu": re.search(r"aggregate MFU ([\d.]+)%", md)[1],
+        "warm": re.search(
+            r"([\d.]+) over the (\d+) cell\(s\) on a warm worker; ([\d.]+) over the (\d+) cell", md
+        ).groups(),
+    }
+
+
+def _compact_table(label: str, fit: dict) -> None:
+    """A pooled-form table of the sixth design's STUDY.md: every row the fit's (studydoc.pooled_cells)."""
+    table = table_rows(DOC6, {f"{label}: {col}, {r}" for col in LOSSES for r in RECIPES}, 9)
+    assert len(table) == 10
+    for (name, e_cell), cells in table.items():
+        col, recipe = name.removeprefix(f"{label}: ").split(", ")
+        assert [e_cell, *cells] == studydoc.pooled_cells(fit[col][recipe]), name
+
+
+def _verdict(fit: dict, paths) -> tuple[str, str, dict, dict]:
+    m = fit["loss"]["bidirectional"]["compute_multiplier_vs_causal"]
+    lo, hi = m[0]["interval"]
+    assert m[0]["from_converged_fits"] and lo < 1 < hi  # a tie: the interval holds 1
+    data = read_runs(paths, ["loss"], "recipe", flops="6n+attn")
+    p = paired_difference(data, "loss", "bidirectional", "causal", bootstrap=300, seed=0, level=0.95)
+    cells = f"{p['mean']:+.4f} [{p['interval'][0]:+.4f}, {p['interval'][1]:+.4f}]"
+    return f"{_multiplier(m[0])} less compute", f"[{lo:.3g}, {hi:.3g}]", m, {**p, "text": cells}
+
+
+def test_the_uninterrupted_run_is_its_files(tmp_path):
+    """ "One uninterrupted run": the 40 cells of the spec in one driver run, no row reused; the time table is its
+    time.md, which is what `scaling time` gives from its files today; the plan's wall time is what the plan says;
+    the comparison with the three calls' run, the laws and the verdict are what the CSVs and the committed fit give."""
+    from scaling.gputime import gpu_time, markdown
+    from scaling.plan import plan, slot_wall
+    from scaling.spec import load_spec
+
+    assert markdown(gpu_time(WHOLE, peak_tflops=989)) + "\n" == (WHOLE / "time.md").read_text()
+    cells = plan(load_spec(REPO / "configs" / "sweeps" / "study6.yaml")).cells
+    rows = csv_rows(WHOLE / "results.csv")
+    assert sorted(r["key"] for r in rows) == sorted(c.key for c in cells)
+    assert not any(r.get("reused_from") for r in rows)
+    log = (WHOLE / "study.log").read_text()
+    assert log.count("\nfinished ") == 40 and "0 of 40 cells already finished; running 40 on 1 GPU(s)" in log
+    assert len([x for x in (WHOLE / "driver.jsonl").read_text().splitlines() if '"start"' in x]) == 1
+    data_s, prep_s = re.search(r"1800000 training samples in ([\d.]+) s .* prepared \S+ in ([\d.]+) s", log).groups()
+    store_s = re.search(r"16 streams x 88,256 rows over 1,800,000 documents, ([\d.]+) s", log)[1]
+    text = said6()
+    assert f"(1.8M samples in {data_s} s and the prepared copy in {prep_s} s" in text
+    assert f"(16 streams of 88,256 rows, {store_s} s" in text
+    t = _time_md(WHOLE)
+    assert f"**one driver run of {t['wall']} s** ({t['wall'] / 60:.1f} minutes" in text
+    assert f"plan configs/sweeps/study6.yaml` had said about {slot_wall(cells, 8):.0f} minutes" in text
+    before = [_time_md(STUDY / r) for r in ("study6-check", "study6")]
+    assert row(DOC6, "driver wall time") == [
+        f"{t['wall']} s, one run",
+        f"{sum(b['wall'] for b in before)} s over three runs",
+    ]
+    shares = f"{before[0]['share']}% and {before[1]['share']}%"
+    assert row(DOC6, "share of the GPU's cell slots in training steps") == [f"**{t['share']}%**", shares]
+    mfu = row(DOC6, "aggregate MFU (model FLOPs over GPU-seconds x 989 TFLOPs, start-up included)")
+    assert mfu == [f"{t['mfu']}%", f"{before[0]['mfu']}% and {before[1]['mfu']}%"]
+    warm, n_warm, cold, n_cold = t["warm"]
+    b = before[1]["warm"]
+    startup = row(DOC6, "start-up, median a cell on a warm worker / one that started a process")
+    assert startup == [f"{warm} s ({n_warm} cells) / {cold} s ({n_cold} cells)", f"{b[0]} s / {b[2]} s"]
+    assert (
+        float(t["share"]) >= 80
+        and f"**The goal of at least 80% of the GPU time in training steps is met: {t['share']}%**" in text
+    )
+    assert f"start-up and the first steps' compile {t['startup']}%, the rest {t['rest']}%" in text
+    assert f"aggregate MFU {t['mfu']}%" in said()
+    assert f"{t['share']}% of the GPU's cell slots in training steps" in flat(REPO / "README.md")
+    # against the three calls' run of the same cells
+    old = {r["key"]: r for r in csv_rows(RUN / "results.csv")}
+    diffs = [abs(float(r["loss"]) - float(old[r["key"]]["loss"])) for r in rows]
+    assert f"the median absolute difference in final loss cell by cell is {statistics.median(diffs):.4f}" in text
+    worst = max(rows, key=lambda r: abs(float(r["loss"]) - float(old[r["key"]]["loss"])))
+    assert (worst["recipe"], worst["size"], worst["budget"]) == ("causal", "1", "flops=1e+14")
+    caption = (
+        f"caption loss {float(worst['loss_caption']):.3f} here, {float(old[worst['key']]['loss_caption']):.3f} before"
+    )
+    assert caption in text
+    # its laws and verdict
+    fit = studydoc.committed_fit(WHOLE)
+    _compact_table("whole run", fit)
+    refitted = studydoc.refit(WHOLE, tmp_path, ("loss",))
+    for recipe in RECIPES:
+        assert fit["loss"][recipe]["approach3"]["converged"]
+        for name in ("E", "alpha", "beta"):
+            got = refitted["loss"][recipe]["approach3"][name]
+            assert got == pytest.approx(fit["loss"][recipe]["approach3"][name], rel=6e-4)
+    errors = [f"{100 * fit['loss'][r]['held_out']['mean_rel_error']:.1f}%" for r in RECIPES]
+    assert f"({errors[0]} and {errors[1]} held-out error on the 3.2e15 budget)" in text
+    assert fit["loss"]["bidirectional"]["approach2"]["rejected"]  # "approach 2 rejects its 1e15 budget"
+    less, interval, m, p = _verdict(fit, WHOLE / "results.csv")
+    assert f"**bidirectional needs {less} than causal for causal's loss at 3.2e15** (95% interval {interval}, " in text
+    assert f"{100 * m[0]['share_never']:.0f}% of resamples never reach it): a tie again" in text
+    assert f"overall {p['text']} (causal lower in {p['lower_in']} of 20)" in text
+    assert f"masks tie again (bidirectional {_multiplier(m[0])} {interval})" in text
+
+
+def test_four_runs_of_every_cell_fitted_together(tmp_path):
+    """The four-run fit reads the four CSVs (160 runs); its table, verdict and cell-by-cell difference are what the
+    committed fit.json and the CSVs give, the fitter gives its overall points again, and the study's summaries
+    (both STUDY.md files and the README) quote them."""
+    path = STUDY / "study5-6x4"
+    fit = studydoc.committed_fit(path)
+    meta = json.loads((path / "fit" / "fit.json").read_text())
+    assert meta["runs"] == 160 and meta["csv"] == [str(p).removeprefix(str(REPO) + "/") for p in FOUR]
+    _compact_table("four runs", fit)
+    converged = sum(fit[c][r]["approach3"]["converged"] for c in LOSSES for r in RECIPES)
+    assert converged == 9 and not fit["loss_text"]["causal"]["approach3"]["converged"]
+    less, interval, m, p = _verdict(fit, FOUR)
+    text = said6()
+    assert f"**Bidirectional needs {less} than causal for causal's loss at 3.2e15** (95% interval {interval}, " in text
+    assert (
+        f"{100 * m[0]['share_never']:.0f}% of resamples never reach it), {_multiplier(m[1])} at 3.2e16 extrapolated "
+        f"(at most {m[1]['interval'][1]:.3g}x; {100 * m[1]['share_never']:.0f}% never reach)" in text
+    )
+    assert f"**{p['text']}** over the 20 cells (causal lower in {p['lower_in']})" in text
+    assert f"leans causal (by {1 / m[0]['multiplier']:.1f}x)" in text
+    assert f"within {max(map(abs, p['interval'])):.3f} of each other" in text
+    three = studydoc.committed_fit(STUDY / "study5-6")["loss"]["bidirectional"]["compute_multiplier_vs_causal"][0]
+    assert m[0]["interval"][1] - m[0]["interval"][0] < three["interval"][1] - three["interval"][0]  # "narrower"
+    assert f"**bidirectional {_multiplier(m[0])} {interval}** at 3.2e15, causal minus bidirectional {p['text']}" in text
+    study = said()
+    assert (
+        f"needs **{_multiplier(m[0])}** less compute than causal for causal's loss at 3.2e15 FLOPs, 95% interval "
+        f"{interval}" in study
+    )
+    assert f"cell by cell causal minus bidirectional {p['text']}" in study
+    readme = flat(REPO / "README.md")
+    assert f"(160 runs, the study's best estimate) {_multiplier(m[0])} {interval}" in readme
+    refitted = studydoc.refit_csvs(FOUR, tmp_path, ("loss",))
+    for recipe in RECIPES:
+        for name in ("E", "alpha", "beta"):
+            got = refitted["loss"][recipe]["approach3"][name]
+            assert got == pytest.approx(fit["loss"][recipe]["approach3"][name], rel=6e-4)
