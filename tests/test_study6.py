@@ -477,6 +477,16 @@ def test_the_uninterrupted_run_is_its_files(tmp_path):
     )
     assert f"start-up and the first steps' compile {t['startup']}%, the rest {t['rest']}%" in text
     assert f"aggregate MFU {t['mfu']}%" in said()
+    steps = [
+        s for f in ("study_step6_h200.json", "study_step7_d8_h200.json") for s in json.loads((PERF / f).read_text())
+    ]
+    timed = sorted({s["depth"] for s in steps if s.get("depth")})
+    unmeasured = sorted({int(r["size"]) for r in rows} - set(timed))
+    assert timed == [1, 3, 5, 8] and unmeasured == [2, 4, 6, 7]
+    assert (
+        "at depths 1, 3, 5 and 8 (the last two sections); the study's cells have depths 1 to 8, and depths 2, 4, 6"
+        in (said())
+    )
     assert f"{t['share']}% of the GPU's cell slots in training steps" in flat(REPO / "README.md")
     # against the three calls' run of the same cells
     old = {r["key"]: r for r in csv_rows(RUN / "results.csv")}
@@ -537,6 +547,13 @@ def test_four_runs_of_every_cell_fitted_together(tmp_path):
         f"{interval}" in study
     )
     assert f"cell by cell causal minus bidirectional {p['text']}" in study
+    caption = [fit[c][r] for c in ("loss_caption", "loss_caption_heldout") for r in RECIPES]
+    assert all(x["approach3"]["converged"] for x in caption)
+    errors = sorted(100 * x["held_out"]["mean_rel_error"] for x in caption)
+    assert (
+        f"the caption laws converge when runs are pooled but miss the held-out budget by "
+        f"{errors[0]:.0f}-{errors[-1]:.0f}%" in study
+    )
     readme = flat(REPO / "README.md")
     assert f"(160 runs, the study's best estimate) {_multiplier(m[0])} {interval}" in readme
     refitted = studydoc.refit_csvs(FOUR, tmp_path, ("loss",))
