@@ -91,13 +91,14 @@ class SideCopy:
             return to_device(batch, self.device)
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.stream):
-            if isinstance(batch, HandedBatch):  # one buffer: one copy, one mark (its tensors are views of it)
-                buffer = batch.buffer.to(self.device, non_blocking=True)
-                owned, moved = [buffer], unpack(buffer, batch.layout)
-            else:
-                moved = to_device(batch, self.device, non_blocking=True)
-                owned = list(moved.values())
+            moved = to_device(batch, self.device, non_blocking=True)
         compute.wait_stream(self.stream)
-        for t in owned:
+        for t in one_per_storage(moved.values()):
             t.record_stream(compute)
         return moved
+
+
+def one_per_storage(tensors) -> list[torch.Tensor]:
+    """A tensor for each storage among `tensors`: a handed batch's tensors are views of its one buffer, so marking
+    one of them (`record_stream`) marks the memory of all."""
+    return list({t.untyped_storage().data_ptr(): t for t in tensors}.values())

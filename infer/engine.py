@@ -43,8 +43,12 @@ class BatchCache(KVCache):
         self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
         self.key_start = self.key_start.repeat_interleave(n)
 
+    def key_span(self, new: int) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """The keys each row's step may read, [key_start[b], end): from its prompt's first to the last written."""
+        return self.key_start, self.length + new
+
     def key_mask(self, keys: int, new: int) -> torch.Tensor:
-        return (torch.arange(keys, device=self.key_start.device) >= self.key_start[:, None]).view(-1, 1, 1, keys)
+        return span_mask(keys, *self.key_span(new))
 
 
 class StaticCache(BatchCache):
@@ -91,12 +95,8 @@ class StaticCache(BatchCache):
         return self.k[layer][:, :, : self.view], self.v[layer][:, :, : self.view]
 
     def key_span(self, new: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys each row's step may read, [key_start[b], end): its prompt's first and the ones written so far
-        (device tensors, so a captured step reads them as they are when it is replayed)."""
+        """As the parent's, with the end a device tensor, so a captured step reads it as it is when replayed."""
         return self.key_start, self.pos + new
-
-    def key_mask(self, keys: int, new: int) -> torch.Tensor:
-        return span_mask(keys, *self.key_span(new))
 
 
 def _left(t: torch.Tensor, pad: int, fill) -> torch.Tensor:

@@ -83,9 +83,11 @@ if HAS_TRITON:
         return out
 
 
-def decode_attention(q, k, v, key_start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+def decode_attention(q, k, v, key_start: torch.Tensor, end) -> torch.Tensor:
     """q (B, H, 1, D) against k, v (B, KV, keys, D), KV dividing H; each row b reads the keys in
-    [key_start[b], end) (end: a 0-d tensor, the same for every row). Returns (B, H, 1, D) in q's dtype."""
+    [key_start[b], end) (end: the same for every row, an int or a 0-d tensor). Returns (B, H, 1, D) in q's dtype."""
+    if not isinstance(end, torch.Tensor):  # a growing cache's end is the number of keys it holds
+        end = torch.tensor(end, device=q.device)
     usable = HAS_TRITON and q.is_cuda and q.shape[2] == 1 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     if usable and q.shape[-1] in (16, 32, 64, 128, 256):
         return _decode_op(q, k, v, key_start, end)

@@ -414,6 +414,17 @@ def test_a_side_copy_off_a_gpu_is_the_plain_copy():
     assert all(torch.equal(moved[k], batch[k]) and moved[k].dtype == batch[k].dtype for k in batch)
 
 
+def test_a_handed_batch_is_marked_once_a_plain_one_tensor_by_tensor():
+    """What SideCopy marks in use by the compute stream: a handed batch's views share its buffer, so one of them; a
+    plain batch's tensors each own their memory, so all of them."""
+    from data.handoff import HandedBatch, one_per_storage, pack, to_device
+
+    batch = {"tokens": torch.arange(12).view(3, 4), "mask": torch.tensor([True, False, True])}
+    handed = to_device(HandedBatch(*pack(batch)), torch.device("cpu"))
+    assert len(one_per_storage(handed.values())) == 1
+    assert len(one_per_storage(to_device(batch, torch.device("cpu")).values())) == 2
+
+
 def test_the_pinning_thread_pins_a_handed_batch_in_one_call(embedded, monkeypatch):
     """The DataLoader's pinning thread pins what a worker yields (data.handoff.Handed) with one call, its buffer
     pinned and its bookkeeping passed through untouched; as a dict, the same batch made it walk and copy hundreds

@@ -296,22 +296,32 @@ def test_three_runs_of_every_cell_fitted_together(tmp_path):
             assert got == pytest.approx(pooled["loss"][recipe]["approach3"][name], rel=6e-4)
 
 
+def _time_md(run) -> dict:
+    """The figures of a committed time.md (what `python -m scaling time DIR` printed)."""
+    md = (run / "time.md").read_text()
+    return {
+        "wall": int(re.search(r"wall time of \d driver run\(s\) \| (\d+)", md)[1]),
+        "cells": re.search(r"training steps of the (\d+) finished cells", md)[1],
+        "share": re.search(r"training steps of the \d+ finished cells \| \d+ \| ([\d.]+)%", md)[1],
+        "startup": re.search(r"their start-up .* \| \d+ \| ([\d.]+)%", md)[1],
+        "rest": re.search(r"the rest \| \d+ \| ([\d.]+)%", md)[1],
+        "mfu": re.search(r"aggregate MFU ([\d.]+)%", md)[1],
+        "warm": re.search(
+            r"([\d.]+) over the (\d+) cell\(s\) on a warm worker; ([\d.]+) over the (\d+) cell", md
+        ).groups(),
+    }
+
+
 def test_the_time_table_is_the_time_files():
     from scaling.gputime import gpu_time, markdown
 
-    for run in ("study6-check", "study6"):  # each time.md is what `python -m scaling time DIR` prints today
+    for run in ("study6-check", "study6", "study6-whole"):  # each time.md: what `python -m scaling time DIR` prints
         assert markdown(gpu_time(STUDY / run, peak_tflops=989)) + "\n" == (STUDY / run / "time.md").read_text()
     for label, run in (("the check (`study6-check/time.md`)", "study6-check"), ("the two calls after it", "study6")):
-        md = (STUDY / run / "time.md").read_text()
-        wall = re.search(r"wall time of \d driver run\(s\) \| (\d+)", md)[1]
-        cells, share = re.search(r"training steps of the (\d+) finished cells \| \d+ \| ([\d.]+)%", md).groups()
-        mfu = re.search(r"aggregate MFU ([\d.]+)%", md)[1]
+        t = _time_md(STUDY / run)
         line = next(x for x in DOC6.read_text().splitlines() if x.startswith(f"| {label}"))
-        assert line.split(" | ")[1:] == [wall, cells, f"{share}%", f"{mfu}% |"], line
-    walls = [
-        int(re.search(r"wall time of \d driver run\(s\) \| (\d+)", (STUDY / r / "time.md").read_text())[1])
-        for r in ("study6-check", "study6")
-    ]
+        assert line.split(" | ")[1:] == [str(t["wall"]), t["cells"], f"{t['share']}%", f"{t['mfu']}% |"], line
+    walls = [_time_md(STUDY / r)["wall"] for r in ("study6-check", "study6")]
     assert f"**{sum(walls)} s of driver wall time for the 40 cells** ({sum(walls) / 60:.1f} minutes" in said6()
     log = (RUN / "sweep2.log").read_text()
     assert log.count("\nfinished ") == 10 and "30 of 40 cells already finished" in log
@@ -400,21 +410,6 @@ WHOLE = STUDY / "study6-whole"
 FOUR = [*POOLED, WHOLE / "results.csv"]
 
 
-def _time_md(run) -> dict:
-    """The figures of a committed time.md (what `python -m scaling time DIR` printed)."""
-    md = (run / "time.md").read_text()
-    return {
-        "wall": int(re.search(r"wall time of \d driver run\(s\) \| (\d+)", md)[1]),
-        "share": re.search(r"training steps of the \d+ finished cells \| \d+ \| ([\d.]+)%", md)[1],
-        "startup": re.search(r"their start-up .* \| \d+ \| ([\d.]+)%", md)[1],
-        "rest": re.search(r"the rest \| \d+ \| ([\d.]+)%", md)[1],
-        "mfu": re.search(r"aggregate MFU ([\d.]+)%", md)[1],
-        "warm": re.search(
-            r"([\d.]+) over the (\d+) cell\(s\) on a warm worker; ([\d.]+) over the (\d+) cell", md
-        ).groups(),
-    }
-
-
 def _compact_table(label: str, fit: dict) -> None:
     """A pooled-form table of the sixth design's STUDY.md: every row the fit's (studydoc.pooled_cells)."""
     table = table_rows(DOC6, {f"{label}: {col}, {r}" for col in LOSSES for r in RECIPES}, 9)
@@ -438,11 +433,9 @@ def test_the_uninterrupted_run_is_its_files(tmp_path):
     """ "One uninterrupted run": the 40 cells of the spec in one driver run, no row reused; the time table is its
     time.md, which is what `scaling time` gives from its files today; the plan's wall time is what the plan says;
     the comparison with the three calls' run, the laws and the verdict are what the CSVs and the committed fit give."""
-    from scaling.gputime import gpu_time, markdown
     from scaling.plan import plan, slot_wall
     from scaling.spec import load_spec
 
-    assert markdown(gpu_time(WHOLE, peak_tflops=989)) + "\n" == (WHOLE / "time.md").read_text()
     cells = plan(load_spec(REPO / "configs" / "sweeps" / "study6.yaml")).cells
     rows = csv_rows(WHOLE / "results.csv")
     assert sorted(r["key"] for r in rows) == sorted(c.key for c in cells)
