@@ -470,16 +470,9 @@ def test_the_uninterrupted_run_is_its_files(tmp_path):
     )
     assert f"start-up and the first steps' compile {t['startup']}%, the rest {t['rest']}%" in text
     assert f"aggregate MFU {t['mfu']}%" in said()
-    steps = [
-        s for f in ("study_step6_h200.json", "study_step7_d8_h200.json") for s in json.loads((PERF / f).read_text())
-    ]
-    timed = sorted({s["depth"] for s in steps if s.get("depth")})
-    unmeasured = sorted({int(r["size"]) for r in rows} - set(timed))
-    assert timed == [1, 3, 5, 8] and unmeasured == [2, 4, 6, 7]
-    assert (
-        "at depths 1, 3, 5 and 8 (the last two sections); the study's cells have depths 1 to 8, and depths 2, 4, 6"
-        in (said())
-    )
+    timed = {1, 3, 5, 8} | set(_every_depth())  # study_step6 and study_step7_d8, then the four of study_step8
+    assert timed == {int(r["size"]) for r in rows}
+    assert "in the same run at every depth of the study, 1 to 8 (the last three sections)" in said()
     assert f"{t['share']}% of the GPU's cell slots in training steps" in flat(REPO / "README.md")
     # against the three calls' run of the same cells
     old = {r["key"]: r for r in csv_rows(RUN / "results.csv")}
@@ -554,3 +547,56 @@ def test_four_runs_of_every_cell_fitted_together(tmp_path):
         for name in ("E", "alpha", "beta"):
             got = refitted["loss"][recipe]["approach3"][name]
             assert got == pytest.approx(fit["loss"][recipe]["approach3"][name], rel=6e-4)
+
+
+def _every_depth() -> dict:
+    """study_step8_d{2,4,6,7}: per depth its rows and the runs by role (store, cached, reference before and after)."""
+    out = {}
+    for depth in (2, 4, 6, 7):
+        roles = {}
+        for s in json.loads((PERF / f"study_step8_d{depth}_h200.json").read_text()):
+            v = s["variant"]
+            role = {"reference-before": "before", "reference": "after"}.get(v)
+            role = role or ("store" if "@data.rows=" in v else "cached" if v.startswith("flex:graph:cached:") else v)
+            assert f"model.depth={depth}" in s.get("overrides", [f"model.depth={depth}"])
+            roles[role] = s
+        assert set(roles) == {"before", "after", "store", "cached"}, roles
+        out[depth] = roles
+    return out
+
+
+def test_every_depth_of_the_study_is_timed():
+    """STUDY.md's "Every depth of the study": its table is the four committed gpu_step runs, each ratio against the
+    faster reference of its own run, every one at least 1.0x; the stricter check's figures are the committed
+    references' best at the shallower depths."""
+    lines = [[c.strip() for c in x.strip("|").split("|")] for x in DOC.read_text().splitlines()]
+    ratios = []
+    for depth, r in _every_depth().items():
+        ref = max(r["before"]["tokens_per_s"], r["after"]["tokens_per_s"])
+        store, cached = r["store"], r["cached"]
+        ratios.append(store["tokens_per_s"] / ref)
+        cells = [
+            f"{depth}, {store['rows']}",
+            f"{store['tokens_per_s'] / ref:.2f}x",
+            f"{cached['tokens_per_s'] / ref:.2f}x",
+            f"{store['tokens_per_s']:,.0f}",
+            f"{store['loader_wait_ms']:.2f} + {store['copy_ms']:.2f}",
+            f"{r['before']['tokens_per_s']:,.0f} / {r['after']['tokens_per_s']:,.0f}",
+        ]
+        assert cells in lines, cells
+    assert min(ratios) >= 1.0
+    best = {}
+    for path in PERF.glob("study_step*_h200.json"):
+        run = json.loads(path.read_text())
+        depths = {o for s in run for o in s.get("overrides", []) if o.startswith("model.depth=")}
+        for s in run:  # runs of several depths name each entry's; a run of one depth names it in its overrides
+            depth = s.get("depth") or (int(next(iter(depths)).split("=")[1]) if len(depths) == 1 else None)
+            if depth and s["variant"].startswith("reference"):
+                best[depth] = max(best.get(depth, 0), s["tokens_per_s"])
+    store = {d: r["store"]["tokens_per_s"] for d, r in _every_depth().items()}
+    text = said()
+    for depth, shallower in ((4, 3), (6, 5)):
+        assert f"{store[depth] / 1e6:.2f}M against depth {shallower}'s {best[shallower] / 1e6:.2f}M, " in text
+        assert f"{store[depth] / best[shallower]:.2f}x" in text
+    assert f"depth 7 is at {store[7] / best[5]:.2f}x of depth 5's {best[5] / 1e6:.2f}M" in text
+    assert f"depth 2, against depth\n1's {best[1] / 1e6:.2f}M, {store[2] / best[1]:.2f}x".replace("\n", " ") in text
