@@ -3,18 +3,22 @@ the bound set by HBM bandwidth (each step reads every weight and every row's KV 
 
     python benchmarks/decode.py [--configs 20m,125m] [--batches 1,64,256] [--prompt 64] [--new 256]
                                 [--engines engine,static,compiled] [--vocab 32768] [--hbm-gbps 4800]
-                                [--set model.depth=2,...] [--json out.json] [--profile]
+                                [--set model.depth=2,...] [--json out.json] [--profile] [--triton SPAN=64,...]
 
 Engines: `engine` (the growing cache), `static` (StaticCache: every step one shape), `compiled` (the static step
 compiled with CUDA graphs, torch.compile's reduce-overhead mode; meant for a GPU), and the same attending to the
 cache with other kernels (`model.attention.CACHED_KERNEL`): `compiled-flex` (flex_attention's decoding kernel, on a
 GPU) and `compiled-math` (two matmuls and a softmax); `compiled-block4` and `compiled-block8` (`Engine(block=K)`: K
 greedy steps captured in one graph, one replay and one host round for K tokens); `compiled-triton`
-(`model.decode_attention`'s kernel, on a GPU with Triton) and `compiled-block8-triton` (both).
+(`model.decode_attention`'s kernel, on a GPU with Triton) and `compiled-block8-triton` (both). An engine keeps its
+static cache, buffers and captured graphs from one call to the next of the same shapes; NAME-fresh drops them before
+every call (`Engine.release`), as calls were before. --triton sets the Triton kernel's tiles and key split.
 
 --profile runs each measured call once more under torch.profiler and adds what a decode step is made of: the device
 kernels a new token costs (CPU operators on a CPU) and the few that take most of the time, with their share: where
-the step's time goes when it is far from the bound.
+the step's time goes when it is far from the bound; on a GPU also where it waited (`idle`: short gaps between
+kernels, longer ones, and the call's time before its first and after its last kernel; all under the profiler,
+which slows the host).
 
 Random weights, random text prompts of --prompt tokens, greedy, no stop ids, so every row decodes --new tokens.
 tokens/s counts new tokens over the whole call (prefill included). `bound` is batch x steps over the time to read
@@ -32,7 +36,7 @@ import time
 import torch
 
 from infer.engine import Engine, SamplingParams
-from model import attention, build_model
+from model import attention, build_model, decode_attention
 from model.generate import generate
 from train.config import load_config
 
@@ -75,6 +79,8 @@ ENGINES = {  # Engine options per variant, and the cached step's kernel (model.a
     "compiled-triton": {"compile": True, "kernel": "triton"},  # model.decode_attention: one program a row and head
     "compiled-block8-triton": {"compile": True, "block": 8, "kernel": "triton"},  # both levers at once
 }
+# any engine with "-fresh": its held cache, buffers and graphs dropped before every call (`Engine.release`), as every
+# call was before the engine kept them: each call allocates its cache and captures its graphs again
 
 
 def profile_call(fn, device, steps: int, top: int = 8) -> dict:
@@ -85,8 +91,10 @@ def profile_call(fn, device, steps: int, top: int = 8) -> dict:
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
+        t = time.perf_counter()
         fn()
         sync(device)
+        wall_ms = (time.perf_counter() - t) * 1e3
     events = [e for e in prof.events() if (e.device_type.name == "CUDA") == cuda]
     own = [(e.name, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3) for e in events]
     totals: dict[str, float] = {}
@@ -94,11 +102,34 @@ def profile_call(fn, device, steps: int, top: int = 8) -> dict:
         totals[name] = totals.get(name, 0.0) + ms
     total = sum(totals.values()) or 1.0
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
-    return {
+    out = {
         "profiled": "cuda kernels" if cuda else "cpu operators",
         "per_step": len(events) / steps,
         "ms_per_step": total / steps,  # all of them: on a GPU, the kernel time a new token costs
         "top": [{"name": n[:120], "ms_per_step": ms / steps, "share": ms / total} for n, ms in ranked],
+    }
+    if cuda and events:
+        out.update(idle(sorted((e.time_range.start, e.time_range.end) for e in events), wall_ms, steps))
+    return out
+
+
+def idle(spans: list[tuple[float, float]], wall_ms: float, steps: int, short_us: float = 20.0) -> dict:
+    """Where the GPU waited during a call, from its kernels' (start, end) in microseconds: gaps between kernels of
+    at most `short_us` (a graph's kernel-to-kernel latency) and longer ones (the host: captures, syncs, Python),
+    and the call's wall time outside the first and last kernel (prompt padding, results copied to the host)."""
+    short = long = 0.0
+    end = spans[0][1]
+    for a, b in spans[1:]:
+        if a > end:
+            gap = a - end
+            short, long = (short + gap, long) if gap <= short_us else (short, long + gap)
+        end = max(end, b)
+    span_ms = (end - spans[0][0]) / 1e3
+    return {
+        "wall_ms_per_step": wall_ms / steps,
+        "gaps_short_ms_per_step": short / 1e3 / steps,
+        "gaps_long_ms_per_step": long / 1e3 / steps,
+        "outside_ms_per_step": max(0.0, wall_ms - span_ms) / steps,
     }
 
 
@@ -136,21 +167,25 @@ def bench(
     results = []
     for name in engines:
         try:  # one engine that fails (a compile error on a new GPU stack) leaves the others' numbers standing
-            options = dict(ENGINES[name])
+            options = dict(ENGINES[name.removesuffix("-fresh")])
             attention.CACHED_KERNEL = options.pop("kernel", "sdpa")
             engine = Engine(model, check_every=1 << 30, **options)
+            fresh = name.endswith("-fresh")
             g.manual_seed(0)  # the same prompts for every engine
             for b in batches:
                 batch = [one] if b == 1 else prompts(b)
-                out, t = timed(lambda batch=batch, engine=engine: engine.generate(batch, params), device)
+
+                def call(batch=batch, engine=engine, fresh=fresh):
+                    fresh and engine.release()
+                    return engine.generate(batch, params)
+
+                out, t = timed(call, device)
                 row_ = _row(config, name, b, b * new / t, loop_tps, hbm_bound(model, b, prompt, new, gbps), model)
                 if b == 1:  # bf16 near-ties may flip a token between cache layouts: counted, not fatal
                     same = sum(x == y for x, y in zip(out[0], single.tokens, strict=False))
                     row_["greedy_match"] = same / max(1, len(single.tokens))
                 if profile:
-                    row_["profile"] = profile_call(
-                        lambda batch=batch, engine=engine: engine.generate(batch, params), device, new
-                    )
+                    row_["profile"] = profile_call(call, device, new)
                 results.append(row_)
                 emit and emit(row_)
         except Exception as e:  # noqa: BLE001
@@ -188,6 +223,13 @@ def print_row(r: dict) -> None:
     if "profile" in r:
         p = r["profile"]
         print(f"    {p['per_step']:.1f} {p['profiled']} a step, {p['ms_per_step']:.3f} ms; the most time:", flush=True)
+        if "wall_ms_per_step" in p:
+            print(
+                f"    a step's wall {p['wall_ms_per_step']:.3f} ms: kernels {p['ms_per_step']:.3f}, gaps of <=20 us "
+                f"{p['gaps_short_ms_per_step']:.3f}, longer gaps {p['gaps_long_ms_per_step']:.3f}, before the first "
+                f"and after the last kernel {p['outside_ms_per_step']:.3f}",
+                flush=True,
+            )
         for t in p["top"]:
             print(f"      {t['share']:6.1%} {t['ms_per_step']:8.4f} ms  {t['name']}", flush=True)
 
@@ -204,8 +246,19 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", default="engine", help=f"comma-separated, of {', '.join(ENGINES)}")
     ap.add_argument("--json")
     ap.add_argument("--profile", action="store_true", help="what a decode step is made of (torch.profiler)")
+    ap.add_argument(
+        "--triton",
+        default="",
+        help="model.decode_attention's settings, e.g. SPAN=64,BLOCK=32,num_warps=4 (benchmarks/decode_tiles.py)",
+    )
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for item in filter(None, args.triton.split(",")):
+        key, value = item.split("=")
+        if key in ("SPAN", "BLOCK"):
+            setattr(decode_attention, key, int(value))
+        else:
+            decode_attention.LAUNCH[key] = int(value)
     overrides = [s for s in args.set.split(",") if s]
     batches = [int(b) for b in args.batches.split(",")]
     print(

@@ -70,6 +70,13 @@ class StaticCache(BatchCache):
             self.grain *= 2
         self.view = max_len
 
+    def reset(self, key_start: torch.Tensor) -> None:
+        """Empty again for a new batch of the same shape, its buffers kept where they are (so are the graphs captured
+        on them): the next forward is a prefill; old keys past it are never read (each step reads [key_start, end))."""
+        self.key_start.copy_(key_start)
+        self.length, self.steps, self.view = 0, False, self.max_len
+        self.pos.zero_()
+
     def set_view(self, keys: int) -> None:
         """The next step reads `keys` positions or more: the view becomes that rounded up to the grain."""
         self.view = min(self.max_len, -(-keys // self.grain) * self.grain)
@@ -99,43 +106,58 @@ class StaticCache(BatchCache):
         return self.key_start, self.pos + new
 
 
-def _left(t: torch.Tensor, pad: int, fill) -> torch.Tensor:
-    return torch.cat([torch.full((1, pad, *t.shape[2:]), fill, dtype=t.dtype, device=t.device), t], dim=1)
-
-
 def pad_prompts(prompts: list[dict], device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Left-pad one-row prompts into one batch: (batch, key_start (B,), next position (B,))."""
+    """Left-pad one-row prompts into one batch: (batch, key_start (B,), next position (B,)). Each field is laid out
+    in one host tensor and copied to the device once: a batch of 256 prompts is a few hundred slice writes, not a
+    few thousand small tensors made and joined."""
     lengths = [p["tokens"].shape[1] for p in prompts]
-    T = max(lengths)
-    rows: dict[str, list] = {k: [] for k in ("tokens", "positions", "doc_ids", "image_ids", "patch_mask")}
-    patches = []
-    next_pos = []
-    for p, n in zip(prompts, lengths, strict=True):
+    B, T = len(prompts), max(lengths)
+    given = [p["positions"] for p in prompts if p.get("positions") is not None]
+    pos_shape = (B, T, *given[0].shape[2:]) if given else (B, T)
+    tokens = torch.zeros(B, T, dtype=prompts[0]["tokens"].dtype)
+    positions = torch.zeros(pos_shape, dtype=given[0].dtype if given else torch.long)
+    doc_ids = torch.zeros(B, T, dtype=torch.long)  # the padding is document 0, the prompt's documents follow
+    image_ids = torch.full((B, T), -1, dtype=torch.long)
+    patch_mask = torch.zeros(B, T, dtype=torch.bool)
+    ramp = torch.arange(T)
+    patches, next_pos = [], []
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
         pad = T - n
-        tokens = p["tokens"]
-        positions = p.get("positions")
-        if positions is None:
-            positions = torch.arange(n).view(1, n)
-        doc = p.get("doc_ids")
-        doc = torch.zeros_like(tokens) if doc is None else doc
-        img = p.get("image_ids")
-        img = torch.full_like(tokens, -1) if img is None else img
-        pm = p.get("patch_mask")
-        pm = torch.zeros_like(tokens, dtype=torch.bool) if pm is None else pm
-
-        rows["tokens"].append(_left(tokens, pad, 0))
-        rows["positions"].append(_left(positions, pad, 0))
-        rows["doc_ids"].append(_left(doc + 1, pad, 0))  # the padding is document 0, the prompt's documents follow
-        rows["image_ids"].append(_left(img, pad, -1))
-        rows["patch_mask"].append(_left(pm, pad, False))
+        tokens[i, pad:] = p["tokens"][0]
+        if p.get("positions") is not None:
+            positions[i, pad:] = p["positions"][0]
+            next_pos.append(int(p["positions"].max()) + 1)
+        else:
+            positions[i, pad:] = ramp[:n].view(n, *([1] * (len(pos_shape) - 2)))
+            next_pos.append(n)
+        doc_ids[i, pad:] = 1 if p.get("doc_ids") is None else p["doc_ids"][0] + 1
+        if p.get("image_ids") is not None:
+            image_ids[i, pad:] = p["image_ids"][0]
+        if p.get("patch_mask") is not None:
+            patch_mask[i, pad:] = p["patch_mask"][0]
         if p.get("patches") is not None and p["patches"].shape[0]:
             patches.append(p["patches"])
-        next_pos.append(int(positions.max()) + 1)
-    batch = {k: torch.cat(v).to(device) for k, v in rows.items()}
+    fields = {
+        "tokens": tokens,
+        "positions": positions,
+        "doc_ids": doc_ids,
+        "image_ids": image_ids,
+        "patch_mask": patch_mask,
+    }
+    batch = {k: v.to(device) for k, v in fields.items()}
     if patches:
         batch["patches"] = torch.cat(patches).to(device)
     key_start = torch.tensor([T - n for n in lengths], device=device)
     return batch, key_start, torch.tensor(next_pos, device=device)
+
+
+def _base(next_pos: torch.Tensor, pos_dims: int) -> torch.Tensor:
+    """(B, 1) each row's next position, or (B, 1, 3) for M-RoPE, where text after the prompt takes the same next id
+    on all three axes."""
+    base = next_pos.view(-1, 1)
+    if pos_dims == 3:
+        base = base.unsqueeze(-1).expand(-1, 1, 3)
+    return base.contiguous()
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
@@ -179,7 +201,11 @@ class Engine:
         self.static, self.compiled = static or compile or block > 1, compile
         self.cache_class = StaticCache if self.static else BatchCache
         self.step, self.greedy_step, self.greedy_block = self._step, self._greedy_step, self._greedy_block
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # view -> `block` steps captured on one call's buffers
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # view -> `block` steps captured on the held buffers
+        # the static cache and decode buffers of the last generate call, kept for the next call of the same shapes:
+        # a server's batches of one shape allocate once, and the step's CUDA graphs, captured on these buffers,
+        # replay from call to call instead of being captured again each call
+        self._held: tuple | None = None  # (cache key, cache, buffers key, buffers, their graphs)
         self._met: set[tuple] = set()  # the shapes the compiled step has run at (so compiled before a capture)
         if compile:
             self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False, fullgraph=True)
@@ -260,9 +286,7 @@ class Engine:
         (a host read per step: what streaming costs); it may return rows to finish now (a stop string seen)."""
         batch, key_start, next_pos = pad_prompts(prompts, self.device)
         limits = max_new_tokens or [params.max_new_tokens] * len(prompts)
-        cache = self.cache_class(
-            self.model, len(prompts), batch["tokens"].shape[1] + max(limits), self.device, self.dtype, key_start
-        )
+        cache = self._cache(len(prompts), batch["tokens"].shape[1] + max(limits), key_start)
         logits = self.model(**batch, cache=cache, return_logits=True).logits[:, -1]
         return self._decode(logits, cache, next_pos, params, limits, batch["positions"].dim(), on_tokens)
 
@@ -293,22 +317,63 @@ class Engine:
         )
         return [rows[i * n : (i + 1) * n] for i in range(P)]
 
+    def release(self) -> None:
+        """Drop the held cache, buffers and graphs (their GPU memory): the next call allocates and captures anew."""
+        self._held, self._graphs = None, {}
+
+    def _cache(self, batch: int, max_len: int, key_start: torch.Tensor) -> BatchCache:
+        """A cache for a generate call: on the static cache, the held one when the last call's had this shape."""
+        key = (batch, max_len)
+        if self._held is not None and self._held[0] == key:
+            self._held[1].reset(key_start)
+            return self._held[1]
+        cache = self.cache_class(self.model, batch, max_len, self.device, self.dtype, key_start)
+        if self.static:
+            self._held = (key, cache, None, None, {})  # graphs on the old buffers go with them
+        return cache
+
+    def _buffers(self, cache, limits: list[int], stop_ids, pos_dims: int, next_pos: torch.Tensor) -> tuple:
+        """The decode's device state (out, limit, stops, done, length, token, column, base), set for this call: the
+        held cache's buffers are reused in place when their shapes match (and the graphs captured on them stay)."""
+        B, steps, d = len(limits), max(limits), self.device
+        stops_ = list(stop_ids) or [-1]
+        key = (B, steps, len(stops_), pos_dims)
+        held = self._held is not None and cache is self._held[1]
+        if held and self._held[2] == key:
+            bufs, self._graphs = self._held[3], self._held[4]
+            out, limit, stops, done, length, token, column, base = bufs
+            out.zero_(), done.zero_(), length.zero_(), column.zero_()
+            limit.copy_(torch.tensor(limits)), stops.copy_(torch.tensor(stops_))
+            base.copy_(_base(next_pos, pos_dims))
+            return bufs
+        bufs = (
+            torch.zeros(B, steps, dtype=torch.long, device=d),
+            torch.tensor(limits, device=d),
+            torch.tensor(stops_, device=d),
+            torch.zeros(B, dtype=torch.bool, device=d),
+            torch.zeros(B, dtype=torch.long, device=d),
+            torch.zeros(B, dtype=torch.long, device=d),  # token: the last token of each row
+            torch.zeros((), dtype=torch.long, device=d),  # column: the column of `out` last written
+            _base(next_pos, pos_dims),
+        )
+        self._graphs = {}  # graphs are captured on one set of buffers: these start with none
+        if held:
+            self._held = (*self._held[:2], key, bufs, self._graphs)
+        return bufs
+
     def _decode(
         self, logits, cache, next_pos, params: SamplingParams, limits: list[int], pos_dims: int, on_tokens=None
     ):
-        B, steps = logits.shape[0], max(limits)
-        out = torch.zeros(B, steps, dtype=torch.long, device=self.device)
-        limit = torch.tensor(limits, device=self.device)
-        stops = torch.tensor(list(params.stop_ids) or [-1], device=self.device)
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        length = torch.zeros(B, dtype=torch.long, device=self.device)
+        out, limit, stops, done, length, token, column, base = bufs = self._buffers(
+            cache, limits, params.stop_ids, pos_dims, next_pos
+        )
         if self.compiled:  # the buffers a captured step reads and writes in place stay where they are
-            for t in (*cache.k, *cache.v, cache.key_start, cache.pos):
+            for t in (*cache.k, *cache.v, cache.key_start, cache.pos, *bufs):
                 torch._dynamo.mark_static_address(t)
         checking, self.model.check_inputs = self.model.check_inputs, False  # its check reads the batch on the host
         try:
             if self.static and params.temperature == 0 and on_tokens is None:
-                self._decode_greedy(logits, cache, next_pos, pos_dims, out, length, done, limit, stops)
+                self._decode_greedy(logits, cache, token, column, base, out, length, done, limit, stops)
             else:
                 self._decode_steps(
                     logits, cache, next_pos, pos_dims, out, length, done, limit, stops, params, on_tokens
@@ -342,23 +407,14 @@ class Engine:
                 pos = pos.unsqueeze(-1).expand(B, 1, 3)
             logits = self.step(token.view(B, 1), pos.contiguous(), cache)
 
-    def _decode_greedy(self, logits, cache, next_pos, pos_dims: int, out, length, done, limit, stops) -> None:
+    def _decode_greedy(self, logits, cache, token, column, base, out, length, done, limit, stops) -> None:
         """`_decode`'s loop for greedy rows of a static cache, each step one `greedy_step` (or `block` aligned steps
         in one `greedy_block`, its view wide enough for the last of them): the same tokens and the same checks
         (every row stopped, read every `check_every` steps)."""
         B, steps = out.shape
-        token = logits.argmax(-1)
+        token.copy_(logits.argmax(-1))
         out[:, 0] = token
         advance_rows(token, length, done, limit, stops)
-        column = torch.zeros((), dtype=torch.long, device=self.device)  # the column last written
-        base = next_pos.view(B, 1)
-        if pos_dims == 3:  # M-RoPE: text after the prompt takes the same next id on all three axes
-            base = base.unsqueeze(-1).expand(B, 1, 3)
-        base = base.contiguous()
-        if self.compiled:
-            for t in (token, column, base, out, length, done, limit, stops):
-                torch._dynamo.mark_static_address(t)
-        self._graphs = {}  # a captured block reads and writes this call's buffers: captures last one call
         step = 1  # column `step` from the token at column step - 1
         while step < steps:
             if step % self.check_every == 0 and bool(done.all()):

@@ -265,3 +265,69 @@ def test_the_h200_block_and_kernel_table_is_the_committed_runs():
     for batch, (tps, share) in printed.items():
         assert f"{round(tps, -2):,.0f} ({share}%)" in doc, batch
     assert f"**The Triton kernel is the one lever that moved the step**: {printed[256][1]}% of the bound" in doc
+
+
+def test_the_kept_cache_table_is_the_committed_runs():
+    """PERFORMANCE.md's "the cache kept" section: its table, the gains, the 125M pair, the kernel's time a step with
+    each launch setting and the last call's figures are the committed JSONs'."""
+    import json
+
+    from conftest import REPO
+
+    doc = " ".join((REPO / "docs" / "PERFORMANCE.md").read_text().split())
+    perf = REPO / "docs" / "perf"
+
+    def rows(name):
+        return {(r["engine"], r["batch"]): r for r in json.loads((perf / name).read_text())}
+
+    def cell(r) -> str:
+        return f"{r['tokens_per_s']:,.0f} ({100 * r['of_bound']:.2f}%)"
+
+    held = rows("decode_held_20m_h200.json")
+    for label, engine in (
+        ("compiled (SDPA), a new cache every call", "compiled-fresh"),
+        ("compiled (SDPA), the cache kept", "compiled"),
+        ("blocks of 8, Triton kernel, a new cache every call", "compiled-block8-triton-fresh"),
+        ("blocks of 8, Triton kernel, the cache kept", "compiled-block8-triton"),
+        ("compiled, Triton kernel (2 warps), the cache kept", "compiled-triton"),
+    ):
+        assert f"| {label} | {cell(held[(engine, 256)])} | {cell(held[(engine, 64)])} |" in doc, label
+    gain = [held[("compiled", b)]["tokens_per_s"] / held[("compiled-fresh", b)]["tokens_per_s"] for b in (256, 64)]
+    assert f"**{gain[0]:.2f}x at batch 256 and {gain[1]:.2f}x at batch 64**" in doc
+    big = rows("decode_held_125m_h200.json")
+    fresh, kept = big[("compiled-fresh", 256)], big[("compiled", 256)]
+    assert f"{fresh['tokens_per_s']:,.0f} ({100 * fresh['of_bound']:.2f}%) against {kept['tokens_per_s']:,.0f}" in doc
+    assert kept["tokens_per_s"] > fresh["tokens_per_s"]
+    two = rows("decode_held_profile_20m_h200.json")[("compiled-triton", 256)]  # 2 warps
+    four = rows("decode_triton_profile_20m_h200.json")[("compiled-triton", 256)]  # Triton's defaults
+    kernel = {
+        w: next(t["ms_per_step"] for t in r["profile"]["top"] if t["name"] == "_decode")
+        for w, r in ((2, two), (4, four))
+    }
+    assert f"kernel took **{kernel[2]:.3f} ms a step against {kernel[4]:.3f} ms** with the defaults" in doc
+    defaults = rows("decode_held_triton_defaults_20m_h200.json")[("compiled-triton", 256)]
+    assert f"gave {100 * two['of_bound']:.2f}% of the bound against {100 * defaults['of_bound']:.2f}% with" in doc
+    final = rows("decode_final_20m_h200.json")
+    t256, t64 = final[("compiled-triton", 256)], final[("compiled-triton", 64)]
+    assert (
+        f"the Triton kernel {t256['tokens_per_s']:,.0f} tokens/s at batch 256 (**{100 * t256['of_bound']:.2f}%**" in doc
+    )
+    assert f"and {t64['tokens_per_s']:,.0f} at 64 ({100 * t64['of_bound']:.2f}%)" in doc
+    p = two["profile"]
+    assert (
+        f"kernels {p['ms_per_step']:.3f} ms, short gaps {p['gaps_short_ms_per_step']:.3f}, longer gaps "
+        f"{p['gaps_long_ms_per_step']:.3f} and **{p['outside_ms_per_step']:.3f} ms outside the kernels**" in doc
+    )
+
+
+def test_idle_splits_a_calls_waits():
+    """benchmarks/decode.py's `idle`: overlapping kernels are one busy stretch, gaps up to 20 us are short, longer
+    ones long, and the call's wall time past its first and last kernel is outside; all per step."""
+    from benchmarks.decode import idle
+
+    spans = [(0.0, 10.0), (5.0, 12.0), (30.0, 40.0), (100.0, 110.0)]  # us: gaps of 18 (short) and 60 (long)
+    got = idle(spans, wall_ms=0.3, steps=2)
+    assert got["gaps_short_ms_per_step"] == pytest.approx(0.018 / 2)
+    assert got["gaps_long_ms_per_step"] == pytest.approx(0.060 / 2)
+    assert got["outside_ms_per_step"] == pytest.approx((0.3 - 0.110) / 2)
+    assert got["wall_ms_per_step"] == pytest.approx(0.15)

@@ -67,6 +67,29 @@ def test_static_cache_reads_only_what_is_written_rounded_to_its_grain(model):
     assert len({v for _, v, _ in views}) == 2
 
 
+def test_a_static_engine_reuses_its_cache_across_calls(model):
+    """Calls of one shape decode on the same cache and buffers (allocated once, graphs captured once on a GPU), and
+    give what a fresh engine gives: other prompts whose padding differs (the last call's keys left in the buffer are
+    never read), other stops and limits, and a call of another shape between them."""
+    engine = Engine(model, check_every=4, static=True)
+    params = SamplingParams(max_new_tokens=12)
+
+    def fresh(batch, params, limits=None):
+        return Engine(model, check_every=4, static=True).generate(batch, params, limits)
+
+    first = engine.generate(prompts(), params)
+    cache, buffers = engine._held[1], engine._held[3]
+    flipped = prompts()[::-1]  # the same padded length, each row's padding another
+    assert engine.generate(flipped, params) == fresh(flipped, params) == first[::-1]
+    stop = first[2][3]
+    stopped = SamplingParams(max_new_tokens=12, stop_ids=(stop,))
+    assert engine.generate(prompts(), stopped, [5, 12, 12, 1]) == fresh(prompts(), stopped, [5, 12, 12, 1])
+    assert engine._held[1] is cache and engine._held[3] is buffers
+    assert engine.generate(prompts()[:2], params) == first[:2]  # another shape: its own cache
+    assert engine._held[1] is not cache
+    assert engine.generate(prompts(), params) == first
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["growing-cache", "static-cache"])
 def test_fork_draws_from_one_prefill(model, static):
     engine = Engine(model, static=static)

@@ -748,12 +748,16 @@ def test_the_readmes_python_snippets_run_as_written():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="model.decode_attention's Triton kernel needs a CUDA device")
-def test_the_decode_kernel_is_sdpa_over_each_rows_span():
+@pytest.mark.parametrize("span", [0, 48, 64])
+def test_the_decode_kernel_is_sdpa_over_each_rows_span(span, monkeypatch):
     """model.decode_attention on a GPU: each row's one query against the keys in [key_start, end) of a cache view (a
     strided slice, as the static cache gives it), with grouped heads, spans that start inside a block and end before
-    the view does: SDPA with the same mask, within bf16's rounding."""
+    the view does: SDPA with the same mask, within bf16's rounding; also with each row's keys split over programs
+    (`SPAN`, 48 not a multiple of the loop's block), parts with no real key among them."""
+    from model import decode_attention as da
     from model.decode_attention import HAS_TRITON, decode_attention, reference
 
+    monkeypatch.setattr(da, "SPAN", span)
     if not HAS_TRITON:
         pytest.skip("Triton is not installed")
     torch.manual_seed(0)
