@@ -176,7 +176,8 @@ def bench(
                 batch = [one] if b == 1 else prompts(b)
 
                 def call(batch=batch, engine=engine, fresh=fresh):
-                    fresh and engine.release()
+                    if fresh:
+                        engine.release()
                     return engine.generate(batch, params)
 
                 out, t = timed(call, device)

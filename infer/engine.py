@@ -10,7 +10,7 @@ the host reads whether every row has stopped only every `check_every` steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,18 @@ class SamplingParams:
     top_k: int = 0  # 0: no cut
     stop_ids: tuple[int, ...] = ()
     seed: int | None = None
+
+
+@dataclass
+class Held:
+    """A static generate call's cache and decode buffers, kept for the next call of the same shapes, and the graphs
+    captured on those buffers (view -> graph), which replay as long as the buffers stay."""
+
+    shape: tuple  # (batch, max_len): the cache's
+    cache: StaticCache
+    buffers_shape: tuple | None = None  # (batch, steps, stop ids, position dims)
+    buffers: tuple | None = None
+    graphs: dict = field(default_factory=dict)
 
 
 class BatchCache(KVCache):
@@ -205,7 +217,7 @@ class Engine:
         # the static cache and decode buffers of the last generate call, kept for the next call of the same shapes:
         # a server's batches of one shape allocate once, and the step's CUDA graphs, captured on these buffers,
         # replay from call to call instead of being captured again each call
-        self._held: tuple | None = None  # (cache key, cache, buffers key, buffers, their graphs)
+        self._held: Held | None = None
         self._met: set[tuple] = set()  # the shapes the compiled step has run at (so compiled before a capture)
         if compile:
             self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False, fullgraph=True)
@@ -324,12 +336,12 @@ class Engine:
     def _cache(self, batch: int, max_len: int, key_start: torch.Tensor) -> BatchCache:
         """A cache for a generate call: on the static cache, the held one when the last call's had this shape."""
         key = (batch, max_len)
-        if self._held is not None and self._held[0] == key:
-            self._held[1].reset(key_start)
-            return self._held[1]
+        if self._held is not None and self._held.shape == key:
+            self._held.cache.reset(key_start)
+            return self._held.cache
         cache = self.cache_class(self.model, batch, max_len, self.device, self.dtype, key_start)
         if self.static:
-            self._held = (key, cache, None, None, {})  # graphs on the old buffers go with them
+            self._held = Held(key, cache)  # graphs on the old buffers go with them
         return cache
 
     def _buffers(self, cache, limits: list[int], stop_ids, pos_dims: int, next_pos: torch.Tensor) -> tuple:
@@ -338,9 +350,9 @@ class Engine:
         B, steps, d = len(limits), max(limits), self.device
         stops_ = list(stop_ids) or [-1]
         key = (B, steps, len(stops_), pos_dims)
-        held = self._held is not None and cache is self._held[1]
-        if held and self._held[2] == key:
-            bufs, self._graphs = self._held[3], self._held[4]
+        held = self._held is not None and cache is self._held.cache
+        if held and self._held.buffers_shape == key:
+            bufs, self._graphs = self._held.buffers, self._held.graphs
             out, limit, stops, done, length, token, column, base = bufs
             out.zero_(), done.zero_(), length.zero_(), column.zero_()
             limit.copy_(torch.tensor(limits)), stops.copy_(torch.tensor(stops_))
@@ -358,7 +370,7 @@ class Engine:
         )
         self._graphs = {}  # graphs are captured on one set of buffers: these start with none
         if held:
-            self._held = (*self._held[:2], key, bufs, self._graphs)
+            self._held.buffers_shape, self._held.buffers, self._held.graphs = key, bufs, self._graphs
         return bufs
 
     def _decode(

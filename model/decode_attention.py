@@ -100,7 +100,7 @@ if HAS_TRITON:
             out = torch.empty(B, H, parts, D, device=q.device, dtype=torch.float32)
             stat = torch.empty(B, H, parts, 2, device=q.device, dtype=torch.float32)
         else:
-            out = stat = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
+            out = stat = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)  # Stat: not written unsplit
         torch.library.wrap_triton(_decode)[(B, H, parts)](
             q, k, v, out, stat, key_start, end, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), keys, H // k.shape[1],

@@ -318,6 +318,30 @@ def test_the_kept_cache_table_is_the_committed_runs():
         f"kernels {p['ms_per_step']:.3f} ms, short gaps {p['gaps_short_ms_per_step']:.3f}, longer gaps "
         f"{p['gaps_long_ms_per_step']:.3f} and **{p['outside_ms_per_step']:.3f} ms outside the kernels**" in doc
     )
+    # where the GPU waited before the cache was kept: the two profiled engines of decode_gaps
+    gaps = rows("decode_gaps_20m_h200.json")
+    p, q = gaps[("compiled", 256)]["profile"], gaps[("compiled-block8-triton", 256)]["profile"]
+    assert (
+        f"a step of {p['wall_ms_per_step']:.3f} ms: kernels {p['ms_per_step']:.3f}, short gaps "
+        f"{p['gaps_short_ms_per_step']:.3f}, **longer gaps {p['gaps_long_ms_per_step']:.3f}, outside the kernels "
+        f"{p['outside_ms_per_step']:.3f}**" in doc
+    )
+    assert (
+        f"{q['wall_ms_per_step']:.3f} ms: {q['ms_per_step']:.3f}, {q['gaps_short_ms_per_step']:.3f}, "
+        f"**{q['gaps_long_ms_per_step']:.3f}, {q['outside_ms_per_step']:.3f}**" in doc
+    )
+    # the kernel alone (benchmarks/decode_tiles.py) at batch 256: its best setting, Triton's default, SDPA, the splits
+    tiles = [r for r in json.loads((perf / "decode_tiles_20m_h200.json").read_text())["rows"] if r["batch"] == 256]
+    best = min((r for r in tiles if "span" in r), key=lambda r: r["ms"])
+    assert (best["span"], best["block"], best["num_warps"]) == (0, 64, 2)
+    default = next(r for r in tiles if r.get("span") == 0 and r.get("block") == 64 and r.get("num_warps") == 4)
+    sdpa = next(r for r in tiles if "span" not in r)
+    splits = [r["ms"] * 1e3 for r in tiles if r.get("span")]
+    assert (
+        f"took {best['ms'] * 1e3:.1f} us at batch 256 (Triton's default 4 warps {default['ms'] * 1e3:.1f} us), where "
+        f"SDPA took {sdpa['ms'] * 1e3:.1f} us; every split was slower ({min(splits):.0f}-{max(splits):.0f} us" in doc
+    )
+    assert min(splits) > best["ms"] * 1e3
 
 
 def test_idle_splits_a_calls_waits():

@@ -78,15 +78,15 @@ def test_a_static_engine_reuses_its_cache_across_calls(model):
         return Engine(model, check_every=4, static=True).generate(batch, params, limits)
 
     first = engine.generate(prompts(), params)
-    cache, buffers = engine._held[1], engine._held[3]
+    cache, buffers = engine._held.cache, engine._held.buffers
     flipped = prompts()[::-1]  # the same padded length, each row's padding another
     assert engine.generate(flipped, params) == fresh(flipped, params) == first[::-1]
     stop = first[2][3]
     stopped = SamplingParams(max_new_tokens=12, stop_ids=(stop,))
     assert engine.generate(prompts(), stopped, [5, 12, 12, 1]) == fresh(prompts(), stopped, [5, 12, 12, 1])
-    assert engine._held[1] is cache and engine._held[3] is buffers
+    assert engine._held.cache is cache and engine._held.buffers is buffers
     assert engine.generate(prompts()[:2], params) == first[:2]  # another shape: its own cache
-    assert engine._held[1] is not cache
+    assert engine._held.cache is not cache
     assert engine.generate(prompts(), params) == first
 
 
