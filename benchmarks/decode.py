@@ -3,14 +3,16 @@ the bound set by HBM bandwidth (each step reads every weight and every row's KV 
 
     python benchmarks/decode.py [--configs 20m,125m] [--batches 1,64,256] [--prompt 64] [--new 256]
                                 [--engines engine,static,compiled] [--vocab 32768] [--hbm-gbps 4800]
-                                [--set model.depth=2,...] [--json out.json] [--profile] [--triton SPAN=64,...]
+                                [--set model.depth=2,...] [--json out.json] [--profile] [--stages]
+                                [--repeats 1] [--triton SPAN=64,...]
 
 Engines: `engine` (the growing cache), `static` (StaticCache: every step one shape), `compiled` (the static step
 compiled with CUDA graphs, torch.compile's reduce-overhead mode; meant for a GPU), and the same attending to the
 cache with other kernels (`model.attention.CACHED_KERNEL`): `compiled-flex` (flex_attention's decoding kernel, on a
 GPU) and `compiled-math` (two matmuls and a softmax); `compiled-block4` and `compiled-block8` (`Engine(block=K)`: K
 greedy steps captured in one graph, one replay and one host round for K tokens); `compiled-triton`
-(`model.decode_attention`'s kernel, on a GPU with Triton) and `compiled-block8-triton` (both). An engine keeps its
+(`model.decode_attention`'s kernel, on a GPU with Triton) and `compiled-block8-triton` (both); `compiled-autotune`
+and `compiled-triton-autotune` (`Engine(autotune=True)`: compiled with inductor's max-autotune). An engine keeps its
 static cache, buffers and captured graphs from one call to the next of the same shapes; NAME-fresh drops them before
 every call (`Engine.release`), as calls were before. --triton sets the Triton kernel's tiles and key split.
 
@@ -18,13 +20,15 @@ every call (`Engine.release`), as calls were before. --triton sets the Triton ke
 kernels a new token costs (CPU operators on a CPU) and the few that take most of the time, with their share: where
 the step's time goes when it is far from the bound; on a GPU also where it waited (`idle`: short gaps between
 kernels, longer ones, and the call's time before its first and after its last kernel; all under the profiler,
-which slows the host).
+which slows the host). --stages times one more call in its parts (pad, prefill, decode, read), synchronized
+between them.
 
 Random weights, random text prompts of --prompt tokens, greedy, no stop ids, so every row decodes --new tokens.
-tokens/s counts new tokens over the whole call (prefill included). `bound` is batch x steps over the time to read
-the weights (in the model's dtype) plus the KV cache at its mean length once per step; `of bound` is the share of it
-reached. At batch 1 the share of the engine's greedy tokens equal to the single-row loop's is reported (bf16 near-ties
-may flip one between cache layouts; the tests check equality in fp32).
+tokens/s counts new tokens over the whole call (prefill included), the mean of --repeats calls after a warm-up one.
+`bound` is batch x steps over the time to read the weights (in the model's dtype) plus the KV cache at its mean
+length once per step; `of bound` is the share of it reached. At batch 1 the share of the engine's greedy tokens equal
+to the single-row loop's is reported (bf16 near-ties may flip one between cache layouts; the tests check equality in
+fp32).
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ def hbm_bound(model, batch: int, prompt: int, new: int, gbps: float) -> float:
     return batch * gbps * 1e9 / step_bytes
 
 
-ENGINES = {  # Engine options per variant, and the cached step's kernel (model.attention.CACHED_KERNEL; default sdpa)
+ENGINES = {  # Engine options per variant, and the cached step's kernel (model.attention.CACHED_KERNEL): sdpa unless
+    # named, as in the runs the docs cite; the engine's own default is triton (its `compiled-triton` rows)
     "engine": {},  # the growing cache
     "static": {"static": True},
     "compiled": {"compile": True},  # the static step compiled with CUDA graphs
@@ -78,6 +83,8 @@ ENGINES = {  # Engine options per variant, and the cached step's kernel (model.a
     "compiled-block8": {"compile": True, "block": 8},
     "compiled-triton": {"compile": True, "kernel": "triton"},  # model.decode_attention: one program a row and head
     "compiled-block8-triton": {"compile": True, "block": 8, "kernel": "triton"},  # both levers at once
+    "compiled-autotune": {"compile": True, "autotune": True},  # inductor's max-autotune: matmuls tuned, fused
+    "compiled-triton-autotune": {"compile": True, "autotune": True, "kernel": "triton"},
 }
 # any engine with "-fresh": its held cache, buffers and graphs dropped before every call (`Engine.release`), as every
 # call was before the engine kept them: each call allocates its cache and captures its graphs again
@@ -145,6 +152,8 @@ def bench(
     engines=("engine",),
     emit=None,
     profile: bool = False,
+    stages: bool = False,
+    repeats: int = 1,
 ) -> list[dict]:
     """One row per engine and batch; `emit` sees each as it is measured (a run cut short keeps what it printed)."""
     # random prompts: no tokenizer is read (nor checked against the vocabulary)
@@ -164,7 +173,7 @@ def bench(
     row = {k: v.to(device) for k, v in one.items()}
     single, t_single = timed(lambda: generate(model, row, new), device)
     loop_tps = new / t_single
-    results = []
+    results, kernel = [], attention.CACHED_KERNEL
     for name in engines:
         try:  # one engine that fails (a compile error on a new GPU stack) leaves the others' numbers standing
             options = dict(ENGINES[name.removesuffix("-fresh")])
@@ -180,11 +189,15 @@ def bench(
                         engine.release()
                     return engine.generate(batch, params)
 
-                out, t = timed(call, device)
+                out, t = timed(call, device, repeats)
                 row_ = _row(config, name, b, b * new / t, loop_tps, hbm_bound(model, b, prompt, new, gbps), model)
                 if b == 1:  # bf16 near-ties may flip a token between cache layouts: counted, not fatal
                     same = sum(x == y for x, y in zip(out[0], single.tokens, strict=False))
                     row_["greedy_match"] = same / max(1, len(single.tokens))
+                if stages:  # one more call, synchronized between its parts
+                    parts: dict = {}
+                    engine.generate(batch, params, stages=parts)
+                    row_["stages_ms"] = {k: v * 1e3 for k, v in parts.items()}
                 if profile:
                     row_["profile"] = profile_call(call, device, new)
                 results.append(row_)
@@ -192,7 +205,7 @@ def bench(
         except Exception as e:  # noqa: BLE001
             results.append({"config": config, "engine": name, "error": f"{type(e).__name__}: {e}"[:500]})
             emit and emit(results[-1])
-    attention.CACHED_KERNEL = "sdpa"
+    attention.CACHED_KERNEL = kernel
     return results
 
 
@@ -221,6 +234,8 @@ def print_row(r: dict) -> None:
         + (f"  greedy tokens as the loop's: {r['greedy_match']:.0%}" if "greedy_match" in r else ""),
         flush=True,
     )
+    if "stages_ms" in r:
+        print("    a call's parts (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_ms"].items()), flush=True)
     if "profile" in r:
         p = r["profile"]
         print(f"    {p['per_step']:.1f} {p['profiled']} a step, {p['ms_per_step']:.3f} ms; the most time:", flush=True)
@@ -247,6 +262,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", default="engine", help=f"comma-separated, of {', '.join(ENGINES)}")
     ap.add_argument("--json")
     ap.add_argument("--profile", action="store_true", help="what a decode step is made of (torch.profiler)")
+    ap.add_argument("--stages", action="store_true", help="a call's time by part: pad, prefill, decode, read")
+    ap.add_argument("--repeats", type=int, default=1, help="calls timed after the warm-up one (their mean)")
     ap.add_argument(
         "--triton",
         default="",
@@ -279,7 +296,7 @@ def main(argv=None) -> int:
         config = CONFIGS.get(name, name)
         engines = args.engines.split(",")
         bench(config, overrides, args.vocab, batches, args.prompt, args.new, args.hbm_gbps, device, engines, emit,
-              args.profile)  # fmt: skip
+              args.profile, args.stages, args.repeats)  # fmt: skip
     return 0
 
 

@@ -10,9 +10,11 @@ the host reads whether every row has stopped only every `check_every` steps.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from model.decode_attention import span_mask
 from model.generate import KVCache, sample
@@ -119,48 +121,64 @@ class StaticCache(BatchCache):
 
 
 def pad_prompts(prompts: list[dict], device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Left-pad one-row prompts into one batch: (batch, key_start (B,), next position (B,)). Each field is laid out
-    in one host tensor and copied to the device once: a batch of 256 prompts is a few hundred slice writes, not a
-    few thousand small tensors made and joined."""
-    lengths = [p["tokens"].shape[1] for p in prompts]
-    B, T = len(prompts), max(lengths)
-    given = [p["positions"] for p in prompts if p.get("positions") is not None]
-    pos_shape = (B, T, *given[0].shape[2:]) if given else (B, T)
-    tokens = torch.zeros(B, T, dtype=prompts[0]["tokens"].dtype)
-    positions = torch.zeros(pos_shape, dtype=given[0].dtype if given else torch.long)
-    doc_ids = torch.zeros(B, T, dtype=torch.long)  # the padding is document 0, the prompt's documents follow
-    image_ids = torch.full((B, T), -1, dtype=torch.long)
-    patch_mask = torch.zeros(B, T, dtype=torch.bool)
-    ramp = torch.arange(T)
-    patches, next_pos = [], []
-    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
-        pad = T - n
-        tokens[i, pad:] = p["tokens"][0]
-        if p.get("positions") is not None:
-            positions[i, pad:] = p["positions"][0]
-            next_pos.append(int(p["positions"].max()) + 1)
-        else:
-            positions[i, pad:] = ramp[:n].view(n, *([1] * (len(pos_shape) - 2)))
-            next_pos.append(n)
-        doc_ids[i, pad:] = 1 if p.get("doc_ids") is None else p["doc_ids"][0] + 1
-        if p.get("image_ids") is not None:
-            image_ids[i, pad:] = p["image_ids"][0]
-        if p.get("patch_mask") is not None:
-            patch_mask[i, pad:] = p["patch_mask"][0]
-        if p.get("patches") is not None and p["patches"].shape[0]:
-            patches.append(p["patches"])
+    """Left-pad one-row prompts into one batch: (batch, key_start (B,), next position (B,)). A field no prompt has is
+    made from the lengths in a few whole-batch ops and the others are padded by `pad_sequence`, each copied to the
+    device once: on an H200's host 256 text prompts took 6.6 ms laid out a slice at a time (docs/PERFORMANCE.md)."""
+    lengths = torch.tensor([p["tokens"].shape[1] for p in prompts])
+    B, T = len(prompts), int(lengths.max())
+    pad = (T - lengths).view(B, 1)
+    real = torch.arange(T) >= pad  # (B, T): the prompt's own positions, after its padding
+
+    def left(key: str, fill, default) -> torch.Tensor | None:
+        """Each prompt's `key` (`default(i)` where it has none) left-padded with `fill`; None when no prompt has it."""
+        if all(p.get(key) is None for p in prompts):
+            return None
+        rows = [p[key][0] if p.get(key) is not None else default(i) for i, p in enumerate(prompts)]
+        return pad_sequence(rows, batch_first=True, padding_value=fill, padding_side="left")
+
+    given = next((p["positions"] for p in prompts if p.get("positions") is not None), None)
+    if given is None:
+        positions, next_pos = (torch.arange(T) - pad).clamp(min=0), lengths
+    else:  # text-only prompts among them count 0, 1, ... on every axis
+        axes = given.shape[2:]
+
+        def ramp(i: int) -> torch.Tensor:
+            return torch.arange(int(lengths[i]), dtype=given.dtype).view(-1, *[1] * len(axes)).expand(-1, *axes)
+
+        positions = left("positions", 0, ramp)
+        next_pos = positions.flatten(1).amax(1) + 1  # the padding's zeros never exceed a prompt's ids
+    doc_ids = left("doc_ids", -1, lambda i: torch.zeros(int(lengths[i]), dtype=torch.long))
+    image_ids = left("image_ids", -1, lambda i: torch.full((int(lengths[i]),), -1, dtype=torch.long))
+    patch_mask = left("patch_mask", False, lambda i: torch.zeros(int(lengths[i]), dtype=torch.bool))
     fields = {
-        "tokens": tokens,
+        "tokens": left("tokens", 0, None),
         "positions": positions,
-        "doc_ids": doc_ids,
-        "image_ids": image_ids,
-        "patch_mask": patch_mask,
+        "doc_ids": real.long() if doc_ids is None else doc_ids + 1,  # the padding is document 0, the prompts' follow
+        "image_ids": torch.full((B, T), -1, dtype=torch.long) if image_ids is None else image_ids,
+        "patch_mask": torch.zeros(B, T, dtype=torch.bool) if patch_mask is None else patch_mask,
     }
     batch = {k: v.to(device) for k, v in fields.items()}
+    patches = [p["patches"] for p in prompts if p.get("patches") is not None and p["patches"].shape[0]]
     if patches:
         batch["patches"] = torch.cat(patches).to(device)
-    key_start = torch.tensor([T - n for n in lengths], device=device)
-    return batch, key_start, torch.tensor(next_pos, device=device)
+    return batch, pad.view(B).to(device), next_pos.to(device)
+
+
+class StageClock:
+    """Seconds per stage of a generate call, into a dict, the device synchronized at each mark (so a timed call
+    overlaps less than an untimed one); with no dict it does nothing."""
+
+    def __init__(self, into: dict | None, device: torch.device):
+        self.into, self.device, self.t = into, device, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        if self.into is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.into[stage] = self.into.get(stage, 0.0) + now - self.t
+        self.t = now
 
 
 def _base(next_pos: torch.Tensor, pos_dims: int) -> torch.Tensor:
@@ -199,12 +217,15 @@ class Engine:
         static: bool = False,
         compile: bool = False,
         block: int = 1,
+        autotune: bool = False,
     ):
         """static: decode with a StaticCache (one step shape); compile: also compile the step with CUDA graphs
         (torch.compile's reduce-overhead mode, on a GPU), which implies static. block: greedy decoding on the
         static cache (implied) runs this many steps a call (compiled: one graph replay and one host round for
         `block` tokens, where a small model's step is bound by the host's work a replay); it must divide
-        check_every, so the checks for finished rows fall where they fall one step at a time."""
+        check_every, so the checks for finished rows fall where they fall one step at a time. autotune (with
+        compile): inductor's max-autotune, the step's matmuls timed against its Triton templates on first use and
+        their neighbours fused into them (a longer first compile)."""
         if block < 1 or check_every % block:
             raise ValueError(f"block={block} must be at least 1 and divide check_every={check_every}")
         self.model, self.check_every, self.block = model.eval(), check_every, block
@@ -213,6 +234,7 @@ class Engine:
         self.static, self.compiled = static or compile or block > 1, compile
         self.cache_class = StaticCache if self.static else BatchCache
         self.step, self.greedy_step, self.greedy_block = self._step, self._greedy_step, self._greedy_block
+        self._compiled_prefill = None  # on a GPU with compile=True: the prefill for batches of more than one row
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # view -> `block` steps captured on the held buffers
         # the static cache and decode buffers of the last generate call, kept for the next call of the same shapes:
         # a server's batches of one shape allocate once, and the step's CUDA graphs, captured on these buffers,
@@ -220,23 +242,37 @@ class Engine:
         self._held: Held | None = None
         self._met: set[tuple] = set()  # the shapes the compiled step has run at (so compiled before a capture)
         if compile:
-            self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False, fullgraph=True)
+            graphs = "max-autotune" if autotune else "reduce-overhead"  # both capture CUDA graphs
+            if self.device.type == "cuda":  # where launching its few hundred ops one by one is the prefill's cost:
+                # most of a 20M prefill's 9 ms at batch 256 on an H200 (docs/PERFORMANCE.md); on a CPU the ops'
+                # own work is, and the compile (30 s for a tiny model here) would not pay. No graphs: its shapes
+                # vary from call to call
+                self._compiled_prefill = torch.compile(self._prefill, dynamic=False)
+            self.step = torch.compile(self._step, mode=graphs, dynamic=False, fullgraph=True)
             if block > 1 and self.device.type == "cuda":  # blocks captured by the engine (_greedy_block_graph)
-                self.greedy_step = torch.compile(self._greedy_step, dynamic=False, fullgraph=True)
+                mode = "max-autotune-no-cudagraphs" if autotune else None
+                self.greedy_step = torch.compile(self._greedy_step, mode=mode, dynamic=False, fullgraph=True)
                 self.greedy_block = self._greedy_block_graph
                 self._capture_stream = torch.cuda.Stream(self.device)
             else:
-                self.greedy_step = torch.compile(
-                    self._greedy_step, mode="reduce-overhead", dynamic=False, fullgraph=True
-                )
-                self.greedy_block = torch.compile(
-                    self._greedy_block, mode="reduce-overhead", dynamic=False, fullgraph=True
-                )
+                self.greedy_step = torch.compile(self._greedy_step, mode=graphs, dynamic=False, fullgraph=True)
+                self.greedy_block = torch.compile(self._greedy_block, mode=graphs, dynamic=False, fullgraph=True)
             # one compilation per (batch, view) met: StaticCache.MAX_VIEWS views for each batch size, and dynamo's
             # limit (8 per function, across engines) fell on an H200 at the second batch size of one process
             limits = torch._dynamo.config
             limits.recompile_limit = max(limits.recompile_limit, 64)
             limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 1024)
+
+    def _prefill(self, batch: dict, cache: BatchCache) -> torch.Tensor:
+        """The padded prompts through the model, their keys and values into the cache: (B, V) next-token logits."""
+        return self.model(**batch, cache=cache, return_logits=True, last_logits=True).logits[:, -1]
+
+    def prefill(self, batch: dict, cache: BatchCache) -> torch.Tensor:
+        """`_prefill`, compiled where the engine compiled it, except for a batch of one row: inductor's flex-attention
+        lowering failed on one (torch 2.11 on an H200: "convert FlexibleLayout to FixedLayout first"), and one
+        row's prefill is a small share of its call."""
+        compiled = self._compiled_prefill is not None and batch["tokens"].shape[0] > 1
+        return (self._compiled_prefill if compiled else self._prefill)(batch, cache)
 
     def _step(self, token: torch.Tensor, positions: torch.Tensor, cache: BatchCache) -> torch.Tensor:
         return self.model(token, positions=positions, cache=cache, return_logits=True).logits[:, -1]
@@ -292,15 +328,25 @@ class Engine:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[dict], params: SamplingParams, max_new_tokens: list[int] | None = None, on_tokens=None
+        self,
+        prompts: list[dict],
+        params: SamplingParams,
+        max_new_tokens: list[int] | None = None,
+        on_tokens=None,
+        stages: dict | None = None,
     ):
         """on_tokens(tokens, done): called after every step with each row's new token and whether the row is done
-        (a host read per step: what streaming costs); it may return rows to finish now (a stop string seen)."""
+        (a host read per step: what streaming costs); it may return rows to finish now (a stop string seen).
+        stages: a dict to add the seconds of each part of the call to (pad: the prompts laid out and copied in;
+        prefill; decode; read: the tokens read back), the device synchronized between them."""
+        clock = StageClock(stages, self.device)
         batch, key_start, next_pos = pad_prompts(prompts, self.device)
         limits = max_new_tokens or [params.max_new_tokens] * len(prompts)
+        clock("pad")
         cache = self._cache(len(prompts), batch["tokens"].shape[1] + max(limits), key_start)
-        logits = self.model(**batch, cache=cache, return_logits=True).logits[:, -1]
-        return self._decode(logits, cache, next_pos, params, limits, batch["positions"].dim(), on_tokens)
+        logits = self.prefill(batch, cache)
+        clock("prefill")
+        return self._decode(logits, cache, next_pos, params, limits, batch["positions"].dim(), on_tokens, clock)
 
     @torch.no_grad()
     def fork(self, prompt: dict, n: int, params: SamplingParams) -> list[list[int]]:
@@ -316,7 +362,7 @@ class Engine:
         cache = self.cache_class(
             self.model, P, batch["tokens"].shape[1] + params.max_new_tokens, self.device, self.dtype, key_start
         )
-        logits = self.model(**batch, cache=cache, return_logits=True).logits[:, -1]
+        logits = self.prefill(batch, cache)
         cache.fork(n)
         limits = [params.max_new_tokens] * (P * n)
         rows = self._decode(
@@ -374,8 +420,17 @@ class Engine:
         return bufs
 
     def _decode(
-        self, logits, cache, next_pos, params: SamplingParams, limits: list[int], pos_dims: int, on_tokens=None
+        self,
+        logits,
+        cache,
+        next_pos,
+        params: SamplingParams,
+        limits: list[int],
+        pos_dims: int,
+        on_tokens=None,
+        clock: StageClock | None = None,
     ):
+        clock = clock or StageClock(None, self.device)
         out, limit, stops, done, length, token, column, base = bufs = self._buffers(
             cache, limits, params.stop_ids, pos_dims, next_pos
         )
@@ -392,8 +447,11 @@ class Engine:
                 )
         finally:
             self.model.check_inputs = checking
+        clock("decode")
         lengths = length.tolist()
-        return [row[:n] for row, n in zip(out.tolist(), lengths, strict=True)]
+        rows = [row[:n] for row, n in zip(out.tolist(), lengths, strict=True)]
+        clock("read")
+        return rows
 
     def _decode_steps(self, logits, cache, next_pos, pos_dims, out, length, done, limit, stops, params, on_tokens):
         """`_decode`'s loop for any sampling: each token drawn on the host's call (seeded), then one model step."""

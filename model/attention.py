@@ -247,15 +247,17 @@ def attend(q, k, v, mask: AttentionMask | None) -> torch.Tensor:
 # A cached step's attention kernel (benchmarks/decode.py's engines compare them on a GPU): "sdpa" (SDPA with a mask),
 # "flex" (flex_attention's decoding kernel, compiled CUDA steps only), "math" (two matmuls and a softmax, which
 # inductor is free to fuse), "triton" (model.decode_attention: one program a row and head, reading only the row's
-# real keys; one-query steps of a cache that gives its keys as a span, `key_span`, on a GPU with Triton).
-CACHED_KERNEL = "sdpa"
+# real keys; one-query steps of a cache that gives its keys as a span, `key_span`, on a GPU with Triton; elsewhere
+# SDPA over the same span). "triton" is the default: at batch 256 it beat SDPA in every H200 call that ran both, at
+# batch 64 it tied (docs/PERFORMANCE.md).
+CACHED_KERNEL = "triton"
 
 
 def attend_cached(q, k, v, cache, new: int) -> torch.Tensor:
     """A cached step's attention: q (B, H, new, D) to the cache's keys, of which `cache.key_mask` (B, 1, 1, Tk) says
     which are real. SDPA with the mask takes cuDNN's kernel on an H200, whose 16-query tiles serve one query a row:
     42% of a 20M decode step's kernel time. flex_attention's decoding kernel (splitting the keys across the GPU) and
-    the plain matmuls were no faster at 20M or 125M (docs/PERFORMANCE.md), so SDPA stays the default."""
+    the plain matmuls were no faster at 20M or 125M; `model.decode_attention`'s kernel was (docs/PERFORMANCE.md)."""
     if CACHED_KERNEL == "triton" and new == 1 and hasattr(cache, "key_span"):
         return decode_attention(q, k, v, *cache.key_span(new))
     allowed = cache.key_mask(k.shape[2], new)

@@ -109,7 +109,7 @@ def generate(
     param = next(model.parameters())
     cache = KVCache(model, 1, tokens.shape[1] + max_new_tokens, param.device, param.dtype)
     prompt = {k: v for k, v in prompt.items() if k != "targets"}
-    logits = model(**prompt, cache=cache, return_logits=True).logits[:, -1]
+    logits = model(**prompt, cache=cache, return_logits=True, last_logits=True).logits[:, -1]
     positions = prompt.get("positions")
     next_pos = (int(positions.max()) if positions is not None else tokens.shape[1] - 1) + 1
     result = Generation(tokens=[])

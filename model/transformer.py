@@ -249,6 +249,7 @@ class FusionTransformer(nn.Module):
         target_index: torch.Tensor | None = None,
         return_logits: bool = False,
         cache=None,
+        last_logits: bool = False,
     ) -> ModelOutput:
         B, T = tokens.shape
         dev = tokens.device
@@ -277,6 +278,10 @@ class FusionTransformer(nn.Module):
             x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(T)
+        if last_logits:  # a prefill wants the next token's logits only: B x V, not B x T x V in fp32
+            if targets is not None:
+                raise ValueError("last_logits computes no loss: pass targets or last_logits, not both")
+            x = x[:, -1:]
         h = self.norm_f(x)
         out = ModelOutput()
         if return_logits or targets is None or self.telemetry:

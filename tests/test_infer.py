@@ -211,6 +211,7 @@ def test_captured_blocks_give_the_step_by_step_tokens(model):
         ),
         "math",
         "triton",
+        "sdpa",
     ],
 )
 def test_the_cached_step_kernels_give_sdpas_tokens(model, kernel, monkeypatch):
@@ -219,13 +220,14 @@ def test_the_cached_step_kernels_give_sdpas_tokens(model, kernel, monkeypatch):
     steps than one view of the cache holds: compiled on a GPU where there is one, on a CPU eagerly and compiled
     (flex only on a GPU: a CPU step falls back to SDPA, and comparing SDPA with itself would test nothing; triton's
     kernel needs a GPU too, and on a CPU its fallback reads the cache's key span, which the mask is checked
-    against)."""
+    against). SDPA's own compiled step too: the engine's default kernel is triton's."""
     from model import attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net = model.to(device)
     try:  # the module's model goes back to the CPU for the tests after, whatever happens here
         params = SamplingParams(max_new_tokens=80)
+        monkeypatch.setattr(attention, "CACHED_KERNEL", "sdpa")
         expected = Engine(net, static=True).generate(prompts(), params)
         assert [len(r) for r in expected] == [80] * 4
         monkeypatch.setattr(attention, "CACHED_KERNEL", kernel)
@@ -265,3 +267,43 @@ def test_cli_captions_and_completes_in_one_batch(random_export, tmp_path):
     assert lines[0].split("\t")[1] == lines[1].split("\t")[1]  # the same image, greedy: the same caption
     lines = cli("complete", "a red", "two", "--image", str(tmp_path / "a.png"), "--temperature", "0.8")
     assert [line.split("\t")[0] for line in lines] == ["a red", "two"]
+
+
+def test_prompts_are_left_padded_field_by_field():
+    """`pad_prompts`: text prompts without positions count from 0 after their padding, the padding is document 0
+    and reads nothing; with an image prompt among them the text rows count on all three axes, document and image
+    ids shift as the prompt had them, and each row's next position follows its own largest id."""
+    from infer.engine import pad_prompts
+
+    text = [{"tokens": torch.tensor([[11, 12, 13]])}, {"tokens": torch.tensor([[21, 22, 23, 24, 25]])}]
+    batch, key_start, next_pos = pad_prompts(text, torch.device("cpu"))
+    assert batch["tokens"].tolist() == [[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]]
+    assert batch["positions"].tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert batch["doc_ids"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert (batch["image_ids"] == -1).all() and not batch["patch_mask"].any() and "patches" not in batch
+    assert key_start.tolist() == [2, 0] and next_pos.tolist() == [3, 5]
+
+    image = prompts()[1]  # an image, then text: M-RoPE positions (1, n, 3)
+    n = image["tokens"].shape[1]
+    batch, key_start, next_pos = pad_prompts([text[0], image], torch.device("cpu"))
+    assert batch["positions"].shape == (2, n, 3)
+    assert batch["positions"][0, -3:].tolist() == [[0, 0, 0], [1, 1, 1], [2, 2, 2]]
+    assert (batch["positions"][0, :-3] == 0).all() and torch.equal(batch["positions"][1], image["positions"][0])
+    assert batch["doc_ids"][0].tolist() == [0] * (n - 3) + [1] * 3
+    assert torch.equal(batch["doc_ids"][1], image["doc_ids"][0] + 1)
+    assert torch.equal(batch["image_ids"][1], image["image_ids"][0]) and (batch["image_ids"][0] == -1).all()
+    assert torch.equal(batch["patch_mask"][1], image["patch_mask"][0]) and not batch["patch_mask"][0].any()
+    assert torch.equal(batch["patches"], image["patches"])
+    assert key_start.tolist() == [n - 3, 0]
+    assert next_pos.tolist() == [3, int(image["positions"].max()) + 1]
+
+
+def test_a_call_is_timed_by_its_parts(model):
+    """`generate(..., stages=d)` adds each part's seconds to d (what `benchmarks/decode.py --stages` prints) and
+    changes nothing it returns."""
+    engine = Engine(model, static=True)
+    params = SamplingParams(max_new_tokens=5)
+    expected = engine.generate(prompts(), params)
+    stages: dict = {}
+    assert engine.generate(prompts(), params, stages=stages) == expected
+    assert list(stages) == ["pad", "prefill", "decode", "read"] and all(v > 0 for v in stages.values())

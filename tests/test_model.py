@@ -772,3 +772,17 @@ def test_the_decode_kernel_is_sdpa_over_each_rows_span(span, monkeypatch):
             want = reference(q.float(), k.float(), v.float(), start, torch.tensor(end, device="cuda"))
             assert got.shape == (B, H, 1, D) and got.dtype == torch.bfloat16
             torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_last_logits_are_the_last_positions_of_all_of_them(tiny_cfg):
+    """`last_logits=True` (a prefill's): the head runs at each row's last position only, the same logits as the last
+    column of the full computation, and a loss cannot be asked for with it."""
+    model = build_model(tiny_cfg).eval()
+    batch = {k: v for k, v in packed_batch().items() if k not in ("targets", "target_index")}
+    with torch.no_grad():
+        full = model(**batch, return_logits=True).logits
+        last = model(**batch, return_logits=True, last_logits=True).logits
+    assert last.shape == (full.shape[0], 1, full.shape[2])
+    torch.testing.assert_close(last, full[:, -1:])
+    with pytest.raises(ValueError, match="last_logits"):
+        model(**packed_batch(), last_logits=True)
