@@ -220,7 +220,7 @@ class Engine:
         autotune: bool = False,
     ):
         """static: decode with a StaticCache (one step shape); compile: also compile the step with CUDA graphs
-        (torch.compile's reduce-overhead mode, on a GPU), which implies static. block: greedy decoding on the
+        (torch.compile's reduce-overhead mode, on a GPU), which implies static, and on a GPU the prefill. block: greedy decoding on the
         static cache (implied) runs this many steps a call (compiled: one graph replay and one host round for
         `block` tokens, where a small model's step is bound by the host's work a replay); it must divide
         check_every, so the checks for finished rows fall where they fall one step at a time. autotune (with
