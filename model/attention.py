@@ -248,8 +248,8 @@ def attend(q, k, v, mask: AttentionMask | None) -> torch.Tensor:
 # "flex" (flex_attention's decoding kernel, compiled CUDA steps only), "math" (two matmuls and a softmax, which
 # inductor is free to fuse), "triton" (model.decode_attention: one program a row and head, reading only the row's
 # real keys; one-query steps of a cache that gives its keys as a span, `key_span`, on a GPU with Triton; elsewhere
-# SDPA over the same span). "triton" is the default: at batch 256 it beat SDPA in every H200 call that ran both, at
-# batch 64 it tied (docs/PERFORMANCE.md).
+# SDPA over the same span). "triton" is the default: at batch 256 it beat SDPA in every H200 call that ran both; at
+# batch 64 it won one call, lost one and tied one (docs/PERFORMANCE.md).
 CACHED_KERNEL = "triton"
 
 
