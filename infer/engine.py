@@ -124,8 +124,9 @@ def pad_prompts(prompts: list[dict], device) -> tuple[dict, torch.Tensor, torch.
     """Left-pad one-row prompts into one batch: (batch, key_start (B,), next position (B,)). A field no prompt has is
     made from the lengths in a few whole-batch ops and the others are padded by `pad_sequence`, each copied to the
     device once: on an H200's host 256 text prompts took 6.6 ms laid out a slice at a time (docs/PERFORMANCE.md)."""
-    lengths = torch.tensor([p["tokens"].shape[1] for p in prompts])
-    B, T = len(prompts), int(lengths.max())
+    sizes = [p["tokens"].shape[1] for p in prompts]
+    lengths = torch.tensor(sizes)
+    B, T = len(prompts), max(sizes)
     pad = (T - lengths).view(B, 1)
     real = torch.arange(T) >= pad  # (B, T): the prompt's own positions, after its padding
 
@@ -143,13 +144,13 @@ def pad_prompts(prompts: list[dict], device) -> tuple[dict, torch.Tensor, torch.
         axes = given.shape[2:]
 
         def ramp(i: int) -> torch.Tensor:
-            return torch.arange(int(lengths[i]), dtype=given.dtype).view(-1, *[1] * len(axes)).expand(-1, *axes)
+            return torch.arange(sizes[i], dtype=given.dtype).view(-1, *[1] * len(axes)).expand(-1, *axes)
 
         positions = left("positions", 0, ramp)
         next_pos = positions.flatten(1).amax(1) + 1  # the padding's zeros never exceed a prompt's ids
-    doc_ids = left("doc_ids", -1, lambda i: torch.zeros(int(lengths[i]), dtype=torch.long))
-    image_ids = left("image_ids", -1, lambda i: torch.full((int(lengths[i]),), -1, dtype=torch.long))
-    patch_mask = left("patch_mask", False, lambda i: torch.zeros(int(lengths[i]), dtype=torch.bool))
+    doc_ids = left("doc_ids", -1, lambda i: torch.zeros(sizes[i], dtype=torch.long))
+    image_ids = left("image_ids", -1, lambda i: torch.full((sizes[i],), -1, dtype=torch.long))
+    patch_mask = left("patch_mask", False, lambda i: torch.zeros(sizes[i], dtype=torch.bool))
     fields = {
         "tokens": left("tokens", 0, None),
         "positions": positions,
@@ -220,12 +221,12 @@ class Engine:
         autotune: bool = False,
     ):
         """static: decode with a StaticCache (one step shape); compile: also compile the step with CUDA graphs
-        (torch.compile's reduce-overhead mode, on a GPU), which implies static, and on a GPU the prefill. block: greedy decoding on the
-        static cache (implied) runs this many steps a call (compiled: one graph replay and one host round for
-        `block` tokens, where a small model's step is bound by the host's work a replay); it must divide
-        check_every, so the checks for finished rows fall where they fall one step at a time. autotune (with
-        compile): inductor's max-autotune, the step's matmuls timed against its Triton templates on first use and
-        their neighbours fused into them (a longer first compile)."""
+        (torch.compile's reduce-overhead mode, on a GPU), which implies static, and on a GPU the prefill. block:
+        greedy decoding on the static cache (implied) runs this many steps a call (compiled: one graph replay and
+        one host round for `block` tokens, where a small model's step is bound by the host's work a replay); it
+        must divide check_every, so the checks for finished rows fall where they fall one step at a time.
+        autotune (with compile): inductor's max-autotune, the step's matmuls timed against its Triton templates on
+        first use and their neighbours fused into them (a longer first compile)."""
         if block < 1 or check_every % block:
             raise ValueError(f"block={block} must be at least 1 and divide check_every={check_every}")
         self.model, self.check_every, self.block = model.eval(), check_every, block
@@ -245,8 +246,7 @@ class Engine:
             graphs = "max-autotune" if autotune else "reduce-overhead"  # both capture CUDA graphs
             if self.device.type == "cuda":  # where launching its few hundred ops one by one is the prefill's cost:
                 # most of a 20M prefill's 9 ms at batch 256 on an H200 (docs/PERFORMANCE.md); on a CPU the ops'
-                # own work is, and the compile (30 s for a tiny model here) would not pay. No graphs: its shapes
-                # vary from call to call
+                # own work is, and a compile would not pay for itself. No graphs: its shapes vary from call to call
                 self._compiled_prefill = torch.compile(self._prefill, dynamic=False)
             self.step = torch.compile(self._step, mode=graphs, dynamic=False, fullgraph=True)
             if block > 1 and self.device.type == "cuda":  # blocks captured by the engine (_greedy_block_graph)
@@ -472,10 +472,7 @@ class Engine:
                 break
             if self.static:  # this step writes position length + step and reads every key before it
                 cache.set_view(cache.length + step + 1)
-            pos = (next_pos + step).view(B, 1)
-            if pos_dims == 3:  # M-RoPE: text after the prompt takes the same next id on all three axes
-                pos = pos.unsqueeze(-1).expand(B, 1, 3)
-            logits = self.step(token.view(B, 1), pos.contiguous(), cache)
+            logits = self.step(token.view(B, 1), _base(next_pos + step, pos_dims), cache)
 
     def _decode_greedy(self, logits, cache, token, column, base, out, length, done, limit, stops) -> None:
         """`_decode`'s loop for greedy rows of a static cache, each step one `greedy_step` (or `block` aligned steps
